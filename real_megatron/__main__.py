@@ -1,0 +1,3 @@
+from real_megatron.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""The `real-megatron` command.
+
+Each sub-command lives in its own module and exposes `main(argv: list[str]) -> int`;
+modules are imported only when their sub-command runs, so `real-megatron --help`
+stays fast and a missing optional dependency only affects the command that needs it.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# sub-command -> (module, one-line help)
+COMMANDS = {
+    "demo": ("real_megatron.demo", "run the CPU demo end to end (the README's first command)"),
+    "train": ("real_megatron.trainer", "REAL / GRPO / DAPO / GSPO training: --config FILE [key=value ...]"),
+    "sft": ("real_megatron.sft", "supervised warm-up on the same Megatron stack"),
+    "evaluate": ("real_megatron.evaluate", "pass@k evaluation on benchmark parquet files"),
+    "convert": ("real_megatron.convert.cli", "HF <-> Megatron checkpoint conversion"),
+    "plot": ("real_megatron.plots", "PNG curves from a run directory's metrics.jsonl"),
+    "plot-weights": ("real_megatron.plots", "Figure 1 of the paper: gradient weight |W| vs s"),
+}
+
+# functions to call inside a module that serves several sub-commands
+ENTRY = {"plot": "main_plot_run", "plot-weights": "main_plot_weights"}
+
+
+def usage() -> str:
+    lines = ["usage: real-megatron <command> [args ...]", "", "commands:"]
+    lines += [f"  {name:<14}{help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"real-megatron: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    result = getattr(module, ENTRY.get(command, "main"))(rest)
+    return int(result or 0)

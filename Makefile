@@ -1,6 +1,8 @@
 # Two entry points (see README): `make demo` and `make test`.
 # Each creates or reuses .venv, installs the package (re-installing only when
 # setup.py changes) and runs.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +12,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	@# the machine's pip config lists local mirrors; drop their "Location ... is ignored" chatter
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
 	touch $(STAMP)
 
 install: $(STAMP)

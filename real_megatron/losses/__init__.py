@@ -27,7 +27,7 @@ import math
 import torch
 
 from real_megatron.losses.common import Groups, check_rollout_tensors, check_token_tensors, sequence_scores
-from real_megatron.losses.ppo import PPO_FAMILY, group_advantages, ppo_family_terms
+from real_megatron.losses.ppo import PPO_FAMILY, group_advantages, gspo_from_scores, ppo_family_terms
 from real_megatron.losses.real import GROUP_NORMS, REAL_FAMILY, real_group_losses
 
 __all__ = [
@@ -37,9 +37,14 @@ __all__ = [
     "score_weights",
     "group_advantages",
     "loss_normalizer",
+    "policy_loss_from_scores",
+    "SEQUENCE_LEVEL",
     "REAL_FAMILY",
     "PPO_FAMILY",
 ]
+
+# losses that depend on the rollouts only through their scores s̄ (policy_loss_from_scores works)
+SEQUENCE_LEVEL = REAL_FAMILY + ("gspo",)
 
 _REAL_DEFAULTS = {
     "tau": 0.5,
@@ -153,6 +158,7 @@ def policy_loss(
     rewards: torch.Tensor,
     group_ids: torch.Tensor,
     ref_logp: torch.Tensor | None = None,
+    sequence_lengths: torch.Tensor | None = None,
     **hparams,
 ):
     """Compute policy loss ``name`` for a batch of rollouts.
@@ -160,6 +166,8 @@ def policy_loss(
     Returns ``(loss, metrics)``: a scalar tensor with autograd to ``logp`` and a dict of floats.
     ``hparams`` are checked against ``LOSSES[name]``; anything unknown is a ``ValueError``.
     ``ref_logp`` is only used by ``grpo`` (KL to the reference model, ``kl_coef``).
+    ``sequence_lengths`` ([N], token-level losses only): each rollout's full response length when
+    ``logp`` holds only part of its tokens (context parallelism); default: ``mask.sum(1)``.
     """
     hp = _resolve_hparams(name, hparams)
     bool_mask = check_token_tensors(logp, old_logp, mask, ref_logp)
@@ -176,14 +184,46 @@ def policy_loss(
         advantages = group_advantages(rewards.to(logp.device).to(logp.dtype), group_ids.to(logp.device), hp["adv_eps"])
     elif not isinstance(advantages, torch.Tensor) or advantages.shape != rewards.shape:
         raise ValueError(f"advantages must be a tensor of shape {tuple(rewards.shape)}")
+    if sequence_lengths is not None and name == "gspo":
+        raise ValueError("gspo is sequence-level: with partial sequences use policy_loss_from_scores")
     total, denominator, metrics = ppo_family_terms(
         name, logp=logp, old_logp=old_logp, mask=bool_mask, advantages=advantages.to(logp.device),
         ref_logp=ref_logp, clip_low=hp["clip_low"], clip_high=hp["clip_high"], kl_coef=hp.get("kl_coef", 0.0),
+        lengths=sequence_lengths,
     )
     if hp["normalizer"] is not None:
         denominator = float(hp["normalizer"])
     with torch.no_grad():
         scores = sequence_scores(logp, old_logp, bool_mask)
+    metrics.update(_group_metrics(scores, positive, groups))
+    metrics["loss_denominator"] = denominator
+    return total / denominator, metrics
+
+
+def policy_loss_from_scores(name: str, *, scores: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor,
+                            **hparams):
+    """A sequence-level loss (``SEQUENCE_LEVEL``) from per-rollout scores s̄ ``[N]``, differentiable in them.
+
+    Used where s̄ is assembled from pieces (context parallelism: per-rank partial sums reduced
+    over the CP group). Same hyperparameters, normalisation and metrics as ``policy_loss``.
+    """
+    if name not in SEQUENCE_LEVEL:
+        raise ValueError(f"{name!r} is token-level; policy_loss_from_scores takes {SEQUENCE_LEVEL}")
+    hp = _resolve_hparams(name, hparams)
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
+        raise ValueError(f"scores must be a 1-D tensor [N], got {getattr(scores, 'shape', type(scores).__name__)}")
+    if not torch.isfinite(scores.detach()).all():
+        raise ValueError(f"scores[{int((~torch.isfinite(scores.detach())).nonzero()[0])}] is not finite")
+    check_rollout_tensors(scores.shape[0], rewards, group_ids)
+    groups = Groups.from_ids(group_ids.to(scores.device))
+    positive = rewards.to(scores.device) >= hp["positive_threshold"]
+    if name in REAL_FAMILY:
+        return _real_loss_from_scores(name, scores, positive, groups, hp)
+    advantages = hp["advantages"]
+    if advantages is None:
+        advantages = group_advantages(rewards.to(scores.dtype), group_ids, hp["adv_eps"])
+    total, metrics = gspo_from_scores(scores, advantages.to(scores), hp["clip_low"], hp["clip_high"])
+    denominator = float(hp["normalizer"]) if hp["normalizer"] is not None else float(scores.shape[0])
     metrics.update(_group_metrics(scores, positive, groups))
     metrics["loss_denominator"] = denominator
     return total / denominator, metrics

@@ -52,6 +52,13 @@ def _clipped_objective(ratio: torch.Tensor, adv: torch.Tensor, low: float, high:
     return loss, zeroed
 
 
+def gspo_from_scores(scores: torch.Tensor, adv: torch.Tensor, clip_low: float, clip_high: float):
+    """GSPO's summed loss from the sequence log-ratios s̄ (its ratio is exp(s̄)), and its metrics."""
+    ratio = torch.exp(scores)
+    seq_loss, zeroed = _clipped_objective(ratio, adv, clip_low, clip_high)
+    return seq_loss.sum(), {"clip_fraction": float(zeroed.float().mean()), "ratio_mean": float(ratio.detach().mean())}
+
+
 def ppo_family_terms(
     name: str,
     *,
@@ -63,9 +70,10 @@ def ppo_family_terms(
     clip_low: float,
     clip_high: float,
     kl_coef: float,
+    lengths: torch.Tensor | None = None,
 ):
     """Return ``(summed loss, default denominator, metrics)`` for a PPO-family loss."""
-    lengths = mask.sum(dim=1).to(logp.dtype)
+    lengths = mask.sum(dim=1).to(logp.dtype) if lengths is None else lengths.to(logp.dtype)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     metrics: dict[str, float] = {}
     adv = advantages.to(logp.dtype)
@@ -91,13 +99,8 @@ def ppo_family_terms(
             total = masked_token_sum(token_loss, mask).sum()
             denominator = float(n_tokens)
     elif name == "gspo":
-        seq_log_ratio = masked_token_sum(logp - old_logp, mask) / lengths
-        ratio = torch.exp(seq_log_ratio)
-        seq_loss, zeroed = _clipped_objective(ratio, adv, clip_low, clip_high)
-        total = seq_loss.sum()
+        total, metrics = gspo_from_scores(masked_token_sum(logp - old_logp, mask) / lengths, adv, clip_low, clip_high)
         denominator = float(logp.shape[0])
-        metrics["clip_fraction"] = float(zeroed.float().mean())
-        metrics["ratio_mean"] = float(ratio.detach().mean())
     else:  # pragma: no cover - the dispatcher validates names
         raise ValueError(f"not a PPO-family loss: {name!r}")
     return total, denominator, metrics

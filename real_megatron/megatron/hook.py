@@ -1,0 +1,167 @@
+"""The policy-loss hook for Megatron-Core's ``forward_backward_func``.
+
+``forward_step(data_iterator, model)`` runs the model on one micro-batch and returns
+``(logits, loss_func)``; ``loss_func`` runs on the last pipeline stage only.
+
+Cancelling Megatron's averaging — the one derivation of the scale factor
+-----------------------------------------------------------------------
+We want the parameter gradient of the *mini-batch* loss L, whatever the layout. Split L into
+micro-batch shares: L = Σ_{dp ranks d} Σ_{micro-batches m of d} ℓ_{d,m}, where each share is
+already normalised by the whole mini-batch's denominator (``loss_normalizer``) or, in exact mode,
+is Σ_k w_k·s̄_k with w = ∂L/∂s̄ over the whole mini-batch. Megatron then does, with our
+``loss_func`` returning the 2-tuple ``(value, report)`` and ``calculate_per_token_loss=False``:
+
+1. the schedule multiplies the returned value by cp and divides it by M_d (this rank's number of
+   micro-batches) before backward (``forward_step_calc_loss``);
+2. DDP averages gradients over the dp·cp ranks (``gradient_scaling_factor = 1/(dp·cp)``).
+
+So the gradient that reaches the optimizer is Σ_{d,c} (1/(dp·cp)) Σ_m (cp/M_d) ∇value_{d,c,m}.
+Returning value = ℓ·M_d·dp gives Σ_{d,c} Σ_m ∇ℓ_{d,c,m}: the sum over data-parallel ranks and
+micro-batches of the shares, and over CP ranks of each rank's *local* contribution (see below) —
+exactly ∇L. ``calculate_per_token_loss`` stays False (asserted): with it, Megatron would divide
+by a token count that means nothing for a group-level loss.
+
+Context parallelism
+-------------------
+A CP rank holds chunks r and 2cp−1−r of every sequence. The per-rollout sums behind s̄ (Σ of
+logp − old_logp over response tokens, and the token count) are all-reduced over the CP group
+with an all-reduce whose backward is the identity: every CP rank then holds the same s̄ and the
+same loss, but the gradient flows only into its own tokens, so summing over CP ranks (DDP does)
+counts each token once. Token-level losses (GRPO, DAPO) need no reduction of the loss: their
+per-token terms are local, normalised by the full response lengths (CP-reduced counts) and the
+mini-batch denominator, and the CP ranks' partial sums add up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from real_megatron.losses import (
+    LOSSES,
+    REAL_FAMILY,
+    SEQUENCE_LEVEL,
+    policy_loss,
+    policy_loss_from_scores,
+)
+from real_megatron.megatron.logprobs import vocab_parallel_logprobs
+
+
+class _AllReduceSumIdentityBackward(torch.autograd.Function):
+    """Sum over a group in forward; pass the gradient through unchanged in backward."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def cp_sum(tensor: torch.Tensor, group, size: int) -> torch.Tensor:
+    return _AllReduceSumIdentityBackward.apply(tensor, group) if size > 1 else tensor
+
+
+@dataclass
+class LossContext:
+    """Everything ``loss_func`` needs besides the micro-batch, fixed for one mini-batch."""
+
+    loss_name: str
+    hparams: dict
+    temperature: float
+    vocab_size: int
+    rewards: torch.Tensor  # [n] for the whole mini-batch (indexed by sample_index)
+    group_ids: torch.Tensor  # [n]
+    normalizer: float  # the whole mini-batch's denominator
+    advantages: torch.Tensor | None  # [n], PPO family
+    weights: torch.Tensor | None  # [n] = ∂L/∂s̄ (exact mode), else None
+    scale: float  # M_d · dp (see the module docstring)
+    tp_group: object = None
+    cp_group: object = None
+    cp_size: int = 1
+    # filled by loss_func, read by train_step
+    records: list = field(default_factory=list)
+
+
+def _per_row(logp, old_logp, mask):
+    diff = torch.where(mask, logp - old_logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    return diff.sum(dim=1), mask.sum(dim=1).to(logp.dtype)
+
+
+def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
+    """Compute this micro-batch's share of the mini-batch loss (see the module docstring)."""
+    logp, entropy = vocab_parallel_logprobs(
+        logits, batch["labels"], temperature=ctx.temperature, vocab_size=ctx.vocab_size, tp_group=ctx.tp_group)
+    valid = batch["row_valid"]
+    idx = batch["sample_index"][valid]
+    logp, entropy = logp[valid], entropy[valid]
+    mask = batch["loss_mask"][valid] > 0
+    old = batch["old_logp"][valid].to(logp.dtype)
+
+    # per-rollout sums, reduced over the CP group (identity backward: see the docstring)
+    num, count = _per_row(logp, old, mask)
+    num = cp_sum(num, ctx.cp_group, ctx.cp_size)
+    count = cp_sum(count.detach(), ctx.cp_group, ctx.cp_size)
+    if (count == 0).any():
+        raise ValueError(f"rollout {int(idx[(count == 0).nonzero()[0]])} has no response tokens")
+    scores = num / count
+    rewards, group_ids = ctx.rewards[idx], ctx.group_ids[idx]
+
+    hp = dict(ctx.hparams)
+    if ctx.weights is not None:  # exact mode: Σ_k w_k s̄_k reproduces ∂L/∂θ
+        share = (ctx.weights[idx].to(scores.dtype) * scores).sum()
+        metrics = {}
+    elif ctx.loss_name in SEQUENCE_LEVEL:
+        if ctx.advantages is not None:
+            hp["advantages"] = ctx.advantages[idx]
+        share, metrics = policy_loss_from_scores(ctx.loss_name, scores=scores, rewards=rewards, group_ids=group_ids,
+                                                 normalizer=ctx.normalizer, **hp)
+    else:
+        ref = batch["ref_logp"][valid].to(logp.dtype) if "ref_logp" in batch else None
+        hp["advantages"] = ctx.advantages[idx]
+        share, metrics = policy_loss(ctx.loss_name, logp=logp, old_logp=old, mask=mask, rewards=rewards,
+                                     group_ids=group_ids, ref_logp=ref, sequence_lengths=count,
+                                     normalizer=ctx.normalizer, **hp)
+
+    # bookkeeping for train_step: each CP rank holds the full share for sequence-level losses,
+    # a partial one for token-level losses; report shares so that a sum over CP ranks is right
+    reported_share = share.detach() / ctx.cp_size if ctx.loss_name in SEQUENCE_LEVEL else share.detach()
+    ent_sum = torch.where(mask, entropy, torch.zeros_like(entropy)).sum()
+    ctx.records.append({"sample_index": idx, "scores": scores.detach(), "share": reported_share,
+                        "entropy_sum": ent_sum.detach(), "tokens": mask.sum().detach(), "metrics": metrics})
+    return share * ctx.scale, {"share": reported_share}
+
+
+def forward_step(ctx: LossContext, data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None)
+    return output, partial(loss_func, ctx, batch)
+
+
+def logprob_step(ctx: LossContext, data_iterator, model):
+    """Forward-only variant: per-token log-probs and entropy of the labels (old log-probs, scores)."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None)
+
+    def collect(logits):
+        with torch.no_grad():
+            logp, entropy = vocab_parallel_logprobs(logits, batch["labels"], temperature=ctx.temperature,
+                                                    vocab_size=ctx.vocab_size, tp_group=ctx.tp_group)
+        ctx.records.append({"batch": batch, "logp": logp, "entropy": entropy})
+        return torch.zeros((), device=logits.device), {}
+
+    return output, collect
+
+
+def known_loss(name: str) -> None:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+
+
+def uses_group_weights(name: str) -> bool:
+    return name in REAL_FAMILY

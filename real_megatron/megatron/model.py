@@ -1,0 +1,182 @@
+"""Megatron-Core model provider: a ``GPTModel`` for Qwen2 / Llama built from a HF ``config.json``.
+
+    from real_megatron.megatron.model import initialize_parallel, build_model
+    initialize_parallel(tp=2, pp=1, cp=1, seed=1234)       # under torchrun (gloo on CPU, nccl on GPU)
+    chunks = build_model(hf_config_dict, dtype=torch.float32, wrap_ddp=True)
+
+The local (pure PyTorch) layer spec runs on the CPU; the Transformer Engine spec is used when
+``transformer_engine`` imports (GPU) unless ``transformer_impl="local"``. The vocabulary is padded
+to a multiple of ``vocab_divisible_by * tp`` (Megatron-LM's convention, 128 by default); padded
+entries never receive probability (``logprobs.py`` masks them), so results do not depend on TP.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from real_megatron.megatron.cpu import enable_cpu_support
+
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+
+
+def read_hf_config(hf_config) -> dict:
+    """Accept a dict, a ``config.json`` path or a directory containing one."""
+    if isinstance(hf_config, dict):
+        cfg = dict(hf_config)
+    else:
+        path = Path(hf_config)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: expected a HF config.json")
+        cfg = json.loads(path.read_text())
+    archs = cfg.get("architectures") or [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}.get(cfg.get("model_type"), "?")]
+    if archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {archs[0]!r} (model_type {cfg.get('model_type')!r}); "
+                         f"supported: {SUPPORTED_ARCHITECTURES}")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if key not in cfg:
+            raise ValueError(f"HF config is missing {key!r}")
+    return cfg
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> None:
+    """Create the default process group (from torchrun's env, or a 1-process group) and Megatron's groups."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    enable_cpu_support()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python`: a world of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def transformer_config(hf: dict, *, dtype=torch.float32, sequence_parallel=False, recompute_activations=False,
+                       calculate_per_token_loss=False):
+    from megatron.core import parallel_state
+    from megatron.core.transformer import TransformerConfig
+
+    heads = hf["num_attention_heads"]
+    arch = (hf.get("architectures") or ["Qwen2ForCausalLM"])[0]
+    qkv_bias = True if arch == "Qwen2ForCausalLM" else bool(hf.get("attention_bias", False))
+    kwargs = dict(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads", heads),
+        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        ffn_hidden_size=hf["intermediate_size"],
+        normalization="RMSNorm",
+        layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=True,
+        calculate_per_token_loss=calculate_per_token_loss,
+        # softmax in fp32 and fp32 residual keep float32 runs bit-comparable with transformers
+        attention_softmax_in_fp32=True,
+        apply_rope_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+    if recompute_activations:
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(transformer_impl: str = "auto"):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    use_te = transformer_impl == "transformer_engine" or (transformer_impl == "auto" and te_available())
+    if transformer_impl == "transformer_engine" and not te_available():
+        raise RuntimeError("model.transformer_impl=transformer_engine needs a GPU and `pip install -e .[gpu]` "
+                           "(transformer-engine); use transformer_impl=local on the CPU")
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(), True
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"), False
+
+
+def build_model(hf_config, *, dtype=torch.float32, transformer_impl: str = "auto", wrap_ddp: bool = False,
+                sequence_parallel: bool = False, recompute_activations: bool = False,
+                vocab_divisible_by: int = 128, use_distributed_optimizer: bool = False):
+    """Build this rank's model chunk(s) (a list with one chunk; virtual pipelining is not used)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    hf = read_hf_config(hf_config)
+    config = transformer_config(hf, dtype=dtype, sequence_parallel=sequence_parallel,
+                                recompute_activations=recompute_activations)
+    spec, use_te = layer_spec(transformer_impl)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size(hf["vocab_size"], tp, vocab_divisible_by),
+        max_sequence_length=hf.get("max_position_embeddings", 4096),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
+        position_embedding_type="rope",
+        rotary_base=int(hf.get("rope_theta", 10000)),
+        rotary_percent=1.0,
+        parallel_output=True,
+    )
+    model.hf_config = hf  # the provider's input travels with the model (weight export, checkpoints)
+    model.uses_transformer_engine = use_te
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if wrap_ddp:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer)
+        model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+        model.hf_config = hf
+    return [model]
+
+
+def unwrap(chunk):
+    """The GPTModel inside a DDP (or other) wrapper."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk

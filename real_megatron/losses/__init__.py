@@ -26,7 +26,13 @@ import math
 
 import torch
 
-from real_megatron.losses.common import Groups, check_rollout_tensors, check_token_tensors, sequence_scores
+from real_megatron.losses.common import (
+    Groups,
+    check_rollout_tensors,
+    check_token_tensors,
+    masked_token_sum,
+    sequence_scores,
+)
 from real_megatron.losses.ppo import PPO_FAMILY, group_advantages, gspo_from_scores, ppo_family_terms
 from real_megatron.losses.real import GROUP_NORMS, REAL_FAMILY, real_group_losses
 
@@ -170,8 +176,11 @@ def policy_loss(
     ``logp`` holds only part of its tokens (context parallelism); default: ``mask.sum(1)``.
     """
     hp = _resolve_hparams(name, hparams)
-    bool_mask = check_token_tensors(logp, old_logp, mask, ref_logp)
+    partial = sequence_lengths is not None and name not in REAL_FAMILY
+    bool_mask = check_token_tensors(logp, old_logp, mask, ref_logp, allow_empty_rows=partial)
     check_rollout_tensors(logp.shape[0], rewards, group_ids)
+    if sequence_lengths is not None and (sequence_lengths.shape != rewards.shape or (sequence_lengths <= 0).any()):
+        raise ValueError(f"sequence_lengths must be positive, one per rollout ({rewards.shape[0]})")
     groups = Groups.from_ids(group_ids.to(logp.device))
     positive = rewards.to(logp.device) >= hp["positive_threshold"]
 
@@ -194,7 +203,8 @@ def policy_loss(
     if hp["normalizer"] is not None:
         denominator = float(hp["normalizer"])
     with torch.no_grad():
-        scores = sequence_scores(logp, old_logp, bool_mask)
+        scores = masked_token_sum(logp - old_logp, bool_mask) / (
+            sequence_lengths.to(logp.dtype) if partial else bool_mask.sum(1).to(logp.dtype))
     metrics.update(_group_metrics(scores, positive, groups))
     metrics["loss_denominator"] = denominator
     return total / denominator, metrics

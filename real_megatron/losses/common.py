@@ -15,8 +15,12 @@ from dataclasses import dataclass
 import torch
 
 
-def check_token_tensors(logp, old_logp, mask, ref_logp=None) -> torch.Tensor:
-    """Validate the ``[N, T]`` token tensors; return the mask as a bool tensor."""
+def check_token_tensors(logp, old_logp, mask, ref_logp=None, allow_empty_rows=False) -> torch.Tensor:
+    """Validate the ``[N, T]`` token tensors; return the mask as a bool tensor.
+
+    ``allow_empty_rows``: rows hold only part of each response (context parallelism), so a row may
+    have no tokens here.
+    """
     for name, t in (("logp", logp), ("old_logp", old_logp), ("mask", mask)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -34,7 +38,7 @@ def check_token_tensors(logp, old_logp, mask, ref_logp=None) -> torch.Tensor:
         raise ValueError("empty batch: logp has no rows")
     bool_mask = mask.bool() if mask.dtype != torch.bool else mask
     empty_rows = (~bool_mask.any(dim=1)).nonzero().flatten().tolist()
-    if empty_rows:
+    if empty_rows and not allow_empty_rows:
         raise ValueError(
             f"rows {empty_rows[:10]} have no response tokens (mask is all zero); every rollout needs "
             "at least one response token (the EOS counts) — drop empty rollouts before the loss"

@@ -87,7 +87,7 @@ def ppo_family_terms(
             token_loss = token_loss + kl_coef * kl
             metrics["kl"] = float((masked_token_sum(kl.detach(), mask) / lengths).mean())
         zeroed = zeroed & mask
-        n_tokens = mask.sum()
+        n_tokens = mask.sum().clamp_min(1)
         metrics["clip_fraction"] = float(zeroed.sum() / n_tokens)
         metrics["clip_fraction_low"] = float((zeroed & (adv[:, None] < 0)).sum() / n_tokens)
         metrics["clip_fraction_high"] = float((zeroed & (adv[:, None] > 0)).sum() / n_tokens)
@@ -97,7 +97,7 @@ def ppo_family_terms(
             denominator = float(logp.shape[0])
         else:
             total = masked_token_sum(token_loss, mask).sum()
-            denominator = float(n_tokens)
+            denominator = float(mask.sum())
     elif name == "gspo":
         total, metrics = gspo_from_scores(masked_token_sum(logp - old_logp, mask) / lengths, adv, clip_low, clip_high)
         denominator = float(logp.shape[0])

@@ -172,6 +172,12 @@ def build_model(hf_config, *, dtype=torch.float32, transformer_impl: str = "auto
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer)
         model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
         model.hf_config = hf
+        from megatron.core.distributed import finalize_model_grads
+
+        # the schedule calls these: DP/CP gradient reduction (+ tied-embedding sync across PP
+        # stages) after the last micro-batch, and no gradient sync during accumulation
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = model.no_sync
     return [model]
 
 

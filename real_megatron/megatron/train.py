@@ -161,6 +161,12 @@ class PolicyTrainer:
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, samples: list[Sample]) -> dict:
         """Forward/backward over the mini-batch's micro-batches, then one optimizer step (or a counted skip)."""
+        metrics = self.forward_backward(samples)
+        metrics.update(self.optimizer_step(metrics["loss"]))
+        return metrics
+
+    def forward_backward(self, samples: list[Sample]) -> dict:
+        """Accumulate the mini-batch loss's gradient into the grad buffers; return the loss and its metrics."""
         lay = _Layout()
         if any(s.old_logp is None for s in samples):
             raise ValueError("every sample needs old_logp (compute_logprobs at the sampling temperature first)")
@@ -224,8 +230,10 @@ class PolicyTrainer:
             micro_count = max(summary[3].item(), 1.0)
             metrics.update({f"loss/{key}": (ppo_sums[j] / micro_count).item() for j, key in enumerate(ppo_keys)})
             metrics["loss/score_mean"] = scores.mean().item()
+        return metrics
 
-        # ---- non-finite guard: skip the step, keep the weights
+    def optimizer_step(self, loss: float) -> dict:
+        """One optimizer step, or — on a non-finite loss or gradient anywhere — a skip that keeps the weights."""
         finite = torch.tensor([float(torch.isfinite(torch.tensor(loss)))], dtype=torch.float64)
         grad_sq = torch.zeros(1, dtype=torch.float64)
         for chunk in self.chunks:
@@ -239,13 +247,10 @@ class PolicyTrainer:
             for chunk in self.chunks:
                 chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
-            metrics.update({"grad_norm": float("nan"), "skipped": 1.0})
             log.warning("non-finite loss or gradients: optimizer step skipped, weights unchanged")
-            return metrics
+            return {"grad_norm": float("nan"), "skipped": 1.0}
         ok, grad_norm, _ = self.optimizer.step()
-        metrics.update({"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                        "skipped": 0.0 if ok else 1.0})
-        return metrics
+        return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "skipped": 0.0 if ok else 1.0}
 
 
 def _world_min(tensor: torch.Tensor) -> torch.Tensor:

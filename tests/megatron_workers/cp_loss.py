@@ -1,0 +1,77 @@
+"""CP = 2 on the loss path (CP attention needs Transformer Engine, so the model is not run here).
+
+Each rank builds the same full-sequence logits, keeps the two chunks Megatron's CP split gives it
+(chunks r and 2cp−1−r of 2·cp), runs the hook's loss_func on them, and back-propagates. Checks,
+per loss: the share equals the unsplit share (sequence-level losses: on every CP rank; token-level:
+summed over CP ranks), and each rank's logits gradient equals the unsplit gradient at its positions.
+Writes the largest relative errors per loss."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    from common import fixed_samples
+    from megatron.core import parallel_state as ps
+
+    from real_megatron.losses import SEQUENCE_LEVEL, group_advantages, loss_normalizer
+    from real_megatron.megatron.batch import build_micro_batch, cp_chunk_indices, padded_length, split_for_cp
+    from real_megatron.megatron.hook import LossContext, loss_func
+    from real_megatron.megatron.model import initialize_parallel
+
+    initialize_parallel(tp=1, pp=1, cp=2, seed=3)
+    cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+    samples = fixed_samples()
+    n, vocab = len(samples), 300
+    seq_len = padded_length(samples, cp)
+    batch = build_micro_batch(samples, list(range(n)), rows=n, seq_len=seq_len)
+    logits_full = torch.randn(n, seq_len, vocab, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    rewards = torch.tensor([s.reward for s in samples])
+    group_ids = torch.tensor([s.group_id for s in samples])
+    lengths = torch.tensor([len(s.response_ids) for s in samples])
+    resp_mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).float()
+    errors = {}
+    for loss in ("real", "real_bce", "real_no_anchor", "gspo", "grpo", "dapo"):
+        def context(cp_size, cp_group):
+            return LossContext(loss_name=loss, hparams={}, temperature=0.7, vocab_size=vocab, rewards=rewards,
+                               group_ids=group_ids,
+                               normalizer=loss_normalizer(loss, mask=resp_mask, rewards=rewards, group_ids=group_ids),
+                               advantages=group_advantages(rewards, group_ids) if loss in ("grpo", "dapo", "gspo") else None,
+                               weights=None, scale=1.0, cp_group=cp_group, cp_size=cp_size)
+
+        full = logits_full.clone().requires_grad_(True)
+        ref_share, _ = loss_func(context(1, None), batch, full)
+        (ref_grad,) = torch.autograd.grad(ref_share, full)
+
+        keep = cp_chunk_indices(seq_len, cp, cp_rank)
+        local = logits_full[:, keep].clone().requires_grad_(True)
+        share, _ = loss_func(context(cp, ps.get_context_parallel_group()), split_for_cp(batch, cp, cp_rank), local)
+        (grad,) = torch.autograd.grad(share, local)
+        total = share.detach().clone()
+        if loss not in SEQUENCE_LEVEL:  # token-level: the CP ranks' partial sums add up
+            dist.all_reduce(total, group=ps.get_context_parallel_group())
+        err_loss = (total - ref_share.detach()).abs().item() / ref_share.detach().abs().item()
+        err_grad = (grad - ref_grad[:, keep]).abs().max().item() / ref_grad.abs().max().item()
+        assert ref_grad[:, keep].abs().max() > 0
+        stats = torch.tensor([err_loss, err_grad], dtype=torch.float64)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        errors[loss] = tuple(stats.tolist())
+    if dist.get_rank() == 0:
+        torch.save(errors, args.out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -113,7 +113,14 @@ def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
     rewards, group_ids = ctx.rewards[idx], ctx.group_ids[idx]
 
     hp = dict(ctx.hparams)
-    if ctx.weights is not None:  # exact mode: Σ_k w_k s̄_k reproduces ∂L/∂θ
+    if not torch.isfinite(scores.detach()).all() or not torch.isfinite(logp.detach()[mask]).all():
+        # non-finite forward (overflow, corrupted weights): propagate NaN so train_step skips the step
+        share = (scores * 0.0).sum() * float("nan")
+        metrics = {}
+    elif ctx.loss_name == SFT:  # supervised warm-up: token cross-entropy, mean over the mini-batch's tokens
+        share = -torch.where(mask, logp, torch.zeros_like(logp)).sum() / ctx.normalizer
+        metrics = {}
+    elif ctx.weights is not None:  # exact mode: Σ_k w_k s̄_k reproduces ∂L/∂θ
         share = (ctx.weights[idx].to(scores.dtype) * scores).sum()
         metrics = {}
     elif ctx.loss_name in SEQUENCE_LEVEL:
@@ -130,7 +137,8 @@ def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
 
     # bookkeeping for train_step: each CP rank holds the full share for sequence-level losses,
     # a partial one for token-level losses; report shares so that a sum over CP ranks is right
-    reported_share = share.detach() / ctx.cp_size if ctx.loss_name in SEQUENCE_LEVEL else share.detach()
+    sequence_level = ctx.loss_name in SEQUENCE_LEVEL or ctx.weights is not None
+    reported_share = share.detach() / ctx.cp_size if sequence_level else share.detach()
     ent_sum = torch.where(mask, entropy, torch.zeros_like(entropy)).sum()
     ctx.records.append({"sample_index": idx, "scores": scores.detach(), "share": reported_share,
                         "entropy_sum": ent_sum.detach(), "tokens": mask.sum().detach(), "metrics": metrics})
@@ -158,9 +166,12 @@ def logprob_step(ctx: LossContext, data_iterator, model):
     return output, collect
 
 
+SFT = "sft"  # token cross-entropy on the responses (the demo's warm-up), through the same hook
+
+
 def known_loss(name: str) -> None:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    if name not in LOSSES and name != SFT:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)} (or {SFT!r})")
 
 
 def uses_group_weights(name: str) -> bool:

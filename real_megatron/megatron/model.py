@@ -49,10 +49,23 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> None:
-    """Create the default process group (from torchrun's env, or a 1-process group) and Megatron's groups."""
+def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, hf_config=None) -> int:
+    """Create the default process group (from torchrun's env, or a 1-process group) and Megatron's groups.
+
+    With ``hf_config`` the layout is checked against the model and the world size *before* any
+    process group exists (``config.validate_layout``: the error names the field and valid choices).
+    Returns the data-parallel size.
+    """
     from megatron.core import parallel_state, tensor_parallel
 
+    from real_megatron.config import validate_layout
+
+    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    if hf_config is not None:
+        hf = read_hf_config(hf_config)
+        validate_layout(tp=tp, pp=pp, cp=cp, world_size=world_size, num_heads=hf["num_attention_heads"],
+                        num_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+                        num_layers=hf["num_hidden_layers"])
     enable_cpu_support()
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python`: a world of one
@@ -68,6 +81,7 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return parallel_state.get_data_parallel_world_size()
 
 
 def te_available() -> bool:

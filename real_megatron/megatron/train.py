@@ -31,7 +31,7 @@ from real_megatron.megatron.batch import (
     plan_micro_batches,
     split_for_cp,
 )
-from real_megatron.megatron.hook import LossContext, forward_step, known_loss, logprob_step
+from real_megatron.megatron.hook import SFT, LossContext, forward_step, known_loss, logprob_step
 from real_megatron.megatron.model import unwrap
 
 log = logging.getLogger("real_megatron")
@@ -168,6 +168,10 @@ class PolicyTrainer:
     def forward_backward(self, samples: list[Sample]) -> dict:
         """Accumulate the mini-batch loss's gradient into the grad buffers; return the loss and its metrics."""
         lay = _Layout()
+        if self.loss_name == SFT:  # cross-entropy needs no old log-probs
+            samples = [s if s.old_logp is not None else
+                       Sample(s.prompt_ids, s.response_ids, s.reward, s.group_id, torch.zeros(len(s.response_ids)))
+                       for s in samples]
         if any(s.old_logp is None for s in samples):
             raise ValueError("every sample needs old_logp (compute_logprobs at the sampling temperature first)")
         plan = plan_micro_batches(samples, dp_size=lay.dp, micro_batch_rollouts=self.micro_batch_rollouts,
@@ -181,7 +185,10 @@ class PolicyTrainer:
         lengths = torch.tensor([len(s.response_ids) for s in samples])
         resp_mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).float()
         hp = {k: v for k, v in self.hparams.items() if k not in ("advantages", "normalizer")}
-        normalizer = loss_normalizer(self.loss_name, mask=resp_mask, rewards=rewards, group_ids=group_ids, **hp)
+        if self.loss_name == SFT:
+            normalizer = float(lengths.sum())
+        else:
+            normalizer = loss_normalizer(self.loss_name, mask=resp_mask, rewards=rewards, group_ids=group_ids, **hp)
         advantages = group_advantages(rewards, group_ids, hp.get("adv_eps", 1e-6)) if self.loss_name in PPO_FAMILY else None
 
         weights, exact_loss, exact_metrics = None, None, None
@@ -221,7 +228,9 @@ class PolicyTrainer:
 
         metrics = {"loss": loss, "entropy": (summary[1] / summary[2].clamp_min(1)).item(),
                    "response_tokens": summary[2].item(), "hook/exact_mode": float(plan.mode == "exact")}
-        if self.loss_name in REAL_FAMILY:
+        if self.loss_name == SFT or not torch.isfinite(scores).all():
+            pass  # no group metrics (a non-finite step is skipped by optimizer_step)
+        elif self.loss_name in REAL_FAMILY:
             _, _, group_metrics = score_weights(self.loss_name, scores=scores, rewards=rewards.double(),
                                                 group_ids=group_ids, **hp)
             metrics.update({f"loss/{k}": v for k, v in (exact_metrics or group_metrics).items()})

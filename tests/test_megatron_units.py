@@ -1,0 +1,152 @@
+"""Megatron glue, single process: log-probs/entropy, batching plans, CP chunks, layout validation, Llama/Qwen2 build."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent / "megatron_workers"))
+from common import TINY_QWEN2, fixed_full_state_dict, fixed_samples  # noqa: E402
+
+from real_megatron.config import ConfigError  # noqa: E402
+from real_megatron.megatron.batch import (  # noqa: E402
+    Sample,
+    build_micro_batch,
+    cp_chunk_indices,
+    plan_micro_batches,
+)
+from real_megatron.megatron.logprobs import vocab_parallel_logprobs  # noqa: E402
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 4096])
+def test_logprobs_and_entropy_match_log_softmax(chunk_rows):
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(4, 9, 50, generator=g, dtype=torch.float64)).requires_grad_(True)
+    target = torch.randint(0, 45, (4, 9), generator=g)
+    logp, entropy = vocab_parallel_logprobs(logits, target, temperature=0.6, vocab_size=45, chunk_rows=chunk_rows)
+    ref_logsm = torch.log_softmax(logits[..., :45] / 0.6, dim=-1)  # entries 45..49 are vocab padding
+    ref = ref_logsm.gather(-1, target[..., None]).squeeze(-1)
+    ref_entropy = -(ref_logsm.exp() * ref_logsm).sum(-1)
+    assert torch.allclose(logp, ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(entropy, ref_entropy, rtol=1e-12, atol=1e-12)
+    w = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((logp * w).sum(), logits)
+    (ref_grad,) = torch.autograd.grad((ref * w).sum(), logits)
+    assert torch.allclose(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    assert (grad[..., 45:] == 0).all()
+
+
+def test_logprobs_reject_bad_input():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        vocab_parallel_logprobs(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), temperature=0.0)
+    with pytest.raises(ValueError, match="target shape"):
+        vocab_parallel_logprobs(torch.zeros(2, 5), torch.zeros(3, dtype=torch.long))
+
+
+def test_plans_keep_groups_whole_or_say_why():
+    samples = fixed_samples()  # groups of 3, 4, 2, 5, 2
+    plan = plan_micro_batches(samples, dp_size=2, micro_batch_rollouts=5, sequence_level_groups=True)
+    assert plan.mode == "whole_groups"
+    for rank in plan.rank_micro_batches:
+        for mb in rank:
+            assert len({samples[i].group_id for i in mb}) == len(set(samples[i].group_id for i in mb))
+            for gid in {samples[i].group_id for i in mb}:  # whole: every member of the group is here
+                assert sum(s.group_id == gid for s in samples) == sum(samples[i].group_id == gid for i in mb)
+    assert sorted(i for r in plan.rank_micro_batches for mb in r for i in mb) == list(range(16))
+    split = plan_micro_batches(samples, dp_size=1, micro_batch_rollouts=4, sequence_level_groups=True)
+    assert split.mode == "exact" and "exceeds micro_batch_rollouts=4" in split.reason
+    few = plan_micro_batches(samples[:3], dp_size=2, micro_batch_rollouts=8, sequence_level_groups=True)
+    assert few.mode == "exact" and "1 groups for 2 data-parallel ranks" in few.reason
+    with pytest.raises(ValueError, match="every rank needs at least one"):
+        plan_micro_batches(samples[:1], dp_size=2, micro_batch_rollouts=8, sequence_level_groups=True)
+
+
+def test_micro_batch_layout_aligns_labels_with_response_tokens():
+    s = Sample(prompt_ids=[5, 6, 7], response_ids=[8, 9], reward=1.0, group_id=0, old_logp=torch.tensor([-1.0, -2.0]))
+    b = build_micro_batch([s], [0], rows=2, seq_len=8)
+    assert b["tokens"][0].tolist() == [5, 6, 7, 8, 9, 0, 0, 0]
+    assert b["loss_mask"][0].tolist() == [0, 0, 1, 1, 0, 0, 0, 0]  # labels at positions 2, 3 are 8, 9
+    assert b["labels"][0, 2:4].tolist() == [8, 9] and b["old_logp"][0, 2:4].tolist() == [-1.0, -2.0]
+    assert b["row_valid"].tolist() == [True, False]
+
+
+def test_cp_chunks_are_megatrons_load_balanced_split():
+    assert cp_chunk_indices(8, 2, 0).tolist() == [0, 1, 6, 7]
+    assert cp_chunk_indices(8, 2, 1).tolist() == [2, 3, 4, 5]
+    with pytest.raises(ValueError, match="not divisible by 2\\*cp=4"):
+        cp_chunk_indices(10, 2, 0)
+
+
+def test_impossible_layout_fails_before_any_process_group(monkeypatch):
+    from real_megatron.megatron.model import initialize_parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    already = dist.is_initialized()
+    with pytest.raises(ConfigError, match=r"parallel.tp=3 must divide num_attention_heads=4.*valid choices: \[1, 2\]"):
+        initialize_parallel(tp=3, hf_config=TINY_QWEN2)
+    with pytest.raises(ConfigError, match=r"parallel.pp=3 must divide num_hidden_layers=4"):
+        initialize_parallel(pp=3, hf_config=TINY_QWEN2)
+    with pytest.raises(ConfigError, match="world size 2 is not divisible"):
+        initialize_parallel(tp=4, hf_config=dict(TINY_QWEN2, num_key_value_heads=4))
+    assert dist.is_initialized() == already
+
+
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "LlamaForCausalLM"])
+def test_model_provider_builds_both_architectures(arch):
+    from real_megatron.megatron.model import build_model, initialize_parallel, unwrap
+    from real_megatron.megatron.sharding import full_parameter_shapes, gather_full_state_dict, load_full_state_dict
+
+    hf = dict(TINY_QWEN2, architectures=[arch], tie_word_embeddings=arch == "LlamaForCausalLM")
+    initialize_parallel(hf_config=hf)
+    chunks = build_model(hf, transformer_impl="local")
+    gpt = unwrap(chunks[0])
+    names = {n for n, _ in gpt.named_parameters()}
+    assert any(n.endswith("linear_qkv.bias") for n in names) == (arch == "Qwen2ForCausalLM")
+    full = fixed_full_state_dict(hf)
+    assert set(full) == set(full_parameter_shapes(hf))
+    load_full_state_dict(chunks[0], full)
+    back = gather_full_state_dict(chunks[0])
+    assert back.keys() == full.keys() and all(torch.equal(back[k], full[k]) for k in full)
+    tokens = torch.randint(0, 300, (2, 10))
+    logits = chunks[0](tokens, torch.arange(10)[None].expand(2, 10), None)
+    assert logits.shape == (2, 10, 384)  # vocab 300 padded to a multiple of 128
+
+
+def test_non_finite_step_is_skipped_and_weights_untouched():
+    from real_megatron.megatron.model import build_model, initialize_parallel
+    from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
+    from real_megatron.megatron.train import PolicyTrainer, build_optimizer
+
+    initialize_parallel(hf_config=TINY_QWEN2)
+    chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True)
+    full = fixed_full_state_dict(TINY_QWEN2)
+    full["decoder.layers.1.mlp.linear_fc2.weight"][0, 0] = float("inf")
+    load_full_state_dict(chunks[0], full)
+    policy = PolicyTrainer(chunks, build_optimizer(chunks, lr=0.1), loss_name="real", micro_batch_rollouts=16)
+    result = policy.train_step(fixed_samples())
+    assert result["skipped"] == 1.0
+    after = gather_full_state_dict(chunks[0])
+    assert all(torch.equal(after[k], full[k]) for k in full)
+    # and the same trainer does step once the weights are sane again
+    full["decoder.layers.1.mlp.linear_fc2.weight"][0, 0] = 0.0
+    load_full_state_dict(chunks[0], full)
+    result = policy.train_step(fixed_samples())
+    assert result["skipped"] == 0.0 and result["grad_norm"] > 0
+    assert not torch.equal(gather_full_state_dict(chunks[0])["output_layer.weight"], full["output_layer.weight"])
+
+
+def test_sft_step_lowers_cross_entropy():
+    from real_megatron.megatron.model import build_model, initialize_parallel
+    from real_megatron.megatron.sharding import load_full_state_dict
+    from real_megatron.megatron.train import PolicyTrainer, build_optimizer
+
+    initialize_parallel(hf_config=TINY_QWEN2)
+    chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True)
+    load_full_state_dict(chunks[0], fixed_full_state_dict(TINY_QWEN2))
+    sft = PolicyTrainer(chunks, build_optimizer(chunks, lr=3e-3), loss_name="sft", micro_batch_rollouts=8)
+    samples = [Sample(s.prompt_ids, s.response_ids, 1.0, s.group_id) for s in fixed_samples()]
+    losses = [sft.train_step(samples)["loss"] for _ in range(5)]
+    assert losses[-1] < losses[0] - 0.5, losses

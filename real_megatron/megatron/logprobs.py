@@ -20,7 +20,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK_ROWS = 1024
+# rows per chunk: at most ~32M fp32 elements of temporaries at a time (220 rows at Qwen2's vocab)
+CHUNK_ELEMENTS = 2**25
+PAD_LOGIT = -1e30  # finite stand-in for −inf on vocab padding: exp() gives 0 and 0·x stays 0 (no NaN)
 
 
 def _tp_info(tp_group):
@@ -55,7 +57,7 @@ class _VocabParallelLogProb(torch.autograd.Function):
             stop = min(start + chunk_rows, rows)
             x = flat[start:stop].to(work) / temperature  # the only full-width fp32 temporary
             if pad_mask is not None:
-                x.masked_fill_(pad_mask, float("-inf"))
+                x.masked_fill_(pad_mask, PAD_LOGIT)
             m = x.max(dim=-1).values
             if tp > 1:
                 dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
@@ -66,7 +68,9 @@ class _VocabParallelLogProb(torch.autograd.Function):
             x.sub_(m[:, None])  # x − m in place
             if with_entropy:
                 p_unnorm = x.exp()
-                sums = torch.stack([p_unnorm.sum(-1), (p_unnorm * torch.nan_to_num(x, neginf=0.0)).sum(-1), x_t])
+                z_chunk = p_unnorm.sum(-1)
+                zx_chunk = p_unnorm.mul_(x).sum(-1)  # in place: one temporary chunk besides x
+                sums = torch.stack([z_chunk, zx_chunk, x_t])
                 del p_unnorm
             else:
                 sums = torch.stack([x.exp_().sum(-1), torch.zeros_like(m), x_t])
@@ -111,13 +115,13 @@ class _VocabParallelLogProb(torch.autograd.Function):
             in_range = (local_t >= 0) & (local_t < local_vocab)
             rows = in_range.nonzero().squeeze(-1)
             p[rows, local_t[rows]] += g[start:stop][rows]
-            grad[start:stop] = (p / ctx.temperature).to(grad.dtype)
+            grad[start:stop] = p.div_(ctx.temperature)
         return grad.reshape(logits.shape), None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, target: torch.Tensor, *, temperature: float = 1.0,
                             vocab_size: int | None = None, tp_group=None, with_entropy: bool = True,
-                            chunk_rows: int = DEFAULT_CHUNK_ROWS):
+                            chunk_rows: int | None = None):
     """Return ``(logp, entropy)`` of shape ``target.shape`` (float32, or float64 for float64 logits);
     ``entropy`` is an empty tensor when ``with_entropy`` is False.
 
@@ -132,5 +136,7 @@ def vocab_parallel_logprobs(logits: torch.Tensor, target: torch.Tensor, *, tempe
     if target.shape != logits.shape[:-1]:
         raise ValueError(f"target shape {tuple(target.shape)} must equal logits shape without the vocab dim "
                          f"{tuple(logits.shape[:-1])}")
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_ELEMENTS // logits.shape[-1])
     return _VocabParallelLogProb.apply(logits, target, float(temperature), int(vocab_size), tp_group,
                                        int(chunk_rows), bool(with_entropy))

@@ -39,6 +39,31 @@ def test_logprobs_and_entropy_match_log_softmax(chunk_rows):
     assert (grad[..., 45:] == 0).all()
 
 
+def test_logprobs_bf16_logits_recompute_softmax_in_backward():
+    # low-precision logits take the memory-lean path (softmax recomputed in backward, nothing kept)
+    g = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(3, 5, 40, generator=g)).to(torch.bfloat16).requires_grad_(True)
+    target = torch.randint(0, 40, (3, 5), generator=g)
+    logp, _ = vocab_parallel_logprobs(logits, target, temperature=0.7, with_entropy=False, chunk_rows=4)
+    ref_logits = logits.detach().double().requires_grad_(True)
+    ref = torch.log_softmax(ref_logits / 0.7, -1).gather(-1, target[..., None]).squeeze(-1)
+    assert logp.dtype == torch.float32
+    assert torch.allclose(logp.double(), ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn(3, 5, generator=g)
+    (grad,) = torch.autograd.grad((logp * w).sum(), logits)
+    (ref_grad,) = torch.autograd.grad((ref * w.double()).sum(), ref_logits)
+    assert grad.dtype == torch.bfloat16
+    assert torch.allclose(grad.double(), ref_grad, rtol=2e-2, atol=2e-3)
+
+
+def test_logprobs_kept_softmax_refuses_a_second_backward():
+    logits = torch.randn(2, 3, 10, requires_grad=True)
+    logp, _ = vocab_parallel_logprobs(logits, torch.zeros(2, 3, dtype=torch.long))
+    logp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logp.sum().backward()
+
+
 def test_logprobs_reject_bad_input():
     with pytest.raises(ValueError, match="temperature must be > 0"):
         vocab_parallel_logprobs(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), temperature=0.0)

@@ -95,11 +95,13 @@ def _per_row(logp, old_logp, mask):
 
 def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
     """Compute this micro-batch's share of the mini-batch loss (see the module docstring)."""
-    logp, entropy = vocab_parallel_logprobs(
-        logits, batch["labels"], temperature=ctx.temperature, vocab_size=ctx.vocab_size, tp_group=ctx.tp_group)
+    # no entropy here: it is a metric, measured in the forward-only pass over the same rollouts
+    # (compute_logprobs), and leaving it out keeps the training step as cheap as cross-entropy
+    logp, _ = vocab_parallel_logprobs(logits, batch["labels"], temperature=ctx.temperature,
+                                      vocab_size=ctx.vocab_size, tp_group=ctx.tp_group, with_entropy=False)
     valid = batch["row_valid"]
     idx = batch["sample_index"][valid]
-    logp, entropy = logp[valid], entropy[valid]
+    logp = logp[valid]
     mask = batch["loss_mask"][valid] > 0
     old = batch["old_logp"][valid].to(logp.dtype)
 
@@ -139,9 +141,8 @@ def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
     # a partial one for token-level losses; report shares so that a sum over CP ranks is right
     sequence_level = ctx.loss_name in SEQUENCE_LEVEL or ctx.weights is not None
     reported_share = share.detach() / ctx.cp_size if sequence_level else share.detach()
-    ent_sum = torch.where(mask, entropy, torch.zeros_like(entropy)).sum()
     ctx.records.append({"sample_index": idx, "scores": scores.detach(), "share": reported_share,
-                        "entropy_sum": ent_sum.detach(), "tokens": mask.sum().detach(), "metrics": metrics})
+                        "tokens": mask.sum().detach(), "metrics": metrics})
     return share * ctx.scale, {"share": reported_share}
 
 

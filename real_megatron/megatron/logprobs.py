@@ -9,11 +9,18 @@ Each logsumexp is assembled from per-rank pieces: an all-reduce(MAX) of the row 
 all-reduce(SUM) of [Σ exp(x − m), Σ exp(x − m)·x, x_target-if-local] stacked together. Vocabulary
 padding (entries ≥ ``vocab_size``) is excluded.
 
-Memory: the work runs over chunks of rows, so besides the logits themselves only one chunk's
-fp32 temporaries exist at a time. Backward saves the logits (no copy; they are the model's
-output) and the per-row logsumexp, and recomputes softmax chunk by chunk:
-∂ log p/∂x = onehot(target) − softmax(x), times 1/T. The entropy is a metric (REAL has no entropy
-bonus), so it carries no gradient.
+Memory and speed: the work runs over chunks of rows, so besides the logits and what backward
+keeps, only one chunk's fp32 temporaries exist at a time. ∂ log p/∂x = (onehot(target) −
+softmax(x)) / T, and what backward keeps depends on the logits' dtype:
+
+* fp32/fp64 logits (the CPU, tests): forward keeps softmax(x) (one logits-sized buffer) and
+  backward turns it into the gradient *in place* — no recomputation and no new allocation, so
+  it costs what Megatron's cross-entropy costs (which keeps its softmax the same way);
+* bf16/fp16 logits (GPU training): an fp32 softmax would be twice the logits' size, so backward
+  keeps only the per-row logsumexp and recomputes softmax chunk by chunk.
+
+Forward-only calls (old log-probs under ``torch.no_grad``) keep nothing. The entropy is a metric
+(REAL has no entropy bonus), so it carries no gradient.
 """
 from __future__ import annotations
 
@@ -53,9 +60,15 @@ class _VocabParallelLogProb(torch.autograd.Function):
         logp = torch.empty(rows, dtype=work, device=logits.device)
         lse = torch.empty(rows, dtype=work, device=logits.device)
         entropy = torch.empty(rows, dtype=work, device=logits.device) if with_entropy else None
+        # keep softmax for backward when it costs no more than the logits themselves (see the docstring)
+        keep_probs = ctx.needs_input_grad[0] and logits.dtype == work
+        probs = torch.empty((rows, local_vocab), dtype=work, device=logits.device) if keep_probs else None
         for start in range(0, rows, chunk_rows):
             stop = min(start + chunk_rows, rows)
-            x = flat[start:stop].to(work) / temperature  # the only full-width fp32 temporary
+            if keep_probs:
+                x = torch.div(flat[start:stop], temperature, out=probs[start:stop])
+            else:
+                x = flat[start:stop].to(work) / temperature  # the only full-width fp32 temporary
             if pad_mask is not None:
                 x.masked_fill_(pad_mask, PAD_LOGIT)
             m = x.max(dim=-1).values
@@ -67,43 +80,62 @@ class _VocabParallelLogProb(torch.autograd.Function):
             x_t = torch.where(in_range, x_t, torch.zeros_like(x_t))
             x.sub_(m[:, None])  # x − m in place
             if with_entropy:
-                p_unnorm = x.exp()
-                z_chunk = p_unnorm.sum(-1)
-                zx_chunk = p_unnorm.mul_(x).sum(-1)  # in place: one temporary chunk besides x
-                sums = torch.stack([z_chunk, zx_chunk, x_t])
-                del p_unnorm
+                e = x.exp()
+                z_chunk = e.sum(-1)
+                zx_chunk = torch.linalg.vecdot(e, x)  # Σ exp(x − m)·(x − m), without a product temporary
+                if keep_probs:
+                    x.copy_(e)
+                del e
             else:
-                sums = torch.stack([x.exp_().sum(-1), torch.zeros_like(m), x_t])
-            del x
+                x.exp_()  # x now holds exp(x − m), the unnormalised softmax
+                z_chunk = x.sum(-1)
+                zx_chunk = torch.zeros_like(m)
+            sums = torch.stack([z_chunk, zx_chunk, x_t])
             if tp > 1:
                 dist.all_reduce(sums, group=tp_group)
             z, zx, target_logit = sums
+            if keep_probs:
+                x.div_(z[:, None])  # softmax of this chunk, kept for backward
+            del x
             chunk_lse = m + z.log()
             lse[start:stop] = chunk_lse
             logp[start:stop] = target_logit - chunk_lse
             if with_entropy:
                 # H = lse − E[x] = log z − E[x − m], with E[x − m] = zx / z
                 entropy[start:stop] = z.log() - zx / z
-        ctx.save_for_backward(logits, target, lse)
+        ctx.save_for_backward(logits if probs is None else probs, target, lse)
+        ctx.kept_probs = keep_probs
         ctx.temperature = temperature
         ctx.vocab_size = vocab_size
         ctx.tp_group = tp_group
         ctx.chunk_rows = chunk_rows
         shape = target.shape
+        ctx.logits_shape = logits.shape
         out_entropy = entropy.reshape(shape) if with_entropy else torch.empty(0, device=logits.device)
         ctx.mark_non_differentiable(out_entropy)
         return logp.reshape(shape), out_entropy
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
-        logits, target, lse = ctx.saved_tensors
+        saved, target, lse = ctx.saved_tensors
         tp, tp_rank = _tp_info(ctx.tp_group)
-        local_vocab = logits.shape[-1]
+        local_vocab = saved.shape[-1]
         vocab_start = tp_rank * local_vocab
-        pad_mask = _vocab_mask(vocab_start, local_vocab, ctx.vocab_size, logits.device)
-        flat = logits.reshape(-1, local_vocab)
         flat_target = target.reshape(-1)
         g = grad_logp.reshape(-1).to(lse.dtype)
+        if ctx.kept_probs:
+            # the kept softmax becomes the gradient in place: (onehot − p)·g / T
+            # (a second backward through the same graph is refused by autograd's saved-tensor version check)
+            grad = saved
+            local_t = flat_target - vocab_start
+            rows = ((local_t >= 0) & (local_t < local_vocab)).nonzero().squeeze(-1)
+            grad.mul_(-g[:, None])
+            grad[rows, local_t[rows]] += g[rows]
+            grad.div_(ctx.temperature)
+            return grad.reshape(ctx.logits_shape), None, None, None, None, None, None
+        logits = saved
+        pad_mask = _vocab_mask(vocab_start, local_vocab, ctx.vocab_size, logits.device)
+        flat = logits.reshape(-1, local_vocab)
         grad = torch.empty_like(flat)
         for start in range(0, flat.shape[0], ctx.chunk_rows):
             stop = min(start + ctx.chunk_rows, flat.shape[0])

@@ -208,13 +208,12 @@ class PolicyTrainer:
         self._run(partial(forward_step, ctx), batches, rows, seq_len, forward_only=False)
 
         # ---- reduce what the last stage saw, over all ranks
-        summary = torch.zeros(4 + n, dtype=torch.float64)  # loss, entropy sum, tokens, #micro-batches, scores[n]
+        summary = torch.zeros(4 + n, dtype=torch.float64)  # loss, (unused), tokens, #micro-batches, scores[n]
         ppo_keys = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "ratio_mean")
         ppo_sums = torch.zeros(len(ppo_keys), dtype=torch.float64)
         if lay.reporter:
             for rec in ctx.records:
                 summary[0] += float(rec["share"])
-                summary[1] += float(rec["entropy_sum"])
                 summary[2] += float(rec["tokens"])
                 summary[3] += 1
                 if lay.cp_rank == 0:
@@ -226,7 +225,7 @@ class PolicyTrainer:
         loss = exact_loss.item() if exact_loss is not None else summary[0].item()
         scores = summary[4:]
 
-        metrics = {"loss": loss, "entropy": (summary[1] / summary[2].clamp_min(1)).item(),
+        metrics = {"loss": loss,
                    "response_tokens": summary[2].item(), "hook/exact_mode": float(plan.mode == "exact")}
         if self.loss_name == SFT or not torch.isfinite(scores).all():
             pass  # no group metrics (a non-finite step is skipped by optimizer_step)

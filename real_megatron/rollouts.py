@@ -27,8 +27,7 @@ class RolloutRecord:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-def collect_rollouts(*, engine, reward_pool, tokenizer, prompts, prompt_ids, n: int, sampling, first_group_id: int,
-                     answer_after_think: bool = False):
+def collect_rollouts(*, engine, reward_pool, tokenizer, prompts, prompt_ids, n: int, sampling, first_group_id: int):
     """Generate ``n`` responses per prompt and score them.
 
     ``prompts``: PromptRecord list (for ground truths); ``prompt_ids``: their encoded token ids.
@@ -43,9 +42,11 @@ def collect_rollouts(*, engine, reward_pool, tokenizer, prompts, prompt_ids, n: 
                            f"n={n}; expected {len(prompt_ids) * n}")
     t1 = time.perf_counter()
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-    truths = [prompts[c.prompt_index].ground_truth for c in completions]
-    rewards, reward_stats = reward_pool.score(texts, truths, answer_after_think=answer_after_think) \
-        if _accepts_answer_after_think(reward_pool) else reward_pool.score(texts, truths)
+    truths = []
+    for c in completions:
+        record = prompts[c.prompt_index]
+        truths.append(list(record.accepted_answers) if record.accepted_answers else record.ground_truth)
+    rewards, reward_stats = reward_pool.score(texts, truths)
     t2 = time.perf_counter()
 
     records, dropped = [], 0
@@ -66,15 +67,6 @@ def collect_rollouts(*, engine, reward_pool, tokenizer, prompts, prompt_ids, n: 
         "reward/crashes": float(reward_stats.get("crashes", 0)),
     })
     return records, metrics
-
-
-def _accepts_answer_after_think(reward_pool) -> bool:
-    import inspect
-
-    try:
-        return "answer_after_think" in inspect.signature(reward_pool.score).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def rollout_metrics(records: list[RolloutRecord], n: int) -> dict:

@@ -1,0 +1,164 @@
+"""pass@k evaluation, the paper's protocol by default.
+
+    real-megatron evaluate --model HF_DIR --files ../shared/data/aime24.parquet ../shared/data/math500.parquet \
+        [--samples 16 --temperature 0.6 --top-p 0.95 --max-new-tokens 8192] [--out results/] [--engine sglang]
+
+Each file is one benchmark (named after the file). For every problem, ``samples`` responses are
+drawn and verified; pass@1 is the mean of all scores and pass@k the unbiased estimator
+1 − C(n−c, k) / C(n, k) (Chen et al., 2021) averaged over problems. Results go to
+``results.json`` and ``results.md`` (one row per benchmark and the average over benchmarks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem with ``c`` correct of ``n`` samples."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def report_ks(samples: int) -> list[int]:
+    """1, 2, 4, … up to and including ``samples``."""
+    ks = [1]
+    while ks[-1] * 2 < samples:
+        ks.append(ks[-1] * 2)
+    if ks[-1] != samples:
+        ks.append(samples)
+    return ks
+
+
+def evaluate_prompts(engine, reward_pool, tokenizer, records, prompt_ids, *, samples: int, sampling,
+                     batch_prompts: int = 64) -> dict:
+    """Sample ``samples`` responses per prompt, verify them, and return pass@k and lengths."""
+    if not records:
+        raise ValueError("evaluation needs at least one prompt")
+    correct = [0] * len(records)
+    lengths, timeouts, crashes = [], 0, 0
+    for start in range(0, len(records), batch_prompts):
+        ids = prompt_ids[start:start + batch_prompts]
+        completions = engine.generate(ids, samples, sampling)
+        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        truths = []
+        for c in completions:
+            r = records[start + c.prompt_index]
+            truths.append(list(r.accepted_answers) if r.accepted_answers else r.ground_truth)
+        rewards, stats = reward_pool.score(texts, truths)
+        timeouts += stats.get("timeouts", 0)
+        crashes += stats.get("crashes", 0)
+        for c, reward in zip(completions, rewards):
+            correct[start + c.prompt_index] += int(reward >= 1.0)
+            lengths.append(len(c.token_ids))
+    result = {f"pass@{k}": sum(pass_at_k(samples, c, k) for c in correct) / len(records) for k in report_ks(samples)}
+    result.update({"problems": len(records), "samples": samples, "response_length_mean": sum(lengths) / len(lengths),
+                   "reward_timeouts": timeouts, "reward_crashes": crashes})
+    return result
+
+
+def markdown_table(results: dict, ks: list[int]) -> str:
+    head = "| benchmark | problems | " + " | ".join(f"pass@{k}" for k in ks) + " | mean length |"
+    lines = [head, "|" + "---|" * (len(ks) + 3)]
+    for name, r in results.items():
+        cells = " | ".join(f"{100 * r[f'pass@{k}']:.1f}" for k in ks)
+        problems = r.get("problems", "")
+        lines.append(f"| {name} | {problems} | {cells} | {r['response_length_mean']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="real-megatron evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="HF model directory (weights, config, tokenizer)")
+    parser.add_argument("--files", nargs="+", required=True, help="benchmark files (verl-style parquet or JSONL)")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--max-new-tokens", type=int, default=8192)
+    parser.add_argument("--max-prompt-length", type=int, default=2048)
+    parser.add_argument("--max-problems", type=int, default=0, help="first N problems per file (0: all)")
+    parser.add_argument("--engine", choices=("embedded", "sglang"), default="embedded")
+    parser.add_argument("--sglang-url", default="", help="a running SGLang server (else sglang.Engine in-process)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--answer-after-think", action="store_true")
+    parser.add_argument("--reward-workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="", help="directory for results.json and results.md (default: print only)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from real_megatron.data import encode_prompt, load_prompts
+    from real_megatron.rewards import RewardPool
+    from real_megatron.rollout import SamplingParams
+    from real_megatron.trainer import load_tokenizer, pad_id_of
+
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        print(f"error: --model {model}: no config.json there; give a HF model directory", flush=True)
+        return 2
+    for f in args.files:
+        if not Path(f).exists():
+            print(f"error: --files: {f} does not exist", flush=True)
+            return 2
+    tokenizer = load_tokenizer(model)
+    benchmarks = {}
+    for f in args.files:
+        records = load_prompts(f, max_prompt_length=args.max_prompt_length, tokenizer=tokenizer, on_bad_row="error")
+        if args.max_problems:
+            records = records[:args.max_problems]
+        benchmarks[Path(f).name.split(".")[0]] = records
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.engine == "embedded":
+        from real_megatron.rollout.transformers_engine import TransformersEngine
+
+        engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id_of(tokenizer),
+                                    dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu",
+                                    load_weights_from=str(model))
+    else:
+        from real_megatron.rollout.sglang_engine import SGLangEngine
+
+        engine = SGLangEngine(args.sglang_url, eos_token_id=tokenizer.eos_token_id) if args.sglang_url else \
+            SGLangEngine(engine_kwargs={"model_path": str(model)}, eos_token_id=tokenizer.eos_token_id)
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                              seed=args.seed)
+    results = {}
+    with RewardPool(num_workers=args.reward_workers, answer_after_think=args.answer_after_think) as pool:
+        try:
+            for name, records in benchmarks.items():
+                ids = [encode_prompt(tokenizer, r.messages) for r in records]
+                results[name] = evaluate_prompts(engine, pool, tokenizer, records, ids, samples=args.samples,
+                                                 sampling=sampling)
+                print(f"{name}: pass@1 {100 * results[name]['pass@1']:.1f} ({len(records)} problems)", flush=True)
+        finally:
+            engine.close()
+    ks = report_ks(args.samples)
+    average = {f"pass@{k}": sum(r[f"pass@{k}"] for r in results.values()) / len(results) for k in ks}
+    average["response_length_mean"] = sum(r["response_length_mean"] for r in results.values()) / len(results)
+    table = markdown_table({**results, "average": average}, ks)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"model": str(model), "samples": args.samples, "temperature": args.temperature,
+                   "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "benchmarks": results,
+                   "average": average}
+        _atomic_write(out / "results.json", json.dumps(payload, indent=1))
+        _atomic_write(out / "results.md", table)
+        print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    return 0

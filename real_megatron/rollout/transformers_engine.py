@@ -1,0 +1,130 @@
+"""The embedded rollout engine: batched sampling with a ``transformers`` model in this process.
+
+It is the default engine (CPU laptops, tests, small GPU runs). The model is built from the HF
+config only; its weights come from the trainer through ``update_weights`` (HF names, full
+tensors, straight from the Megatron model in memory), so nothing touches disk between steps.
+
+Sampling is ``model.generate`` with temperature / top-p / max new tokens, stopping at EOS. The
+random stream of one call is seeded from ``SamplingParams.seed`` in a private generator scope,
+so a call is reproducible given the weights — which is what makes a resumed run sample exactly
+what an uninterrupted run would have sampled.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Sequence
+
+import torch
+
+from real_megatron.rollout.base import Completion, RolloutEngine, RolloutEngineError, SamplingParams
+
+log = logging.getLogger("real_megatron")
+
+
+class TransformersEngine(RolloutEngine):
+    """``generate`` / ``update_weights`` over ``transformers.AutoModelForCausalLM``.
+
+    ``hf_config``: a HF config dict or a directory with ``config.json``; ``eos_token_id`` and
+    ``pad_token_id`` come from the tokenizer (the trainer's); ``batch_size``: sequences per
+    ``model.generate`` call (prompts × n are cut into such chunks).
+    """
+
+    def __init__(self, hf_config, *, eos_token_id: int, pad_token_id: int, dtype=torch.float32,
+                 device: str | torch.device = "cpu", batch_size: int = 64, load_weights_from: str | None = None):
+        import transformers
+
+        if isinstance(hf_config, dict):
+            config = transformers.AutoConfig.for_model(**{k: v for k, v in hf_config.items()
+                                                          if k not in ("architectures",)}) \
+                if "model_type" in hf_config else None
+            if config is None:
+                raise ValueError("hf_config dict needs a 'model_type' (e.g. 'qwen2', 'llama')")
+            config.architectures = hf_config.get("architectures")
+        else:
+            config = transformers.AutoConfig.from_pretrained(hf_config)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        if load_weights_from:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(load_weights_from, dtype=dtype)
+        else:
+            self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.model.to(self.device).eval()
+        self.eos_token_id = int(eos_token_id)
+        self.pad_token_id = int(pad_token_id)
+        self.batch_size = int(batch_size)
+        params = dict(self.model.named_parameters())
+        # tied embeddings: lm_head.weight is the embedding's tensor and never arrives separately
+        self._expected = {n for n in params if not (n == "lm_head.weight" and self.model.config.tie_word_embeddings)}
+        self._tensors = {**params, **dict(self.model.named_buffers())}
+        self.weight_version = 0
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named full tensors into the model; every parameter must arrive exactly once."""
+        seen = set()
+        for name, tensor in named_tensors:
+            target = self._tensors.get(name)
+            if target is None or name not in self._expected:
+                raise RolloutEngineError(f"weight sync: the rollout model has no parameter {name!r}")
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise RolloutEngineError(f"weight sync: {name} has shape {tuple(tensor.shape)}, the rollout model "
+                                         f"expects {tuple(target.shape)}")
+            if name in seen:
+                raise RolloutEngineError(f"weight sync: {name} arrived twice in one update")
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            seen.add(name)
+        missing = self._expected - seen
+        if missing:
+            raise RolloutEngineError(f"weight sync: {len(missing)} parameters never arrived, e.g. {sorted(missing)[:3]}")
+        self.weight_version += 1
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Completion]:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        for i, ids in enumerate(prompt_token_ids):
+            if len(ids) == 0:
+                raise ValueError(f"prompt {i} has no tokens")
+        # prompt-major order: request j is prompt j // n
+        requests = [(i, list(ids)) for i, ids in enumerate(prompt_token_ids) for _ in range(n)]
+        out: list[Completion] = []
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(sampling.seed))
+            if self.device.type == "cuda":
+                torch.cuda.manual_seed(int(sampling.seed))
+            for start in range(0, len(requests), self.batch_size):
+                out.extend(self._generate_chunk(requests[start:start + self.batch_size], sampling))
+        return out
+
+    def _generate_chunk(self, requests, sampling: SamplingParams) -> list[Completion]:
+        width = max(len(ids) for _, ids in requests)
+        # left padding: every prompt ends at the same position, where generation starts
+        input_ids = torch.full((len(requests), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, (_, ids) in enumerate(requests):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
+        try:
+            result = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                do_sample=True, temperature=float(sampling.temperature), top_p=float(sampling.top_p), top_k=0,
+                max_new_tokens=int(sampling.max_new_tokens), eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id, output_logits=True, return_dict_in_generate=True)
+        except Exception as err:  # surface as an engine error, with the cause attached
+            raise RolloutEngineError(f"transformers generate failed: {type(err).__name__}: {err}") from err
+        new_tokens = result.sequences[:, width:].cpu()
+        # engine-side log-probs at the sampling temperature (diagnostics: the trainer recomputes its own)
+        logits = torch.stack(result.logits, dim=1).float().cpu() / float(sampling.temperature)
+        token_logp = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens[..., None]).squeeze(-1)
+        completions = []
+        for row, (prompt_index, _) in enumerate(requests):
+            tokens = new_tokens[row].tolist()
+            stop = tokens.index(self.eos_token_id) + 1 if self.eos_token_id in tokens else None
+            kept = tokens[:stop] if stop is not None else tokens
+            completions.append(Completion(prompt_index=prompt_index, token_ids=kept,
+                                          finish_reason="stop" if stop is not None else "length",
+                                          logprobs=token_logp[row, :len(kept)].tolist()))
+        return completions

@@ -1,0 +1,92 @@
+"""Supervised warm-up on the same Megatron stack: token cross-entropy on reference solutions.
+
+    real-megatron sft --config FILE [section.key=value ...]
+
+Reads the same config as ``train``: ``model.hf_dir`` (start weights + tokenizer),
+``data.train_files`` (each row's ``extra_info.solution`` is the target response),
+``train.steps`` optimizer steps of ``train.mini_batch_prompts`` prompts, ``optim.*``, and
+``data.eval_files`` for a pass@1 before and after (``eval.*`` sampling). The loss is the mean
+cross-entropy over response tokens (EOS included), computed by the same loss hook as REAL
+(``loss_name="sft"``), so the warm-up exercises the exact code path RL training uses.
+
+Writes ``<run_dir>/metrics.jsonl`` and the trained model as a HF directory ``<run_dir>/hf``.
+SFT runs are short: they do not checkpoint or resume (rerun to redo).
+"""
+from __future__ import annotations
+
+import time
+
+import torch.distributed as dist
+
+from real_megatron.config import ConfigError, config_to_dict, load_config, save_config
+from real_megatron.trainer import (RolloutFailed, Trainer, _parse, broadcast_object, export_hf, load_initial_weights,
+                                   setup_logging, sync_weights)
+
+
+def _solution(record) -> str:
+    solution = (record.extra_info or {}).get("solution")
+    if not isinstance(solution, str) or not solution.strip():
+        raise ConfigError(f"{record.source_file} row {record.row}: extra_info.solution is missing or empty; SFT "
+                          "needs a reference solution per training row")
+    return solution
+
+
+def run_sft(cfg) -> int:
+    from real_megatron.megatron.batch import Sample
+    from real_megatron.megatron.hook import SFT
+    from real_megatron.metrics import MetricsLogger
+
+    t = Trainer(cfg, loss_name=SFT)
+    try:
+        if t.rank == 0:
+            t.run_dir.mkdir(parents=True, exist_ok=True)
+            t._setup_rank0(sampler_batch=cfg.train.mini_batch_prompts)
+            eos = t.tokenizer.eos_token_id
+            targets = [t.tokenizer.encode(_solution(r), add_special_tokens=False) + [eos] for r in t.train_records]
+            save_config(cfg, t.run_dir / "config.yaml")
+            t.logger = MetricsLogger(t.run_dir, total_steps=cfg.train.steps, wandb_mode=cfg.logging.wandb_mode,
+                                     wandb_project=cfg.logging.wandb_project, config=config_to_dict(cfg),
+                                     progress_bar=cfg.logging.progress_bar)
+            t.logger._drop_rows_after(-1)  # SFT does not resume: start the metrics file afresh
+        load_initial_weights(cfg, t.chunks)
+        sync_weights(t.chunks, t.hf, t.engine, t.rank)
+        if t.rank == 0 and t.eval_records:
+            t.logger.log(0, t.evaluate())
+        for step in range(1, cfg.train.steps + 1):
+            samples = None
+            if t.rank == 0:
+                batch = t.sampler.next_batch()
+                samples = [Sample(t.train_ids[r.index], targets[r.index], 1.0, i) for i, r in enumerate(batch)]
+            samples = broadcast_object(samples)
+            t0 = time.perf_counter()
+            result = t.policy.train_step(samples)
+            row = {"train/loss": result["loss"], "train/grad_norm": result["grad_norm"],
+                   "train/skipped": result["skipped"], "time/update_s": time.perf_counter() - t0}
+            if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+                row["time/sync_s"] = sync_weights(t.chunks, t.hf, t.engine, t.rank)
+                if t.rank == 0 and t.eval_records:
+                    row.update(t.evaluate())
+            if t.rank == 0:
+                t.logger.log(step, row)
+        if t.rank == 0:
+            out = export_hf(t.engine, t.tokenizer, t.run_dir / "hf")
+            print(f"SFT model (HF): {out}\nmetrics: {t.run_dir / 'metrics.jsonl'}", flush=True)
+        return 0
+    finally:
+        t.close()
+
+
+def main(argv=None) -> int:
+    args = _parse(argv, "real-megatron sft", "supervised warm-up (cross-entropy on reference solutions)")
+    setup_logging()
+    try:
+        return run_sft(load_config(args.config, args.overrides))
+    except ConfigError as err:
+        print(f"config error: {err}", flush=True)
+        return 2
+    except RolloutFailed as err:
+        print(f"error: {err}", flush=True)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -70,9 +70,9 @@ def broadcast_object(obj, src: int = 0):
 def _any_rank(flag: bool) -> bool:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
-    t = torch.tensor([float(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    from real_megatron.megatron.train import world_reduce
+
+    return bool(world_reduce(torch.tensor([float(flag)]), dist.ReduceOp.MAX).item())
 
 
 def _barrier():

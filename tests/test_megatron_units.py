@@ -56,6 +56,22 @@ def test_logprobs_bf16_logits_recompute_softmax_in_backward():
     assert torch.allclose(grad.double(), ref_grad, rtol=2e-2, atol=2e-3)
 
 
+def test_logprobs_overwriting_the_logits_gives_the_same_values_and_gradient():
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(30, 8, generator=g, requires_grad=True)
+    hidden = torch.randn(4, 6, 8, generator=g)
+    target = torch.randint(0, 28, (4, 6), generator=g)
+    results = []
+    for overwrite in (False, True):
+        logits = hidden @ weight.t()  # like the output layer: its backward needs hidden and weight only
+        logp, _ = vocab_parallel_logprobs(logits, target, temperature=0.8, vocab_size=28, chunk_rows=5,
+                                          with_entropy=False, overwrite_logits=overwrite)
+        (grad,) = torch.autograd.grad((logp * torch.arange(24.0).reshape(4, 6)).sum(), weight)
+        results.append((logp.detach(), grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-6, atol=1e-6)
+
+
 def test_logprobs_kept_softmax_refuses_a_second_backward():
     logits = torch.randn(2, 3, 10, requires_grad=True)
     logp, _ = vocab_parallel_logprobs(logits, torch.zeros(2, 3, dtype=torch.long))

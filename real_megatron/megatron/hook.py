@@ -98,7 +98,8 @@ def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
     # no entropy here: it is a metric, measured in the forward-only pass over the same rollouts
     # (compute_logprobs), and leaving it out keeps the training step as cheap as cross-entropy
     logp, _ = vocab_parallel_logprobs(logits, batch["labels"], temperature=ctx.temperature,
-                                      vocab_size=ctx.vocab_size, tp_group=ctx.tp_group, with_entropy=False)
+                                      vocab_size=ctx.vocab_size, tp_group=ctx.tp_group, with_entropy=False,
+                                      overwrite_logits=True)  # the logits are read by nothing else
     valid = batch["row_valid"]
     idx = batch["sample_index"][valid]
     logp = logp[valid]

@@ -47,7 +47,7 @@ def _vocab_mask(vocab_start: int, local_vocab: int, vocab_size: int, device) -> 
 
 class _VocabParallelLogProb(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, temperature, vocab_size, tp_group, chunk_rows, with_entropy):
+    def forward(ctx, logits, target, temperature, vocab_size, tp_group, chunk_rows, with_entropy, overwrite_logits):
         tp, tp_rank = _tp_info(tp_group)
         local_vocab = logits.shape[-1]
         vocab_start = tp_rank * local_vocab
@@ -62,11 +62,15 @@ class _VocabParallelLogProb(torch.autograd.Function):
         entropy = torch.empty(rows, dtype=work, device=logits.device) if with_entropy else None
         # keep softmax for backward when it costs no more than the logits themselves (see the docstring)
         keep_probs = ctx.needs_input_grad[0] and logits.dtype == work
-        probs = torch.empty((rows, local_vocab), dtype=work, device=logits.device) if keep_probs else None
+        probs = None
+        if keep_probs:  # the softmax buffer: the logits' own storage when the caller gives it up
+            probs = flat if overwrite_logits and flat.is_contiguous() else torch.empty(
+                (rows, local_vocab), dtype=work, device=logits.device)
         for start in range(0, rows, chunk_rows):
             stop = min(start + chunk_rows, rows)
             if keep_probs:
-                x = torch.div(flat[start:stop], temperature, out=probs[start:stop])
+                x = probs[start:stop]
+                torch.div(flat[start:stop], temperature, out=x)
             else:
                 x = flat[start:stop].to(work) / temperature  # the only full-width fp32 temporary
             if pad_mask is not None:
@@ -103,7 +107,9 @@ class _VocabParallelLogProb(torch.autograd.Function):
             if with_entropy:
                 # H = lse − E[x] = log z − E[x − m], with E[x − m] = zx / z
                 entropy[start:stop] = z.log() - zx / z
-        ctx.save_for_backward(logits if probs is None else probs, target, lse)
+        # kept softmax: save the logits tensor itself when its storage holds it (a view made here
+        # could not be saved), else the separate buffer; no softmax kept: the logits, to recompute
+        ctx.save_for_backward(logits if probs is None or probs is flat else probs, target, lse)
         ctx.kept_probs = keep_probs
         ctx.temperature = temperature
         ctx.vocab_size = vocab_size
@@ -126,13 +132,13 @@ class _VocabParallelLogProb(torch.autograd.Function):
         if ctx.kept_probs:
             # the kept softmax becomes the gradient in place: (onehot − p)·g / T
             # (a second backward through the same graph is refused by autograd's saved-tensor version check)
-            grad = saved
+            grad = saved.reshape(-1, local_vocab)
             local_t = flat_target - vocab_start
             rows = ((local_t >= 0) & (local_t < local_vocab)).nonzero().squeeze(-1)
             grad.mul_(-g[:, None])
             grad[rows, local_t[rows]] += g[rows]
             grad.div_(ctx.temperature)
-            return grad.reshape(ctx.logits_shape), None, None, None, None, None, None
+            return grad.reshape(ctx.logits_shape), None, None, None, None, None, None, None
         logits = saved
         pad_mask = _vocab_mask(vocab_start, local_vocab, ctx.vocab_size, logits.device)
         flat = logits.reshape(-1, local_vocab)
@@ -148,14 +154,19 @@ class _VocabParallelLogProb(torch.autograd.Function):
             rows = in_range.nonzero().squeeze(-1)
             p[rows, local_t[rows]] += g[start:stop][rows]
             grad[start:stop] = p.div_(ctx.temperature)
-        return grad.reshape(logits.shape), None, None, None, None, None, None
+        return grad.reshape(logits.shape), None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, target: torch.Tensor, *, temperature: float = 1.0,
                             vocab_size: int | None = None, tp_group=None, with_entropy: bool = True,
-                            chunk_rows: int | None = None):
+                            chunk_rows: int | None = None, overwrite_logits: bool = False):
     """Return ``(logp, entropy)`` of shape ``target.shape`` (float32, or float64 for float64 logits);
     ``entropy`` is an empty tensor when ``with_entropy`` is False.
+
+    ``overwrite_logits=True`` lets forward reuse the logits' storage for the softmax it keeps (as
+    Megatron's own cross-entropy does): no extra logits-sized buffer and one copy fewer. Only for
+    callers that never read the logits again (the training loss hook); Megatron's output layer
+    does not keep its output for backward, and autograd's version check guards any node that did.
 
     ``tp_group``: the tensor-parallel group the vocabulary is split over (None: unsplit).
     ``vocab_size``: the real vocabulary (entries past it are padding); default: all of it.
@@ -171,4 +182,4 @@ def vocab_parallel_logprobs(logits: torch.Tensor, target: torch.Tensor, *, tempe
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_ELEMENTS // logits.shape[-1])
     return _VocabParallelLogProb.apply(logits, target, float(temperature), int(vocab_size), tp_group,
-                                       int(chunk_rows), bool(with_entropy))
+                                       int(chunk_rows), bool(with_entropy), bool(overwrite_logits))

@@ -73,10 +73,22 @@ class _Layout:
         self.reporter = self.last_stage and self.tp_rank == 0
 
 
-def _world_sum(tensor: torch.Tensor) -> torch.Tensor:
+def compute_device() -> torch.device:
+    """Where the model runs: the current CUDA device, or the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def world_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
+    """All-reduce a CPU tensor in place over all ranks (through the GPU when the backend is NCCL)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
+        buf = tensor.to(compute_device())
+        dist.all_reduce(buf, op=op)
+        tensor.copy_(buf.cpu())
     return tensor
+
+
+def _world_sum(tensor: torch.Tensor) -> torch.Tensor:
+    return world_reduce(tensor, dist.ReduceOp.SUM)
 
 
 class PolicyTrainer:
@@ -103,8 +115,10 @@ class PolicyTrainer:
         rows = max(len(mb) for rank in plan.rank_micro_batches for mb in rank)
         seq_len = padded_length(samples, lay.cp)
         mine = plan.rank_micro_batches[lay.dp_rank]
-        batches = [split_for_cp(build_micro_batch(samples, mb, rows=rows, seq_len=seq_len, pad_id=self.pad_id),
-                                lay.cp, lay.cp_rank) for mb in mine]
+        device = compute_device()
+        batches = [{k: v.to(device) for k, v in split_for_cp(
+            build_micro_batch(samples, mb, rows=rows, seq_len=seq_len, pad_id=self.pad_id), lay.cp, lay.cp_rank).items()}
+            for mb in mine]
         return batches, rows, seq_len
 
     def _run(self, step_func, batches, rows, seq_len, forward_only: bool):
@@ -116,10 +130,12 @@ class PolicyTrainer:
 
     def _context(self, samples, **kw) -> LossContext:
         lay = _Layout()
+        device = compute_device()
+        kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
         return LossContext(loss_name=self.loss_name, hparams=self.hparams, temperature=self.temperature,
                            vocab_size=self.vocab_size,
-                           rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32),
-                           group_ids=torch.tensor([s.group_id for s in samples], dtype=torch.long),
+                           rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32, device=device),
+                           group_ids=torch.tensor([s.group_id for s in samples], dtype=torch.long, device=device),
                            tp_group=lay.tp_group, cp_group=lay.cp_group, cp_size=lay.cp, **kw)
 
     # ------------------------------------------------------------------ forward only
@@ -148,8 +164,8 @@ class PolicyTrainer:
                     s = samples[i]
                     p, r = len(s.prompt_ids), len(s.response_ids)
                     full = torch.zeros(2, seq_len, dtype=torch.float64)
-                    full[0, keep] = rec["logp"][row].double()
-                    full[1, keep] = rec["entropy"][row].double()
+                    full[0, keep] = rec["logp"][row].double().cpu()
+                    full[1, keep] = rec["entropy"][row].double().cpu()
                     out[:, i, :r] = full[:, p - 1:p + r - 1]
         _world_sum(out)  # each (sample, position) is filled by exactly one rank
         for chunk in self.chunks:
@@ -217,7 +233,7 @@ class PolicyTrainer:
                 summary[2] += float(rec["tokens"])
                 summary[3] += 1
                 if lay.cp_rank == 0:
-                    summary[4 + rec["sample_index"]] = rec["scores"].double()
+                    summary[4 + rec["sample_index"].cpu()] = rec["scores"].double().cpu()
                 for j, key in enumerate(ppo_keys):
                     ppo_sums[j] += rec["metrics"].get(key, 0.0)
         _world_sum(summary)
@@ -243,12 +259,11 @@ class PolicyTrainer:
     def optimizer_step(self, loss: float) -> dict:
         """One optimizer step, or — on a non-finite loss or gradient anywhere — a skip that keeps the weights."""
         finite = torch.tensor([float(torch.isfinite(torch.tensor(loss)))], dtype=torch.float64)
-        grad_sq = torch.zeros(1, dtype=torch.float64)
-        for chunk in self.chunks:
-            for p in chunk.parameters():
-                g = getattr(p, "main_grad", None)
-                if g is not None:
-                    grad_sq += g.double().pow(2).sum()
+        # one fused norm per gradient tensor, no copies (an fp32 norm overflowing to inf means
+        # gradients beyond ~1e19: treated as non-finite too)
+        grads = [g for chunk in self.chunks for p in chunk.parameters()
+                 if (g := getattr(p, "main_grad", None)) is not None]
+        grad_sq = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum().cpu() if grads else torch.zeros(())
         finite *= float(torch.isfinite(grad_sq).all())
         _world_min(finite)
         if finite.item() < 1:
@@ -262,6 +277,4 @@ class PolicyTrainer:
 
 
 def _world_min(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return tensor
+    return world_reduce(tensor, dist.ReduceOp.MIN)

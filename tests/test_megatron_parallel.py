@@ -105,6 +105,19 @@ def test_data_parallel_2_whole_groups(workdir, reference):
     assert_matches(result, reference)
 
 
+def test_distributed_optimizer_under_data_parallel_2(workdir, reference):
+    # Megatron's distributed optimizer (optimizer state sharded over DP ranks) takes the same step.
+    # Its gradients are reduce-scattered (each rank keeps only its shard's reduced gradient), so the
+    # check is the loss, the grad norm and the weight change, not per-rank gradient buffers.
+    result = run_layout(workdir, 2, "--micro-batch-rollouts", "5", "--distributed-optimizer")
+    ref_loss, loss = reference["metrics"]["loss"], result["metrics"]["loss"]
+    assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), (loss, ref_loss)
+    ref_norm, norm = reference["metrics"]["grad_norm"], result["metrics"]["grad_norm"]
+    assert abs(norm - ref_norm) <= 1e-4 * ref_norm, (norm, ref_norm)
+    assert_close_tensors(result, reference, "deltas")
+    assert result["metrics"]["skipped"] == 0.0
+
+
 def test_group_split_across_data_parallel_ranks(workdir, reference):
     result = run_layout(workdir, 2, "--force-exact")  # 8 | 8 rollouts: group 2 straddles the ranks
     assert result["metrics"]["hook/exact_mode"] == 1.0

@@ -19,6 +19,7 @@ def main() -> None:
     parser.add_argument("--micro-batch-rollouts", type=int, default=16)
     parser.add_argument("--force-exact", action="store_true")
     parser.add_argument("--tied", action="store_true")
+    parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -30,9 +31,11 @@ def main() -> None:
 
     hf = dict(TINY_QWEN2, tie_word_embeddings=args.tied)
     initialize_parallel(tp=args.tp, pp=args.pp, cp=1, seed=7)
-    chunks = build_model(hf, wrap_ddp=True, transformer_impl="local")
+    chunks = build_model(hf, wrap_ddp=True, transformer_impl="local",
+                         use_distributed_optimizer=args.distributed_optimizer)
     load_full_state_dict(chunks[0], fixed_full_state_dict(hf))
-    policy = PolicyTrainer(chunks, build_optimizer(chunks, lr=10.0, adam_eps=1.0), loss_name=args.loss, hparams={},
+    policy = PolicyTrainer(chunks, build_optimizer(chunks, lr=10.0, adam_eps=1.0,
+                                                         use_distributed_optimizer=args.distributed_optimizer), loss_name=args.loss, hparams={},
                            temperature=0.7, micro_batch_rollouts=args.micro_batch_rollouts,
                            force_exact=args.force_exact)
     samples = fixed_samples()

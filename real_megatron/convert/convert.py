@@ -1,0 +1,127 @@
+"""Whole-checkpoint conversions, single process, one tensor in memory at a time.
+
+``hf_to_megatron`` and ``megatron_to_hf`` validate everything they can from file headers
+(architecture, layout, every tensor's presence and shape, truncation) before writing a byte, then
+build the output in a temp directory next to it and rename it into place (``atomic.py``), so a
+failure at any point leaves nothing at the output path (or the old directory, with --overwrite).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from real_megatron.convert.atomic import atomic_dir, check_output
+from real_megatron.convert.hf_io import HFCheckpoint, HFShardedWriter, copy_side_files, parse_size
+from real_megatron.convert.mapping import (ConversionError, check_layout, full_megatron_shapes, hf_names, hf_shapes,
+                                           hf_to_megatron_tensor, megatron_to_hf_tensors, read_config)
+from real_megatron.convert.megatron_format import HF_SUBDIR, MegatronCheckpoint, write_meta, write_shards
+from real_megatron.convert.st_io import nbytes
+
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dominant(dtypes: dict[str, torch.dtype], shapes: dict[str, tuple]) -> torch.dtype:
+    weight = Counter()
+    for name, dt in dtypes.items():
+        weight[dt] += nbytes(shapes[name], dt)
+    return weight.most_common(1)[0][0]
+
+
+def hf_to_megatron(hf_dir, out, *, tp: int = 1, pp: int = 1, dtype: str = "auto", overwrite: bool = False) -> Path:
+    """Convert a HF Qwen2/Llama directory to a Megatron checkpoint at TP=``tp``, PP=``pp``.
+
+    ``dtype="auto"`` keeps every tensor's dtype (bit-exact round trip); bf16/fp16/fp32 cast.
+    """
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r}: choose one of bf16, fp16, fp32, auto")
+    hf_dir = Path(hf_dir)
+    check_output(out, overwrite, (hf_dir,))  # fail fast, before reading any weights
+    with HFCheckpoint(hf_dir) as src:
+        hf = src.config
+        check_layout(hf, tp, pp, where=str(hf_dir / "config.json"))
+        src.validate()
+        shapes = full_megatron_shapes(hf)
+        target = DTYPES[dtype]
+        dtypes: dict[str, torch.dtype] = {}
+        for name in shapes:
+            found = {src.dtype(n) for n in hf_names(name)}
+            if target is None and len(found) > 1:
+                raise ConversionError(f"{hf_dir}: {hf_names(name)} have different dtypes {sorted(map(str, found))} but "
+                                      f"are fused into one Megatron tensor; pass --dtype bf16|fp16|fp32")
+            dtypes[name] = target or found.pop()
+
+        def full_tensors():
+            for name in shapes:
+                yield name, hf_to_megatron_tensor(name, src.get, hf).to(dtypes[name])
+
+        with atomic_dir(out, overwrite, (hf_dir,)) as tmp:
+            write_shards(tmp, hf, tp, pp, full_tensors(), dtypes)
+            (tmp / HF_SUBDIR).mkdir()
+            copy_side_files(hf_dir, tmp / HF_SUBDIR)
+            write_meta(tmp, hf, tp, pp, dtype_name(_dominant(dtypes, shapes)))
+    return Path(out)
+
+
+def _same_shapes(a: dict, b: dict, where: str) -> None:
+    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "intermediate_size", "vocab_size", "tie_word_embeddings"):
+        if a.get(field) != b.get(field):
+            raise ConversionError(f"{where}: {field}={b.get(field)!r} but the Megatron checkpoint was made with "
+                                  f"{field}={a.get(field)!r}; pass the config of the model that was converted")
+    if full_megatron_shapes(a) != full_megatron_shapes(b):
+        raise ConversionError(f"{where}: tensor shapes differ from the Megatron checkpoint's config")
+
+
+def megatron_to_hf(megatron_dir, out, *, hf_config_from=None, max_shard_size="5GB", overwrite: bool = False) -> Path:
+    """Convert a Megatron checkpoint (any saved TP/PP) to a HF directory loadable by transformers.
+
+    Config, generation config and tokenizer files come from ``hf_config_from`` if given (its shapes
+    must match), else from the checkpoint's ``hf/`` folder, else config.json is written from meta.json.
+    """
+    megatron_dir = Path(megatron_dir)
+    limit = parse_size(max_shard_size)
+    inputs = (megatron_dir,) + ((Path(hf_config_from),) if hf_config_from else ())
+    check_output(out, overwrite, inputs)
+    with MegatronCheckpoint(megatron_dir) as ckpt:
+        ckpt.validate()
+        hf = ckpt.hf
+        if hf_config_from:
+            side = Path(hf_config_from)
+            _same_shapes(hf, read_config(side), str(side / "config.json"))
+        else:
+            side = megatron_dir / HF_SUBDIR
+        shapes = full_megatron_shapes(hf)
+        out_shapes = hf_shapes(hf)
+        dtypes = {name: ckpt.dtype(name) for name in shapes}
+        entries = [(n, dtypes[name], out_shapes[n]) for name in shapes for n in hf_names(name)]
+        main_dtype = dtype_name(_dominant(dtypes, shapes))
+
+        with atomic_dir(out, overwrite, inputs) as tmp:
+            writer = HFShardedWriter(tmp, entries, limit)
+            try:
+                for name in shapes:
+                    for hf_name, tensor in megatron_to_hf_tensors(name, ckpt.full(name), hf):
+                        writer.write(hf_name, tensor)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            config_path = side / "config.json"
+            config = json.loads(config_path.read_text()) if config_path.is_file() else dict(hf)
+            for key in ("dtype", "torch_dtype"):  # transformers 5 writes "dtype", older ones "torch_dtype"
+                if key in config:
+                    config[key] = main_dtype
+            if "dtype" not in config and "torch_dtype" not in config:
+                config["torch_dtype"] = main_dtype
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            if side.is_dir():
+                copy_side_files(side, tmp, skip=("config.json",))
+    return Path(out)

@@ -1,0 +1,238 @@
+"""HF (Qwen2 / Llama) names and tensors <-> full Megatron names and tensors.
+
+"Full Megatron" is the naming and layout of a megatron-core ``GPTModel`` (local layer spec) at
+TP = PP = 1 with *global* layer numbers and the *unpadded* vocabulary; the TP/PP split of a full
+tensor into one rank's shard (and vocabulary padding) is ``real_megatron.megatron.sharding``'s job.
+Every rule is a pure function of one Megatron tensor, so conversion streams tensor by tensor:
+
+=====================================================  =============================================
+Megatron (full)                                         HF
+=====================================================  =============================================
+embedding.word_embeddings.weight                        model.embed_tokens.weight
+decoder.layers.{i}.input_layernorm.weight               model.layers.{i}.input_layernorm.weight
+decoder.layers.{i}.self_attention.linear_qkv.weight     q_proj / k_proj / v_proj .weight, interleaved
+decoder.layers.{i}.self_attention.linear_qkv.bias       q_proj / k_proj / v_proj .bias (Qwen2)
+decoder.layers.{i}.self_attention.linear_proj.weight    model.layers.{i}.self_attn.o_proj.weight
+decoder.layers.{i}.pre_mlp_layernorm.weight             model.layers.{i}.post_attention_layernorm.weight
+decoder.layers.{i}.mlp.linear_fc1.weight                cat(gate_proj, up_proj).weight
+decoder.layers.{i}.mlp.linear_fc2.weight                model.layers.{i}.mlp.down_proj.weight
+decoder.final_layernorm.weight                          model.norm.weight
+output_layer.weight (absent when tied)                  lm_head.weight (absent when tied)
+=====================================================  =============================================
+
+QKV interleaving: the rows of ``linear_qkv`` are ordered per query group g (= KV head):
+``[q heads g·h/G … (g+1)·h/G − 1; k_g; v_g]``, each ``head_dim`` rows; the bias follows the same
+order. Contiguous TP chunks of this layout therefore hold whole query groups.
+
+The Transformer-Engine layer spec fuses the norms into the following linear layer
+(``…linear_qkv.layer_norm_weight`` / ``…linear_fc1.layer_norm_weight``); ``canonical_name`` maps
+those to the local-spec names used here, ``spec_name`` maps back.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterator
+
+import torch
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+# per-layer names without the layer prefix: megatron suffix -> HF suffixes (in concatenation order)
+_LAYER_MAP: dict[str, tuple[str, ...]] = {
+    "input_layernorm.weight": ("input_layernorm.weight",),
+    "self_attention.linear_qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                         "self_attn.v_proj.weight"),
+    "self_attention.linear_qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "self_attention.linear_proj.weight": ("self_attn.o_proj.weight",),
+    "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight",),
+    "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.linear_fc2.weight": ("mlp.down_proj.weight",),
+}
+_GLOBAL_MAP: dict[str, tuple[str, ...]] = {
+    "embedding.word_embeddings.weight": ("model.embed_tokens.weight",),
+    "decoder.final_layernorm.weight": ("model.norm.weight",),
+    "output_layer.weight": ("lm_head.weight",),
+}
+_TE_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+# HF tensors that carry no weights (older checkpoints store rotary buffers)
+IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class ConversionError(ValueError):
+    """Bad input for a conversion: the message names the file / tensor / field and the fix."""
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_layout(hf: dict, tp: int, pp: int, where: str = "config.json") -> None:
+    """TP must divide the attention heads, the KV heads (query groups) and the FFN width; PP the layers."""
+    for flag, value in (("--tp", tp), ("--pp", pp)):
+        if not isinstance(value, int) or value < 1:
+            raise ConversionError(f"{flag} must be a positive integer, got {value!r}")
+    heads = hf["num_attention_heads"]
+    groups = hf.get("num_key_value_heads") or heads
+    ffn, layers = hf["intermediate_size"], hf["num_hidden_layers"]
+    valid_tp = [d for d in _divisors(heads) if groups % d == 0 and ffn % d == 0]
+    for field, value in (("num_attention_heads", heads), ("num_key_value_heads", groups), ("intermediate_size", ffn)):
+        if value % tp:
+            raise ConversionError(f"--tp {tp} does not divide {field}={value} ({where}); valid --tp values for "
+                                  f"this model: {valid_tp}")
+    if layers % pp:
+        raise ConversionError(f"--pp {pp} does not divide num_hidden_layers={layers} ({where}); valid --pp values: "
+                              f"{_divisors(layers)}")
+
+
+def read_config(path) -> dict:
+    """A HF config (dict, config.json or its directory) checked for a supported architecture."""
+    from real_megatron.megatron.model import read_hf_config
+
+    try:
+        hf = read_hf_config(path)
+    except FileNotFoundError as err:
+        raise ConversionError(f"{err}; pass the HF model directory (the one with config.json)") from err
+    except ValueError as err:
+        where = path if not isinstance(path, dict) else "HF config"
+        raise ConversionError(f"{where}: {err}") from err
+    if hf.get("mlp_bias"):
+        raise ConversionError(f"{path}: mlp_bias=True (MLP biases) is not supported by the Megatron model provider")
+    return hf
+
+
+def model_dims(hf: dict) -> dict:
+    heads = hf["num_attention_heads"]
+    groups = hf.get("num_key_value_heads") or heads
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    if heads % groups:
+        raise ConversionError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}")
+    return {"heads": heads, "groups": groups, "head_dim": head_dim, "hidden": hf["hidden_size"]}
+
+
+def canonical_name(name: str) -> str:
+    """Local-spec name of a (possibly Transformer-Engine-spec) Megatron parameter name."""
+    for te, local in _TE_ALIASES.items():
+        if name.endswith(te):
+            return name[: -len(te)] + local
+    return name
+
+
+def hf_names(meg_name: str) -> tuple[str, ...]:
+    """HF tensor names that make up one full Megatron tensor (concatenation order)."""
+    meg_name = canonical_name(meg_name)
+    if meg_name in _GLOBAL_MAP:
+        return _GLOBAL_MAP[meg_name]
+    m = _LAYER.match(meg_name)
+    if m and m.group(2) in _LAYER_MAP:
+        return tuple(f"model.layers.{m.group(1)}.{s}" for s in _LAYER_MAP[m.group(2)])
+    raise ConversionError(f"no HF counterpart for Megatron tensor {meg_name!r}")
+
+
+def _qkv_rows(dims: dict) -> tuple[int, int]:
+    return dims["heads"] // dims["groups"] * dims["head_dim"], dims["head_dim"]
+
+
+def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: dict) -> torch.Tensor:
+    """HF q/k/v (weights [rows, hidden] or biases [rows]) -> Megatron's per-query-group layout."""
+    groups = dims["groups"]
+    rest = q.shape[1:]
+    q_rows, kv_rows = _qkv_rows(dims)
+    parts = (q.reshape(groups, q_rows, *rest), k.reshape(groups, kv_rows, *rest), v.reshape(groups, kv_rows, *rest))
+    return torch.cat(parts, dim=1).reshape(-1, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, dims: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of ``merge_qkv`` (contiguous results)."""
+    groups = dims["groups"]
+    rest = qkv.shape[1:]
+    q_rows, kv_rows = _qkv_rows(dims)
+    q, k, v = qkv.reshape(groups, q_rows + 2 * kv_rows, *rest).split([q_rows, kv_rows, kv_rows], dim=1)
+    return (q.reshape(-1, *rest).contiguous(), k.reshape(-1, *rest).contiguous(),
+            v.reshape(-1, *rest).contiguous())
+
+
+def hf_to_megatron_tensor(meg_name: str, get_hf: Callable[[str], torch.Tensor], hf: dict) -> torch.Tensor:
+    """One full Megatron tensor from the HF tensors ``get_hf(name)`` returns."""
+    names = hf_names(meg_name)
+    parts = [get_hf(n) for n in names]
+    if meg_name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+        return merge_qkv(*parts, model_dims(hf))
+    if meg_name.endswith("linear_fc1.weight"):
+        return torch.cat(parts, dim=0)
+    return parts[0]
+
+
+def megatron_to_hf_tensors(meg_name: str, tensor: torch.Tensor, hf: dict) -> list[tuple[str, torch.Tensor]]:
+    """The HF (name, tensor) pairs of one full Megatron tensor."""
+    names = hf_names(meg_name)
+    if meg_name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+        return list(zip(names, split_qkv(tensor, model_dims(hf))))
+    if meg_name.endswith("linear_fc1.weight"):
+        gate, up = tensor.chunk(2, dim=0)
+        return [(names[0], gate.contiguous()), (names[1], up.contiguous())]
+    return [(names[0], tensor)]
+
+
+def full_megatron_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
+    """Ordered names and shapes of the full Megatron state dict (embedding, layers, norm, output)."""
+    from real_megatron.megatron.sharding import full_parameter_shapes
+
+    if hf.get("mlp_bias"):
+        raise ConversionError("mlp_bias=True (Llama variant with MLP biases) is not supported")
+    return full_parameter_shapes(hf)
+
+
+def hf_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
+    """Ordered names and shapes of the HF state dict the mapping expects (tied: no lm_head)."""
+    dims = model_dims(hf)
+    out: dict[str, tuple[int, ...]] = {}
+    for meg, shape in full_megatron_shapes(hf).items():
+        names = hf_names(meg)
+        if meg.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+            rest = tuple(shape[1:])
+            kv = dims["groups"] * dims["head_dim"]
+            sizes = (dims["heads"] * dims["head_dim"], kv, kv)
+            out.update({n: (s, *rest) for n, s in zip(names, sizes)})
+        elif meg.endswith("linear_fc1.weight"):
+            out.update({n: (shape[0] // 2, *shape[1:]) for n in names})
+        else:
+            out[names[0]] = tuple(shape)
+    return out
+
+
+def stage_layers(hf: dict, pp: int, stage: int) -> range:
+    layers = hf["num_hidden_layers"]
+    per = layers // pp
+    return range(stage * per, (stage + 1) * per)
+
+
+def stage_of(meg_name: str, hf: dict, pp: int) -> int:
+    """Pipeline stage that owns a full Megatron tensor (the tied embedding belongs to stage 0)."""
+    m = _LAYER.match(meg_name)
+    if m:
+        return int(m.group(1)) // (hf["num_hidden_layers"] // pp)
+    return 0 if meg_name.startswith("embedding.") else pp - 1
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.match(name) or _HF_LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def iter_buckets(pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group (name, tensor) pairs into lists of at most ``bucket_bytes`` (a larger tensor is alone)."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in pairs:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket

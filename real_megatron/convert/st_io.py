@@ -1,0 +1,189 @@
+"""Streaming safetensors reading and writing, one tensor at a time.
+
+Why not ``safetensors.torch.save_file`` / ``safe_open``: ``save_file`` needs every tensor of a file
+in memory at once (and copies each to ``bytes``), so writing a 3.5 GB single-file checkpoint
+costs ~7 GB; ``safe_open`` memory-maps the file, and every page it touches stays in the process's
+resident set until the file is closed, so reading a whole checkpoint through it looks like
+loading it all. The format is simple and fixed (8-byte little-endian header length, a JSON header
+``{name: {dtype, shape, data_offsets}}`` padded with spaces to 8 bytes, then the raw bytes), so
+this module writes it from a header planned up front and fills the data tensor by tensor, and
+reads tensors with positioned reads into fresh buffers. Peak memory is the largest tensor in
+flight, not the file. The files are ordinary safetensors files: ``safe_open`` and
+``transformers`` read them (the tests check both).
+
+Every reading error (missing file, bad header, truncated data) is a ``ConversionError`` naming
+the file and what to do.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from real_megatron.convert.mapping import ConversionError
+
+DTYPE_TO_ST = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def nbytes(shape, dtype: torch.dtype) -> int:
+    n = torch.empty((), dtype=dtype).element_size()
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+class SafetensorsReader:
+    """One safetensors file: header parsed and checked against the file size on open; tensors on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ConversionError(f"{self.path}: file is missing (it is listed by the checkpoint); "
+                                  f"copy the complete checkpoint again")
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self._parse()
+        except Exception:
+            os.close(self._fd)
+            raise
+
+    def _parse(self) -> None:
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 8, 0)
+        if len(head) < 8:
+            raise ConversionError(f"{self.path}: {size} bytes, too short for a safetensors file "
+                                  f"(truncated copy?); copy it again")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > _MAX_HEADER or 8 + hlen > size:
+            raise ConversionError(f"{self.path}: header length {hlen} does not fit in the file ({size} bytes): "
+                                  f"truncated or not a safetensors file; copy it again")
+        try:
+            header = json.loads(os.pread(self._fd, hlen, 8))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConversionError(f"{self.path}: unreadable safetensors header ({err}); copy the file again") from err
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + hlen
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        end_max = 0
+        for name, info in header.items():
+            dtype = ST_TO_DTYPE.get(info.get("dtype"))
+            if dtype is None:
+                raise ConversionError(f"{self.path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+            shape = tuple(int(s) for s in info["shape"])
+            start, end = (int(x) for x in info["data_offsets"])
+            if end - start != nbytes(shape, dtype):
+                raise ConversionError(f"{self.path}: tensor {name!r} header is inconsistent "
+                                      f"(shape {shape} {dtype} but {end - start} bytes); the file is corrupt")
+            self.entries[name] = (dtype, shape, start, end)
+            end_max = max(end_max, end)
+        if self.data_start + end_max > size:
+            raise ConversionError(
+                f"{self.path}: truncated: the header describes {self.data_start + end_max} bytes, the file has "
+                f"{size}; copy the file again")
+
+    def keys(self):
+        return self.entries.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.entries:
+            raise ConversionError(f"{self.path}: no tensor {name!r}")
+        dtype, shape, start, end = self.entries[name]
+        out = torch.empty(shape, dtype=dtype)
+        if end > start:
+            view = memoryview(out.view(-1).view(torch.uint8).numpy())
+            pos, want = 0, end - start
+            while pos < want:  # pread may return fewer bytes than asked for large reads
+                got = os.preadv(self._fd, [view[pos:]], self.data_start + start + pos)
+                if got <= 0:
+                    raise ConversionError(f"{self.path}: unexpected end of file reading {name!r}; copy it again")
+                pos += got
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class SafetensorsWriter:
+    """Write a safetensors file whose entries (name, dtype, shape) are known up front, tensor by tensor.
+
+    Tensors must arrive in the planned order; ``close`` checks that all did and fsyncs the file.
+    """
+
+    def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for name, dtype, shape in entries:
+            size = nbytes(shape, dtype)
+            header[name] = {"dtype": DTYPE_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self._expected = list(entries)
+        self._next = 0
+        self._fh = open(self.path, "wb")
+        self._fh.write(struct.pack("<Q", len(raw)))
+        self._fh.write(raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._expected):
+            raise RuntimeError(f"{self.path}: unplanned tensor {name!r}")
+        exp_name, exp_dtype, exp_shape = self._expected[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (exp_name, exp_dtype, tuple(exp_shape)):
+            raise RuntimeError(f"{self.path}: got {name!r} {tensor.dtype} {tuple(tensor.shape)}, planned "
+                               f"{exp_name!r} {exp_dtype} {tuple(exp_shape)}")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            self._fh.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._fh is None:
+            return
+        if self._next != len(self._expected):
+            missing = [e[0] for e in self._expected[self._next:]][:3]
+            self._fh.close()
+            self._fh = None
+            raise RuntimeError(f"{self.path}: closed before all tensors were written (next: {missing})")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

@@ -16,7 +16,8 @@ import torch
 from real_megatron.convert.atomic import atomic_dir, check_output
 from real_megatron.convert.hf_io import HFCheckpoint, HFShardedWriter, copy_side_files, parse_size
 from real_megatron.convert.mapping import (ConversionError, check_layout, full_megatron_shapes, hf_names, hf_shapes,
-                                           hf_to_megatron_tensor, megatron_to_hf_tensors, read_config)
+                                           hf_to_megatron_tensor, megatron_to_hf_tensors, model_dims,
+                                           read_config)
 from real_megatron.convert.megatron_format import HF_SUBDIR, MegatronCheckpoint, write_meta, write_shards
 from real_megatron.convert.st_io import nbytes
 
@@ -71,13 +72,23 @@ def hf_to_megatron(hf_dir, out, *, tp: int = 1, pp: int = 1, dtype: str = "auto"
 
 
 def _same_shapes(a: dict, b: dict, where: str) -> None:
-    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                  "intermediate_size", "vocab_size", "tie_word_embeddings"):
-        if a.get(field) != b.get(field):
-            raise ConversionError(f"{where}: {field}={b.get(field)!r} but the Megatron checkpoint was made with "
-                                  f"{field}={a.get(field)!r}; pass the config of the model that was converted")
+    """``b`` (a user-given config) must describe the model ``a`` was converted from."""
+    def dims(hf: dict) -> dict:
+        d = model_dims(hf)
+        return {"hidden_size": d["hidden"], "num_attention_heads": d["heads"], "num_key_value_heads": d["groups"],
+                "head_dim": d["head_dim"], "num_hidden_layers": hf["num_hidden_layers"],
+                "intermediate_size": hf["intermediate_size"], "vocab_size": hf["vocab_size"],
+                "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False))}
+
+    da, db = dims(a), dims(b)
+    for field in da:
+        if da[field] != db[field]:
+            raise ConversionError(f"{where}: {field}={db[field]!r} but the Megatron checkpoint was made with "
+                                  f"{field}={da[field]!r}; pass the config of the model that was converted")
     if full_megatron_shapes(a) != full_megatron_shapes(b):
-        raise ConversionError(f"{where}: tensor shapes differ from the Megatron checkpoint's config")
+        raise ConversionError(f"{where}: tensor shapes differ from the Megatron checkpoint's config (qkv bias: "
+                              f"architecture {b['architectures'][0]} vs {a['architectures'][0]}); pass the config "
+                              f"of the model that was converted")
 
 
 def megatron_to_hf(megatron_dir, out, *, hf_config_from=None, max_shard_size="5GB", overwrite: bool = False) -> Path:

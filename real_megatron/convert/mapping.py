@@ -31,6 +31,7 @@ those to the local-spec names used here, ``spec_name`` maps back.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -97,8 +98,12 @@ def read_config(path) -> dict:
     except FileNotFoundError as err:
         raise ConversionError(f"{err}; pass the HF model directory (the one with config.json)") from err
     except ValueError as err:
-        where = path if not isinstance(path, dict) else "HF config"
-        raise ConversionError(f"{where}: {err}") from err
+        if isinstance(path, dict):
+            where = "HF config"
+        else:
+            where = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+        hint = " (convert only Qwen2 / Llama checkpoints)" if "architecture" in str(err) else ""
+        raise ConversionError(f"{where}: {err}{hint}") from err
     if hf.get("mlp_bias"):
         raise ConversionError(f"{path}: mlp_bias=True (MLP biases) is not supported by the Megatron model provider")
     return hf

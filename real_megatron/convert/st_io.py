@@ -53,7 +53,7 @@ class SafetensorsReader:
         try:
             self._parse()
         except Exception:
-            os.close(self._fd)
+            self.close()  # and mark closed: __del__ must not close a descriptor number reused since
             raise
 
     def _parse(self) -> None:

@@ -1,0 +1,495 @@
+"""HF <-> Megatron converters: bit-exact round trips at every layout, resharding, logits against
+transformers (in process at TP=1, under torchrun at TP=2 / PP=2), live export, bad input, atomicity.
+
+The HF models are tiny random Qwen2 (qkv bias, GQA, tied and untied, fp32 and bf16) and Llama
+(GQA, no bias) made here with ``transformers`` and saved with ``save_pretrained``. Every weight,
+biases and norms included, is randomised, so a swapped q/k/v, gate/up or a wrong bias order changes
+the numbers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from real_megatron.convert import (ConversionError, MegatronCheckpoint, hf_to_megatron, iter_hf_tensors,
+                                   load_hf_into, load_megatron_checkpoint_into, load_megatron_shards, megatron_to_hf)
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).parent / "megatron_workers" / "convert_layouts.py"
+LAYOUTS = [(1, 1), (1, 2), (2, 1), (2, 2)]
+DIMS = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+            vocab_size=300, max_position_embeddings=128, rms_norm_eps=1e-6)
+INPUT_IDS = torch.tensor([[3, 17, 250, 42, 9, 101, 77, 5, 299, 1, 64, 128]])  # same ids as the torchrun worker
+RTOL = 1e-5
+
+
+def _make_model(kind: str, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    if kind.startswith("llama"):
+        model = LlamaForCausalLM(LlamaConfig(**DIMS, tie_word_embeddings=False, attention_bias=False))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**DIMS, tie_word_embeddings=kind.endswith("tied")))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """name -> HF directory. qwen2 is saved in several shard files, with tokenizer side files."""
+    root = tmp_path_factory.mktemp("hf")
+    dirs = {}
+    for i, (name, kind, dtype, shard) in enumerate([
+            ("qwen2", "qwen2", torch.float32, "40KB"), ("qwen2_tied", "qwen2_tied", torch.float32, None),
+            ("llama", "llama", torch.float32, None), ("qwen2_bf16", "qwen2", torch.bfloat16, "40KB")]):
+        model = _make_model(kind, seed=i).to(dtype)
+        d = root / name
+        model.save_pretrained(d, **({"max_shard_size": shard} if shard else {}))
+        if name == "qwen2":
+            (d / "tokenizer_config.json").write_text('{"model_max_length": 128, "eos_token": "<e>"}\n')
+            (d / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+        dirs[name] = d
+    assert len(list(dirs["qwen2"].glob("*.safetensors"))) > 1  # the sharded-input path is exercised
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def converted(hf_models, tmp_path_factory):
+    """(name, tp, pp) -> Megatron dir, converted once and cached for the module."""
+    root = tmp_path_factory.mktemp("meg")
+    cache = {}
+
+    def get(name: str, tp: int, pp: int) -> Path:
+        if (name, tp, pp) not in cache:
+            cache[(name, tp, pp)] = hf_to_megatron(hf_models[name], root / f"{name}-tp{tp}pp{pp}", tp=tp, pp=pp)
+        return cache[(name, tp, pp)]
+
+    return get
+
+
+def _hf_state(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert a[name].shape == b[name].shape, name
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+def _no_leftovers(out: Path) -> None:
+    assert not out.exists(), f"{out} exists after a failed conversion"
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    assert not leftovers, leftovers
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got - ref).abs().max() / ref.abs().max()).item()
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("tp, pp", LAYOUTS)
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_tied", "llama", "qwen2_bf16"])
+def test_round_trip_is_bit_identical(hf_models, converted, tmp_path, name, tp, pp):
+    meg = converted(name, tp, pp)
+    out = megatron_to_hf(meg, tmp_path / "hf2", max_shard_size="60KB")
+    _assert_bit_identical(_hf_state(hf_models[name]), _hf_state(out))
+    src_cfg = json.loads((hf_models[name] / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == src_cfg  # dtype preserved: config unchanged
+    for side in ("generation_config.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (hf_models[name] / side).exists():
+            assert (out / side).read_bytes() == (hf_models[name] / side).read_bytes(), side
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in out.glob("*.safetensors")}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in _hf_state(out).values())
+
+
+def test_output_loads_in_transformers(hf_models, converted, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    for name in ("qwen2_tied", "qwen2_bf16"):
+        out = megatron_to_hf(converted(name, 2, 2), tmp_path / name)
+        ref = AutoModelForCausalLM.from_pretrained(hf_models[name], dtype="auto").eval()
+        got = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
+        assert got.dtype == ref.dtype == (torch.bfloat16 if name.endswith("bf16") else torch.float32)
+        assert got.config.tie_word_embeddings == ref.config.tie_word_embeddings
+        ref_sd, got_sd = ref.state_dict(), got.state_dict()
+        assert ref_sd.keys() == got_sd.keys()
+        for k in ref_sd:
+            assert torch.equal(ref_sd[k], got_sd[k]), k
+        with torch.no_grad():
+            assert torch.equal(got(INPUT_IDS).logits, ref(INPUT_IDS).logits)
+
+
+def test_dtype_cast_on_conversion(hf_models, tmp_path):
+    meg = hf_to_megatron(hf_models["qwen2"], tmp_path / "meg", tp=2, pp=1, dtype="bf16")
+    assert json.loads((meg / "meta.json").read_text())["dtype"] == "bfloat16"
+    out = megatron_to_hf(meg, tmp_path / "hf2")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    src, got = _hf_state(hf_models["qwen2"]), _hf_state(out)
+    assert src.keys() == got.keys()
+    for k in src:
+        assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], src[k].to(torch.bfloat16)), k
+
+
+# ----------------------------------------------------------------------------- the Megatron format
+
+
+def test_megatron_format_files(hf_models, converted):
+    from safetensors import safe_open
+
+    meg = converted("qwen2_tied", 2, 2)
+    meta = json.loads((meg / "meta.json").read_text())
+    assert (meta["format"], meta["tp"], meta["pp"], meta["dtype"]) == ("real-megatron/v1", 2, 2, "float32")
+    assert (meta["vocab_size"], meta["padded_vocab_size"]) == (300, 512)  # multiple of 128 * tp
+    assert meta["hf_config"]["tie_word_embeddings"] is True
+    assert (meg / "hf" / "config.json").is_file()
+    names = {}
+    for t in range(2):
+        for p in range(2):
+            with safe_open(meg / f"model_tp{t}_pp{p}.safetensors", "pt") as fh:  # plain safetensors files
+                names[(t, p)] = set(fh.keys())
+                if p == 0:
+                    assert tuple(fh.get_tensor("embedding.word_embeddings.weight").shape) == (256, 64)
+                    qkv = fh.get_tensor("decoder.layers.1.self_attention.linear_qkv.weight")
+                    assert tuple(qkv.shape) == ((4 + 2 * 2) * 16 // 2, 64)
+    assert names[(0, 0)] == names[(1, 0)] and names[(0, 1)] == names[(1, 1)]
+    assert "embedding.word_embeddings.weight" in names[(0, 0)]
+    assert not any(n.startswith("output_layer") for s in names.values() for n in s)  # tied: stored once
+    assert {n.split(".")[2] for n in names[(0, 1)] if n.startswith("decoder.layers.")} == {"2", "3"}  # global numbers
+    assert "decoder.final_layernorm.weight" in names[(0, 1)]
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_tied"])
+def test_resharding_equals_direct_conversion(hf_models, converted, name):
+    saved = converted(name, 2, 2)
+    for tp, pp in [(1, 1), (2, 1), (1, 2), (2, 2)]:
+        direct = MegatronCheckpoint(converted(name, tp, pp))
+        for pp_rank in range(pp):
+            for tp_rank in range(tp):
+                got = load_megatron_shards(saved, tp_rank, tp, pp_rank, pp)
+                want = load_megatron_shards(direct.dir, tp_rank, tp, pp_rank, pp)
+                assert got.keys() == want.keys()
+                assert got, "no tensors for a stage"
+                for k in want:
+                    assert torch.equal(got[k], want[k]), (tp, pp, tp_rank, pp_rank, k)
+                # and `want` really is the stored shard of the direct conversion (no resharding there)
+                for k in want:
+                    if k in direct.location:
+                        assert torch.equal(want[k], direct.location[k][tp_rank].get(k)), k
+        if name == "qwen2_tied" and pp == 2:  # the last stage gets the tied embedding for its output layer
+            assert "embedding.word_embeddings.weight" in load_megatron_shards(saved, 0, tp, 1, pp)
+        direct.close()
+
+
+# ----------------------------------------------------------------------------- Megatron models
+
+
+@pytest.fixture(scope="module")
+def megatron_tp1():
+    from real_megatron.megatron.model import initialize_parallel
+
+    initialize_parallel(tp=1, pp=1, cp=1, seed=7)
+    yield
+
+
+def _megatron_logits(chunks) -> torch.Tensor:
+    with torch.no_grad():
+        chunks[0].eval()
+        pos = torch.arange(INPUT_IDS.shape[1]).unsqueeze(0)
+        return chunks[0](INPUT_IDS, pos, None)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_tied", "llama"])
+def test_megatron_logits_match_transformers_tp1(hf_models, converted, megatron_tp1, name):
+    from transformers import AutoModelForCausalLM
+
+    from real_megatron.megatron.model import build_model, read_hf_config
+
+    hf = read_hf_config(hf_models[name])
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(hf_models[name]).eval()(INPUT_IDS).logits
+    chunks = build_model(hf, dtype=torch.float32, transformer_impl="local")
+    load_megatron_checkpoint_into(chunks, converted(name, 2, 2))  # saved at TP2 PP2, loaded at TP1 PP1
+    logits = _megatron_logits(chunks)
+    assert logits.shape[-1] == 384  # padded vocabulary (multiple of 128)
+    err = _rel_err(logits[..., :300], ref)
+    assert err <= RTOL, f"logits differ from transformers: {err:.2e}"
+
+    other = build_model(hf, dtype=torch.float32, transformer_impl="local")  # fresh random init
+    assert not torch.equal(_megatron_logits(other), logits)
+    load_hf_into(other, hf_models[name])
+    assert torch.equal(_megatron_logits(other), logits)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_tied", "llama"])
+def test_iter_hf_tensors_tp1(hf_models, megatron_tp1, name):
+    from real_megatron.megatron.model import build_model, read_hf_config
+
+    hf = read_hf_config(hf_models[name])
+    chunks = build_model(hf, dtype=torch.float32, transformer_impl="local")
+    load_hf_into(chunks, hf_models[name])
+    ref = _hf_state(hf_models[name])
+    biggest = max(t.numel() * t.element_size() for t in ref.values())
+    for bucket_bytes in (biggest // 3, 4 * biggest):  # smaller than the embedding: it must come alone
+        got, sizes = {}, []
+        for bucket in iter_hf_tensors(chunks, hf, bucket_bytes=bucket_bytes):
+            sizes.append(sum(t.numel() * t.element_size() for _, t in bucket))
+            assert len(bucket) == 1 or sizes[-1] <= bucket_bytes, (len(bucket), sizes[-1], bucket_bytes)
+            got.update(bucket)
+        _assert_bit_identical(ref, got)
+        assert len(sizes) > 1 and max(sizes) <= max(bucket_bytes, biggest)
+    # cloned: changing the model afterwards does not change what was yielded
+    kept = dict(pair for bucket in iter_hf_tensors(chunks, hf) for pair in bucket)
+    with torch.no_grad():
+        for p in chunks[0].parameters():
+            p.add_(1.0)
+    _assert_bit_identical(ref, kept)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tp2_logits_and_pp2_export_under_torchrun(hf_models, converted, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    models = [["qwen2", str(hf_models["qwen2"]), str(converted("qwen2", 1, 1))],          # TP1 -> TP2 / PP2
+              ["qwen2_tied", str(hf_models["qwen2_tied"]), str(converted("qwen2_tied", 2, 2))]]
+    bucket_bytes = 40_000
+    out = tmp_path / "result.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(WORKER), "--models", json.dumps(models),
+           "--bucket-bytes", str(bucket_bytes), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    results = torch.load(out, weights_only=False)
+    for name, hf_dir, _ in models:
+        with torch.no_grad():
+            ref_logits = AutoModelForCausalLM.from_pretrained(hf_dir).eval()(INPUT_IDS).logits
+        ref = _hf_state(Path(hf_dir))
+        for layout in ("tp2pp1", "tp1pp2"):
+            entry = results[f"{name}/{layout}"]
+            _assert_bit_identical(ref, entry["tensors"])
+            assert len(entry["buckets"]) > 1
+            assert all(b <= bucket_bytes for b in entry["buckets"] if b < 300 * 64 * 4)
+        err = _rel_err(results[f"{name}/tp2pp1"]["logits"], ref_logits)
+        assert err <= RTOL, f"{name}: TP=2 logits differ from transformers by {err:.2e}"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _expect_error(fn, out: Path, *needles: str) -> str:
+    with pytest.raises(ConversionError) as info:
+        fn()
+    msg = str(info.value)
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in: {msg}"
+    _no_leftovers(out)
+    return msg
+
+
+def test_unknown_architecture(hf_models, tmp_path):
+    src = _copy(hf_models["qwen2_tied"], tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (src / "config.json").write_text(json.dumps(cfg))
+    _expect_error(lambda: hf_to_megatron(src, tmp_path / "out"), tmp_path / "out", "GPT2LMHeadModel", "config.json")
+
+
+def test_missing_and_truncated_shard(hf_models, tmp_path):
+    src = _copy(hf_models["qwen2"], tmp_path / "src")
+    victim = sorted(src.glob("model-*.safetensors"))[1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) - 100])
+    _expect_error(lambda: hf_to_megatron(src, tmp_path / "out"), tmp_path / "out", victim.name, "truncated")
+    victim.write_bytes(data[:5])
+    _expect_error(lambda: hf_to_megatron(src, tmp_path / "out"), tmp_path / "out", victim.name)
+    victim.unlink()
+    _expect_error(lambda: hf_to_megatron(src, tmp_path / "out"), tmp_path / "out", victim.name, "missing")
+
+
+def test_config_weights_mismatch(hf_models, tmp_path):
+    src = _copy(hf_models["qwen2_tied"], tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=128)))
+    _expect_error(lambda: hf_to_megatron(src, tmp_path / "out"), tmp_path / "out", "mlp.gate_proj.weight",
+                  "(96, 64)", "(128, 64)", "intermediate_size")
+    (src / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings=False)))  # lm_head expected
+    _expect_error(lambda: hf_to_megatron(src, tmp_path / "out"), tmp_path / "out", "lm_head.weight", "missing")
+
+
+def test_missing_tensor(hf_models, tmp_path):
+    from safetensors.torch import save_file
+
+    src = _copy(hf_models["llama"], tmp_path / "src")
+    state = _hf_state(src)
+    del state["model.layers.2.self_attn.k_proj.weight"]
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    _expect_error(lambda: hf_to_megatron(src, tmp_path / "out"), tmp_path / "out",
+                  "model.layers.2.self_attn.k_proj.weight", "missing")
+
+
+def test_layout_errors(hf_models, tmp_path):
+    from real_megatron.convert.mapping import check_layout
+
+    src, out = hf_models["qwen2_tied"], tmp_path / "out"
+    _expect_error(lambda: hf_to_megatron(src, out, tp=3), out, "--tp 3", "num_attention_heads=4", "[1, 2]")
+    _expect_error(lambda: hf_to_megatron(src, out, tp=4), out, "--tp 4", "num_key_value_heads=2")
+    _expect_error(lambda: hf_to_megatron(src, out, pp=3), out, "--pp 3", "num_hidden_layers=4", "[1, 2, 4]")
+    _expect_error(lambda: hf_to_megatron(src, out, tp=0), out, "--tp")
+    with pytest.raises(ConversionError, match="intermediate_size=90"):
+        check_layout(dict(DIMS, num_attention_heads=8, num_key_value_heads=4, intermediate_size=90), 4, 1)
+    meg = hf_to_megatron(src, tmp_path / "meg")
+    with pytest.raises(ConversionError, match="num_key_value_heads"):
+        load_megatron_shards(meg, 0, 4, 0, 1)
+
+
+def test_output_exists_and_overwrite(hf_models, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(ConversionError, match="already exists.*--overwrite"):
+        hf_to_megatron(hf_models["qwen2_tied"], out)
+    assert (out / "keep.txt").read_text() == "user data"
+    # a failing conversion with --overwrite leaves the old directory as it was
+    with pytest.raises(ConversionError):
+        hf_to_megatron(hf_models["qwen2_tied"], out, tp=3, overwrite=True)
+    assert (out / "keep.txt").read_text() == "user data"
+    hf_to_megatron(hf_models["qwen2_tied"], out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "meta.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(ConversionError, match="overlaps the input"):
+        hf_to_megatron(hf_models["qwen2_tied"], hf_models["qwen2_tied"] / "meg")
+
+
+def test_failure_while_writing_leaves_nothing(hf_models, converted, tmp_path, monkeypatch):
+    import real_megatron.convert.convert as conv
+
+    calls = {"n": 0}
+    real = conv.hf_to_megatron_tensor
+
+    def flaky(name, get, hf):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk full (simulated)")
+        return real(name, get, hf)
+
+    monkeypatch.setattr(conv, "hf_to_megatron_tensor", flaky)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="simulated"):
+        hf_to_megatron(hf_models["qwen2"], out, tp=2, pp=2)
+    assert calls["n"] == 5
+    _no_leftovers(out)
+
+    calls["n"] = 0
+    real_split = conv.megatron_to_hf_tensors
+
+    def flaky_split(name, tensor, hf):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise OSError("disk full (simulated)")
+        return real_split(name, tensor, hf)
+
+    monkeypatch.setattr(conv, "megatron_to_hf_tensors", flaky_split)
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(OSError, match="simulated"):
+        megatron_to_hf(converted("qwen2", 2, 2), out, overwrite=True, max_shard_size="40KB")
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_bad_megatron_checkpoints(hf_models, converted, tmp_path):
+    good = converted("qwen2", 2, 2)
+    out = tmp_path / "hf2"
+    meg = _copy(good, tmp_path / "meg")
+    (meg / "model_tp1_pp1.safetensors").unlink()
+    _expect_error(lambda: megatron_to_hf(meg, out), out, "model_tp1_pp1.safetensors", "missing")
+    data = (good / "model_tp1_pp1.safetensors").read_bytes()
+    (meg / "model_tp1_pp1.safetensors").write_bytes(data[:-64])
+    _expect_error(lambda: megatron_to_hf(meg, out), out, "model_tp1_pp1.safetensors", "truncated")
+    shutil.copyfile(good / "model_tp1_pp1.safetensors", meg / "model_tp1_pp1.safetensors")
+    _expect_error(lambda: megatron_to_hf(meg, out, hf_config_from=hf_models["qwen2_tied"]), out,
+                  "tie_word_embeddings=True", "config.json")
+    _expect_error(lambda: megatron_to_hf(meg, out, hf_config_from=hf_models["llama"]), out, "shapes differ")
+    (meg / "meta.json").unlink()
+    _expect_error(lambda: megatron_to_hf(meg, out), out, "meta.json", "hf-to-megatron")
+    with pytest.raises(ConversionError, match="meta.json"):
+        load_megatron_shards(meg, 0, 1, 0, 1)
+
+
+def test_model_mismatch_on_load(hf_models, converted, megatron_tp1):
+    from real_megatron.megatron.model import build_model, read_hf_config
+
+    chunks = build_model(read_hf_config(hf_models["qwen2"]), dtype=torch.float32, transformer_impl="local")
+    with pytest.raises(ConversionError, match="tie_word_embeddings"):
+        load_megatron_checkpoint_into(chunks, converted("qwen2_tied", 1, 1))
+    with pytest.raises(ConversionError, match="tie_word_embeddings"):
+        load_hf_into(chunks, hf_models["qwen2_tied"])
+
+
+# ----------------------------------------------------------------------------- CLIs
+
+
+def test_cli_scripts_round_trip(hf_models, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    meg, out = tmp_path / "meg", tmp_path / "hf2"
+    run = lambda *a: subprocess.run([sys.executable, *map(str, a)], capture_output=True, text=True, env=env,  # noqa: E731
+                                    timeout=300)
+    proc = run(REPO / "checkpoints_convert" / "hf_to_megatron.py", "--hf-dir", hf_models["llama"], "--out", meg,
+               "--tp", 2, "--pp", 2)
+    assert proc.returncode == 0, proc.stderr
+    proc = run(REPO / "checkpoints_convert" / "megatron_to_hf.py", "--megatron-dir", meg, "--out", out,
+               "--hf-config-from", hf_models["llama"], "--max-shard-size", "50KB")
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(out.glob("*.safetensors"))) > 1
+    _assert_bit_identical(_hf_state(hf_models["llama"]), _hf_state(out))
+    proc = run(REPO / "checkpoints_convert" / "hf_to_megatron.py", "--hf-dir", hf_models["llama"], "--out", meg)
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+
+
+def test_real_megatron_convert_command(hf_models, tmp_path, capsys):
+    from real_megatron.cli import main
+
+    meg = tmp_path / "meg"
+    assert main(["convert", "hf-to-megatron", "--hf-dir", str(hf_models["qwen2_tied"]), "--out", str(meg),
+                 "--tp", "2"]) == 0
+    assert main(["convert", "megatron-to-hf", "--megatron-dir", str(meg), "--out", str(tmp_path / "hf2")]) == 0
+    _assert_bit_identical(_hf_state(hf_models["qwen2_tied"]), _hf_state(tmp_path / "hf2"))
+    assert main(["convert", "hf-to-megatron", "--hf-dir", str(hf_models["qwen2_tied"]), "--out",
+                 str(tmp_path / "x"), "--tp", "3"]) == 2
+    assert "num_attention_heads=4" in capsys.readouterr().err
+    _no_leftovers(tmp_path / "x")

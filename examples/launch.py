@@ -1,0 +1,234 @@
+"""Launch a real-megatron training run with NeMo-Run: locally under torchrun, or on Slurm.
+
+    # one node, 8 GPUs, torchrun; print what would run
+    python examples/launch.py --recipe real_1p5b --executor local --gpus 8 --dryrun
+    # GRPO baseline on DeepScaleR, with an extra override
+    python examples/launch.py --recipe real_1p5b --loss grpo --data deepscaler --gpus 8 train.eval_every=100
+    # 7B on 4 Slurm nodes x 8 GPUs, pyxis container, submitted through an SSH tunnel
+    python examples/launch.py --recipe real_7b --executor slurm --nodes 4 --gpus-per-node 8 \\
+        --account ACC --partition batch --time 24:00:00 --container-image nvcr.io/me/real-megatron:gpu \\
+        --tunnel ssh --ssh-host login.cluster --ssh-user me --job-dir /lustre/me/nemo-run
+
+Every job runs the one train entry point, ``python -m real_megatron train --config FILE key=value ...``,
+under torchrun (one process per GPU). The config and the overrides are loaded and validated here,
+before anything is submitted, with the same ``load_config`` / ``validate_config`` the job uses, so
+a typo in an override fails in a second instead of after the queue wait. Layouts are checked
+against the model's real shapes when ``model.hf_dir`` exists on this machine.
+
+Slurm jobs get the code as a tarball of ``real_megatron/``, ``examples/`` and ``setup.py``
+(``--packager pattern``, the default: works in any checkout, git or not), or ``git archive``
+of HEAD (``--packager git``: exactly the committed code; fails outside a git repo). The
+container image must already hold the dependencies (``pip install -e .[gpu]``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "examples" / "configs"
+RECIPES = {p.stem: p for p in sorted(CONFIGS.glob("*.yaml"))}
+# --data shortcuts: the training-set file a recipe's data.train_files points at (tools/prepare_data.py
+# writes them in this schema from the copies a user has)
+TRAIN_SETS = {"dapo17k": "data/dapo-math-17k.parquet", "deepscaler": "data/deepscaler.parquet"}
+LOSSES = ("real", "real_bce", "real_no_anchor", "grpo", "dapo", "gspo")
+
+sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .`
+
+
+class LaunchError(ValueError):
+    """A launch that cannot work; the message names the flag and the fix."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("overrides", nargs="*", help="dotted config overrides passed to the job, e.g. optim.lr=1e-6")
+    what = p.add_argument_group("what to run")
+    what.add_argument("--recipe", choices=sorted(RECIPES), help="a config in examples/configs/")
+    what.add_argument("--config", help="any other YAML config file (instead of --recipe)")
+    what.add_argument("--loss", choices=LOSSES, help="policy loss (baselines: grpo, dapo, gspo); sets loss.name")
+    what.add_argument("--data", choices=sorted(TRAIN_SETS), help="training set shortcut; sets data.train_files")
+    what.add_argument("--name", help="experiment/job name (default: recipe[-loss])")
+    what.add_argument("--dryrun", action="store_true", help="print the torchrun command / sbatch script; submit nothing")
+    ex = p.add_argument_group("executor")
+    ex.add_argument("--executor", choices=("local", "slurm"), default="local")
+    ex.add_argument("--gpus", type=int, default=None, help="local: processes (GPUs) on this machine")
+    ex.add_argument("--nodes", type=int, default=1, help="slurm: number of nodes")
+    ex.add_argument("--gpus-per-node", type=int, default=8, help="slurm: GPUs (= torchrun processes) per node")
+    ex.add_argument("--account", help="slurm: account")
+    ex.add_argument("--partition", help="slurm: partition")
+    ex.add_argument("--time", default="04:00:00", help="slurm: wall-clock limit")
+    ex.add_argument("--container-image", help="slurm: pyxis/enroot image with the [gpu] extra installed")
+    ex.add_argument("--container-mounts", action="append", default=[], help="slurm: SRC:DST (repeatable)")
+    ex.add_argument("--tunnel", choices=("local", "ssh"), default="local",
+                    help="slurm: submit from this machine (local: a login node) or through SSH")
+    ex.add_argument("--ssh-host", help="slurm --tunnel ssh: login host")
+    ex.add_argument("--ssh-user", default=os.environ.get("USER", ""), help="slurm --tunnel ssh: user")
+    ex.add_argument("--ssh-identity", help="slurm --tunnel ssh: private key file")
+    ex.add_argument("--job-dir", help="slurm: directory (on the cluster) for code tarballs and logs")
+    ex.add_argument("--packager", choices=("pattern", "git"), default="pattern", help="slurm: how code travels")
+    ex.add_argument("--env", action="append", default=[], help="KEY=VALUE for the job's environment (repeatable)")
+    return p
+
+
+def job_overrides(args) -> list[str]:
+    """The overrides the job gets: shortcuts first, then the user's (which win on conflict)."""
+    out = []
+    if args.loss:
+        out.append(f"loss.name={args.loss}")
+    if args.data:
+        # no brackets: a one-file list needs none (a str becomes [str]) and brackets need shell quoting
+        out.append(f"data.train_files={TRAIN_SETS[args.data]}")
+    return out + list(args.overrides)
+
+
+def config_path(args) -> Path:
+    if bool(args.recipe) == bool(args.config):
+        raise LaunchError("give exactly one of --recipe NAME or --config FILE; recipes: " + ", ".join(sorted(RECIPES)))
+    path = RECIPES[args.recipe] if args.recipe else Path(args.config).resolve()
+    if not path.exists():
+        raise LaunchError(f"--config {path} does not exist")
+    return path
+
+
+def world_size(args) -> int:
+    if args.executor == "local":
+        return args.gpus or 1
+    return args.nodes * args.gpus_per_node
+
+
+def check_config(path: Path, overrides: list[str], world: int):
+    """Load + validate exactly what the job will (model shapes when hf_dir is on this machine)."""
+    import json
+
+    from real_megatron.config import load_config, validate_config
+
+    cfg = load_config(path, overrides)
+    hf_config = None
+    cfg_json = Path(cfg.model.hf_dir) / "config.json"
+    if cfg.model.hf_dir and cfg_json.exists():
+        hf_config = json.loads(cfg_json.read_text())
+    validate_config(cfg, world_size=world, hf_config=hf_config)
+    return cfg
+
+
+def make_executor(args):
+    import nemo_run as run
+
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LaunchError(f"--env {item!r} is not KEY=VALUE")
+        env[key] = value
+    if args.executor == "local":
+        if args.gpus is not None and args.gpus < 1:
+            raise LaunchError(f"--gpus {args.gpus}: need at least 1 process")
+        # torchrun on this machine, one process per GPU (gloo on the CPU for the tiny recipe)
+        return run.LocalExecutor(ntasks_per_node=args.gpus or 1, launcher="torchrun", env_vars=env)
+
+    missing = [flag for flag, value in (("--account", args.account), ("--partition", args.partition),
+                                        ("--container-image", args.container_image), ("--job-dir", args.job_dir))
+               if not value]
+    if missing:
+        raise LaunchError(f"--executor slurm needs {', '.join(missing)}")
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise LaunchError(f"--nodes {args.nodes} / --gpus-per-node {args.gpus_per_node} must be >= 1")
+    if args.tunnel == "ssh":
+        if not args.ssh_host or not args.ssh_user:
+            raise LaunchError("--tunnel ssh needs --ssh-host and --ssh-user")
+        tunnel = run.SSHTunnel(host=args.ssh_host, user=args.ssh_user, job_dir=args.job_dir,
+                               identity=args.ssh_identity)
+    else:
+        tunnel = run.LocalTunnel(job_dir=args.job_dir)
+    if args.packager == "git":
+        packager = run.GitArchivePackager()
+    else:
+        # paths are absolute and tarred relative to the repo, so the job sees real_megatron/ and
+        # examples/configs/ in its working directory (/nemo_run/code), git checkout or not
+        parts = [str(REPO / "real_megatron"), str(REPO / "examples"), str(REPO / "setup.py")]
+        packager = run.PatternPackager(include_pattern=parts, relative_path=[str(REPO)] * len(parts))
+    return run.SlurmExecutor(
+        account=args.account, partition=args.partition, time=args.time, nodes=args.nodes,
+        ntasks_per_node=args.gpus_per_node, gpus_per_node=args.gpus_per_node,
+        container_image=args.container_image, container_mounts=list(args.container_mounts),
+        tunnel=tunnel, packager=packager, launcher="torchrun", env_vars=env)
+
+
+def make_script(args, path: Path, overrides: list[str]):
+    import nemo_run as run
+
+    # Slurm jobs run in the unpacked code directory, so the config is named relative to the repo;
+    # local jobs run in the caller's directory and get the absolute path
+    if args.executor == "slurm":
+        try:
+            config_arg = str(path.relative_to(REPO))
+        except ValueError:
+            raise LaunchError(f"--config {path} is outside the repository and would not travel with the code; "
+                              "put it under examples/configs/") from None
+    else:
+        config_arg = str(path)
+        # nemo-run shell-quotes every argument (right for sbatch scripts), but the local executor
+        # starts torchrun without a shell, so a quoted argument would arrive with its quotes
+        for item in [config_arg, *overrides]:
+            if shlex.quote(item) != item:
+                raise LaunchError(
+                    f"argument {item!r} needs shell quoting, which the local executor would pass on literally; "
+                    "write one-file lists without brackets (data.train_files=a.parquet), or run "
+                    "`torchrun --nproc-per-node N -m real_megatron train --config FILE ...` directly")
+    return run.Script(path="real_megatron", m=True, entrypoint="python",
+                      args=["train", "--config", config_arg, *overrides])
+
+
+def describe(job) -> str:
+    """What a dry run would execute: the torchrun command line (local) or the sbatch script (slurm)."""
+    info = job._dryrun_info
+    request = info.request
+    if hasattr(request, "role_params"):  # torchx local scheduler: one Popen per replica
+        lines = []
+        for params in request.role_params.values():
+            for replica in params:
+                lines.append(" ".join(replica.args))  # already shell-quoted by nemo-run
+        return "\n".join(lines)
+    return str(info)
+
+
+def launch(argv=None) -> tuple[int, str]:
+    """Parse, validate, build and dry-run or submit; returns (exit code, dry-run description)."""
+    args = build_parser().parse_args(argv)
+    path = config_path(args)
+    overrides = job_overrides(args)
+    check_config(path, overrides, world_size(args))
+    import nemo_run as run
+
+    executor = make_executor(args)
+    script = make_script(args, path, overrides)
+    name = args.name or "-".join(filter(None, [args.recipe or path.stem, args.loss]))
+    text = ""
+    with run.Experiment(name, log_level="WARN") as exp:
+        exp.add(script, executor=executor, name=name)
+        if args.dryrun:
+            exp.dryrun(log=False)
+            text = describe(exp.jobs[0])
+            print(text)
+        else:
+            exp.run(detach=args.executor == "slurm", tail_logs=args.executor == "local")
+    return 0, text
+
+
+def main(argv=None) -> int:
+    from real_megatron.config import ConfigError
+
+    try:
+        return launch(argv)[0]
+    except (LaunchError, ConfigError, ValueError) as err:
+        print(f"launch.py: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""HF -> Megatron -> HF at DeepSeek-R1-Distill-Qwen-1.5B's shapes, against a plain safetensors load + save.
+
+    python benchmarks/convert_1p5b.py [--workdir /tmp] [--keep]
+
+Writes a random bf16 checkpoint with the real model's shapes (hidden 1536, 28 layers, 12 heads,
+2 KV heads, FFN 8960, vocab 151,936, untied lm_head: ~3.55 GB in one model.safetensors, as
+published) straight to a safetensors file, tensor by tensor (no transformers model of that size is
+built). Each phase runs in its own subprocess so its peak RSS (``ru_maxrss``, includes the Python +
+torch interpreter) is its own:
+
+* baseline: ``safetensors.torch.load_file`` + ``save_file`` of the same bytes;
+* hf->megatron: ``real_megatron.convert.hf_to_megatron`` at TP=1 PP=1;
+* megatron->hf: ``real_megatron.convert.megatron_to_hf`` (default 5GB shards);
+* verify (not timed against anything): every output tensor equals the input bit for bit.
+
+Prints seconds and peak RSS per phase and the ratios to the targets: round-trip time <= 2x the
+baseline, each conversion's peak RSS <= 2x the checkpoint size. Needs ~11 GB free disk in
+--workdir (input, Megatron, output; the baseline's copy is deleted right away) and a few GB RAM.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536, "num_hidden_layers": 28,
+    "num_attention_heads": 12, "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "bos_token_id": 151646, "eos_token_id": 151643, "hidden_act": "silu",
+    "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 21, "attention_dropout": 0.0,
+    "initializer_range": 0.02, "use_cache": True,
+}
+
+
+def make_checkpoint(d: Path) -> int:
+    import torch
+
+    from real_megatron.convert.mapping import hf_shapes
+    from real_megatron.convert.st_io import SafetensorsWriter
+
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 151646, "eos_token_id": 151643}))
+    shapes = hf_shapes(CONFIG)
+    entries = [(n, torch.bfloat16, s) for n, s in shapes.items()]
+    writer = SafetensorsWriter(d / "model.safetensors", entries, {"format": "pt"})
+    g = torch.Generator().manual_seed(0)
+    for name, _, shape in entries:
+        writer.write(name, (0.02 * torch.randn(shape, generator=g)).to(torch.bfloat16))
+    writer.close()
+    return (d / "model.safetensors").stat().st_size
+
+
+def phase(name: str, work: Path) -> None:
+    """Run in a child process: one phase, then print its seconds and peak RSS as JSON."""
+    t0 = time.perf_counter()
+    if name == "baseline":
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(work / "hf" / "model.safetensors")
+        (work / "copy").mkdir()
+        save_file(state, work / "copy" / "model.safetensors", metadata={"format": "pt"})
+    elif name == "hf_to_megatron":
+        from real_megatron.convert import hf_to_megatron
+
+        hf_to_megatron(work / "hf", work / "meg", tp=1, pp=1)
+    elif name == "megatron_to_hf":
+        from real_megatron.convert import megatron_to_hf
+
+        megatron_to_hf(work / "meg", work / "hf2")
+    elif name == "verify":
+        import torch
+
+        from real_megatron.convert.hf_io import HFCheckpoint
+
+        with HFCheckpoint(work / "hf") as a, HFCheckpoint(work / "hf2") as b:
+            assert a.weight_map.keys() == b.weight_map.keys()
+            for n in a.weight_map:
+                x, y = a.get(n), b.get(n)
+                assert x.dtype == y.dtype == torch.bfloat16 and torch.equal(x, y), n
+    seconds = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    print(json.dumps({"seconds": seconds, "peak_rss": rss}))
+
+
+def run_phase(name: str, work: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.run([sys.executable, __file__, "--phase", name, "--workdir", str(work)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f"phase {name} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default=tempfile.gettempdir())
+    ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--keep", action="store_true", help="keep the files")
+    args = ap.parse_args()
+    if args.phase:
+        phase(args.phase, Path(args.workdir))
+        return
+    work = Path(tempfile.mkdtemp(prefix="convert_1p5b-", dir=args.workdir))
+    try:
+        t0 = time.perf_counter()
+        size = make_checkpoint(work / "hf")
+        print(f"random checkpoint: {size / 1e9:.2f} GB bf16 in {time.perf_counter() - t0:.1f} s ({work})")
+        # an untimed read brings every input into the page cache, so no phase pays the cold read alone
+        run_phase("baseline", work)
+        shutil.rmtree(work / "copy")
+        res = {}
+        for name in ("baseline", "hf_to_megatron", "megatron_to_hf"):
+            res[name] = run_phase(name, work)
+            if name == "baseline":
+                shutil.rmtree(work / "copy")
+        run_phase("verify", work)
+        gb = 1e9
+        print(f"\n{'phase':<16}{'seconds':>9}{'peak RSS GB':>13}{'RSS / ckpt':>12}")
+        for name, r in res.items():
+            print(f"{name:<16}{r['seconds']:>9.1f}{r['peak_rss'] / gb:>13.2f}{r['peak_rss'] / size:>12.2f}")
+        base = res["baseline"]["seconds"]
+        total = res["hf_to_megatron"]["seconds"] + res["megatron_to_hf"]["seconds"]
+        peak = max(res["hf_to_megatron"]["peak_rss"], res["megatron_to_hf"]["peak_rss"])
+        print(f"\nround trip HF->Megatron->HF: {total:.1f} s = {total / base:.2f}x the baseline load+save "
+              f"({base:.1f} s) [target <= 2x]; per direction {res['hf_to_megatron']['seconds'] / base:.2f}x, "
+              f"{res['megatron_to_hf']['seconds'] / base:.2f}x")
+        print(f"peak RSS of a conversion: {peak / gb:.2f} GB = {peak / size:.2f}x the checkpoint ({size / gb:.2f} GB) "
+              f"[target <= 2x]; baseline {res['baseline']['peak_rss'] / size:.2f}x")
+        print("output verified bit-identical to the input")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -48,7 +48,11 @@ class RolloutConfig:
     temperature: float = 0.6
     top_p: float = 1.0
     max_new_tokens: int = 8192
-    sglang_url: str = ""
+    sglang_url: str = ""  # a running SGLang server; empty: sglang.Engine in the trainer's rank-0 process
+    sglang_weight_sync: str = "tensor"  # tensor (colocated: update_weights_from_tensor) | distributed (NCCL broadcast)
+    sglang_tp_size: int = 1  # the SGLang server's tensor-parallel size
+    sglang_master_port: int = 29600  # distributed weight sync: port of the {trainer rank 0 + SGLang} group
+    weight_bucket_mb: int = 512  # largest weight-sync bucket
 
 
 @dataclass
@@ -254,8 +258,11 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
         raise ConfigError(f"loss.hparams: {err}") from err
     if cfg.rollout.engine not in ("embedded", "sglang"):
         raise ConfigError(f"rollout.engine={cfg.rollout.engine!r}; choose 'embedded' or 'sglang'")
-    if cfg.rollout.engine == "sglang" and not cfg.rollout.sglang_url:
-        pass  # in-process sglang.Engine; the engine module checks that sglang imports
+    if cfg.rollout.sglang_weight_sync not in ("tensor", "distributed"):
+        raise ConfigError(f"rollout.sglang_weight_sync={cfg.rollout.sglang_weight_sync!r}; choose 'tensor' "
+                          "(colocated) or 'distributed' (separate engines, NCCL)")
+    if cfg.rollout.engine == "sglang" and cfg.rollout.sglang_weight_sync == "distributed" and not cfg.rollout.sglang_url:
+        raise ConfigError("rollout.sglang_weight_sync=distributed is for a separate SGLang server: set rollout.sglang_url")
     if cfg.rollout.n < 2:
         raise ConfigError(f"rollout.n={cfg.rollout.n}: REAL classifies rollouts within a group, G must be >= 2")
     if not 0 < cfg.rollout.temperature:

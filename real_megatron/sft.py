@@ -49,7 +49,7 @@ def run_sft(cfg) -> int:
                                      progress_bar=cfg.logging.progress_bar)
             t.logger._drop_rows_after(-1)  # SFT does not resume: start the metrics file afresh
         load_initial_weights(cfg, t.chunks)
-        sync_weights(t.chunks, t.hf, t.engine, t.rank)
+        sync_weights(t.chunks, t.hf, t.engine, t.rank, cfg.rollout.weight_bucket_mb << 20)
         if t.rank == 0 and t.eval_records:
             t.logger.log(0, t.evaluate())
         for step in range(1, cfg.train.steps + 1):
@@ -63,7 +63,7 @@ def run_sft(cfg) -> int:
             row = {"train/loss": result["loss"], "train/grad_norm": result["grad_norm"],
                    "train/skipped": result["skipped"], "time/update_s": time.perf_counter() - t0}
             if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-                row["time/sync_s"] = sync_weights(t.chunks, t.hf, t.engine, t.rank)
+                row["time/sync_s"] = sync_weights(t.chunks, t.hf, t.engine, t.rank, cfg.rollout.weight_bucket_mb << 20)
                 if t.rank == 0 and t.eval_records:
                     row.update(t.evaluate())
             if t.rank == 0:

@@ -149,17 +149,23 @@ def make_engine(cfg: RunConfig, hf_dir, tokenizer):
                                   dtype=dtype, device=device)
     from real_megatron.rollout.sglang_engine import SGLangEngine
 
-    if cfg.rollout.sglang_url:
-        return SGLangEngine(cfg.rollout.sglang_url, eos_token_id=tokenizer.eos_token_id)
-    return SGLangEngine(engine_kwargs={"model_path": str(hf_dir)}, eos_token_id=tokenizer.eos_token_id)
+    r = cfg.rollout
+    common = {"eos_token_id": tokenizer.eos_token_id, "weight_sync": r.sglang_weight_sync,
+              "tp_size": r.sglang_tp_size, "bucket_bytes": r.weight_bucket_mb << 20}
+    if r.sglang_url:
+        engine = SGLangEngine(r.sglang_url, **common)
+        if r.sglang_weight_sync == "distributed":  # join the {trainer rank 0 + SGLang ranks} broadcast group
+            engine.init_weights_update_group(os.environ.get("MASTER_ADDR", "127.0.0.1"), r.sglang_master_port)
+        return engine
+    return SGLangEngine(engine_kwargs={"model_path": str(hf_dir), "tp_size": r.sglang_tp_size}, **common)
 
 
-def sync_weights(chunks, hf: dict, engine, rank: int) -> float:
+def sync_weights(chunks, hf: dict, engine, rank: int, bucket_bytes: int = 512 << 20) -> float:
     """Push the current Megatron weights to the engine (rank 0) in HF names; every rank takes part."""
     from real_megatron.convert import iter_hf_tensors
 
     t0 = time.perf_counter()
-    pairs = (pair for bucket in iter_hf_tensors(chunks, hf) for pair in bucket)
+    pairs = (pair for bucket in iter_hf_tensors(chunks, hf, bucket_bytes=bucket_bytes) for pair in bucket)
     if rank == 0:
         engine.update_weights(pairs)
     else:
@@ -394,7 +400,7 @@ class Trainer:
                 row[key] = rollout_metrics.get(key, 0.0) if j == 0 else 0.0
             rows.append(row)
 
-        rows[-1]["time/sync_s"] = sync_weights(self.chunks, self.hf, self.engine, self.rank)
+        rows[-1]["time/sync_s"] = sync_weights(self.chunks, self.hf, self.engine, self.rank, self.cfg.rollout.weight_bucket_mb << 20)
         self.rollout_step += 1
         if self.rank == 0 and self.eval_records and cfg.train.eval_every and \
                 (self.rollout_step % cfg.train.eval_every == 0 or self.rollout_step == cfg.train.steps):
@@ -430,7 +436,7 @@ class Trainer:
                                         start_step=self.optimizer_step, wandb_mode=cfg.logging.wandb_mode,
                                         wandb_project=cfg.logging.wandb_project, config=config_to_dict(cfg),
                                         progress_bar=cfg.logging.progress_bar)
-        sync_weights(self.chunks, self.hf, self.engine, self.rank)
+        sync_weights(self.chunks, self.hf, self.engine, self.rank, self.cfg.rollout.weight_bucket_mb << 20)
         if self.rank == 0 and not resumed and self.eval_records and cfg.train.eval_every:
             self.logger.log(0, {**self.evaluate(), "rollout_step": 0})
 

@@ -36,10 +36,12 @@ Design
   and they ignore SIGINT: Ctrl-C is the trainer's to handle, which then closes the pool.
 - Workers are daemonic and exit on EOF of their pipe, so they never outlive the trainer.
 
-Test hook: when the environment variable ``REAL_MEGATRON_REWARD_TEST_CRASH`` is set at pool
+Test hooks: when the environment variable ``REAL_MEGATRON_REWARD_TEST_CRASH`` is set at pool
 construction, a worker receiving a response that contains its value calls ``os._exit(70)``
-(simulates a segfault in a C extension). The value is read in the parent and passed to the workers,
-because forked workers inherit the fork server's environment, not the current one.
+(simulates a segfault in a C extension); with ``REAL_MEGATRON_REWARD_TEST_HANG`` such a response
+makes the worker sleep forever (simulates a C call that never returns). The values are read in the
+parent and passed to the workers, because forked workers inherit the fork server's environment,
+not the current one.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ from typing import Sequence
 log = logging.getLogger(__name__)
 
 CRASH_ENV = "REAL_MEGATRON_REWARD_TEST_CRASH"
+HANG_ENV = "REAL_MEGATRON_REWARD_TEST_HANG"
 _CRASH_EXIT_CODE = 70
 _READY = "ready"
 STAT_KEYS = ("timeouts", "crashes", "restarts", "errors", "invalid")
@@ -61,7 +64,8 @@ STAT_KEYS = ("timeouts", "crashes", "restarts", "errors", "invalid")
 
 # --------------------------------------------------------------------------------------------- worker
 
-def _worker_main(conn, answer_after_think: bool, crash_marker: str | None, max_memory_mb: int | None) -> None:
+def _worker_main(conn, answer_after_think: bool, crash_marker: str | None, hang_marker: str | None,
+                 max_memory_mb: int | None) -> None:
     """Loop: receive (task_id, response, ground_truths), reply (task_id, reward, ok). Exit on EOF/None."""
     import signal
 
@@ -91,6 +95,9 @@ def _worker_main(conn, answer_after_think: bool, crash_marker: str | None, max_m
         task_id, response, truths = msg
         if crash_marker and crash_marker in response:
             os._exit(_CRASH_EXIT_CODE)
+        if hang_marker and hang_marker in response:
+            while True:
+                time.sleep(3600)
         try:
             reward, ok = float(math_reward(response, list(truths), answer_after_think=answer_after_think)), True
         except SystemExit:
@@ -164,7 +171,8 @@ class RewardPool:
         self.timeout_s = float(timeout_s)
         self.answer_after_think = bool(answer_after_think)
         self.start_timeout_s = float(start_timeout_s)
-        self._args = (self.answer_after_think, os.environ.get(CRASH_ENV) or None, max_memory_mb)
+        self._args = (self.answer_after_think, os.environ.get(CRASH_ENV) or None, os.environ.get(HANG_ENV) or None,
+                      max_memory_mb)
         self._ctx = _context()
         self.totals = dict.fromkeys(STAT_KEYS, 0)
         self._closed = False

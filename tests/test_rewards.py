@@ -141,6 +141,8 @@ ADVERSARIAL = {
     "power tower": "\\boxed{9^{9^{9^9}}}",
     "power tower (plain)": "\\boxed{9^9^9^9^9}",
     "factorial tower": "\\boxed{(10^{10})!!}",
+    "huge integer power": "\\boxed{2^{10^{12}}}",
+    "huge power against a number": "\\boxed{10^{10^{10}}+7-10^{10^{10}}}",
     "megabyte of text": "x" * (1 << 20) + " \\boxed{8}",
     "megabyte inside the box": "\\boxed{" + "1+" * (1 << 19) + "1}",
     "deeply nested braces": "\\boxed{" + "{" * 200_000 + "7" + "}" * 200_000 + "}",
@@ -187,7 +189,7 @@ def test_hung_worker_is_killed_at_the_deadline_and_replaced(monkeypatch):
     with RewardPool(num_workers=2, timeout_s=1.0) as p:
         old = {w.process.pid for w in p._workers}
         started = time.monotonic()
-        rewards, stats = p.score(["\\boxed{7}", "HANG-HERE \\boxed{7}", "\\boxed{7}", "\\boxed{7}"], ["7"] * 4)
+        rewards, stats = p.score(["\\boxed{7}", "\\boxed{HANG-HERE}", "\\boxed{7}", "\\boxed{7}"], ["7"] * 4)
         elapsed = time.monotonic() - started
         assert rewards == [1.0, 0.0, 1.0, 1.0]
         assert (stats["timeouts"], stats["crashes"], stats["restarts"]) == (1, 0, 1)
@@ -203,7 +205,7 @@ def test_worker_crash_scores_zero_and_is_replaced(monkeypatch):
     monkeypatch.setenv(CRASH_ENV, "CRASH-HERE")
     with RewardPool(num_workers=1, timeout_s=5.0) as p:
         first = p._workers[0].process
-        rewards, stats = p.score(["\\boxed{7}", "CRASH-HERE \\boxed{7}", "\\boxed{7}", "CRASH-HERE"], ["7"] * 4)
+        rewards, stats = p.score(["\\boxed{7}", "\\boxed{CRASH-HERE}", "\\boxed{7}", "\\fbox{CRASH-HERE 2}"], ["7"] * 4)
         assert rewards == [1.0, 0.0, 1.0, 0.0]
         assert (stats["crashes"], stats["timeouts"], stats["restarts"]) == (2, 0, 2)
         assert not first.is_alive() and first.exitcode == 70

@@ -62,12 +62,14 @@ def last_boxed_answer(text: str) -> str | None:
         return None
     if text[i] != "{":
         # "\boxed 5": the argument runs to the next whitespace or math delimiter
-        j = i
-        while j < len(text) and not text[j].isspace() and text[j] != "$":
+        j, end = i, min(len(text), i + MAX_ANSWER_CHARS + 1)
+        while j < end and not text[j].isspace() and text[j] != "$":
             j += 1
         return text[i:j] or None
-    depth, j = 0, i
-    while j < len(text):
+    # The scan stops after MAX_ANSWER_CHARS: it is pure Python, and the pool runs it in the trainer's
+    # process, so its cost must not grow with the response (a megabyte of "{" after a \boxed).
+    depth, j, end = 0, i, min(len(text), i + MAX_ANSWER_CHARS + 2)
+    while j < end:
         ch = text[j]
         if ch == "\\":
             j += 2  # skip the escaped character (\{, \}, \\)
@@ -114,10 +116,17 @@ def parse_ground_truth(ground_truth: str) -> tuple:
     return ()
 
 
-def parse_answer(answer: str) -> list:
+@functools.lru_cache(maxsize=16384)
+def _parse_answer_cached(answer: str) -> tuple:
     from math_verify import parse
 
-    return parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
+    return tuple(parse(f"\\boxed{{{answer}}}", parsing_timeout=None))
+
+
+def parse_answer(answer: str) -> list:
+    """math-verify parse of an extracted answer. Cached: a policy repeats the same final answers many
+    times per batch (and parsed sympy objects are immutable), so each distinct string is parsed once."""
+    return list(_parse_answer_cached(answer))
 
 
 def math_reward(response, ground_truth: str | Sequence[str], *, answer_after_think: bool = False) -> float:
@@ -127,11 +136,20 @@ def math_reward(response, ground_truth: str | Sequence[str], *, answer_after_thi
     acceptable answers (any match scores 1.0). With ``answer_after_think`` only text after the last
     ``</think>`` counts, and a response without one scores 0.0. No hard deadline: see module docs.
     """
-    from math_verify import verify
-
     answer = extract_answer(response, answer_after_think=answer_after_think)
     if answer is None:
         return 0.0
+    return verify_answer(answer, ground_truth)
+
+
+def verify_answer(answer: str, ground_truth) -> float:
+    """1.0 when an extracted answer (the content of a box) equals any accepted ground truth, else 0.0.
+
+    This is the part that can run for unbounded time (sympy); ``RewardPool`` extracts answers in the
+    trainer (cheap, bounded) and runs only this in its killable workers.
+    """
+    from math_verify import verify
+
     golds = [parse_ground_truth(g) for g in ground_truth_candidates(ground_truth)]
     golds = [g for g in golds if g]
     if not golds:

@@ -17,6 +17,12 @@ Design
   warmed up with one verification); workers are forked from it, so a replacement is ready in
   milliseconds and pays no import cost. If a fork server was already running (started by someone
   else in this process) workers still work, they just import math-verify themselves.
+- The answer is extracted in the parent (``extract_answer``: the last ``\\boxed{}``, optionally after
+  ``</think>``). That scan is linear, capped at ``MAX_ANSWER_CHARS`` past the box and mostly C-level
+  ``rfind``, so it costs microseconds even for a megabyte response; it means only a short answer is
+  pickled to a worker (a pipe write that can never block on a stuck reader) and responses without a
+  final answer never cost a round trip. Only math-verify (parse + verify), whose run time is
+  unbounded, runs in the workers.
 - One duplex pipe per worker and at most one answer in flight per worker, so a deadline is
   exactly the time one answer has spent in one worker. A worker announces itself ("ready") after
   its imports; the deadline only starts when the answer is sent to a ready worker, so a slow
@@ -53,20 +59,21 @@ from collections import deque
 from multiprocessing.connection import wait
 from typing import Sequence
 
+from real_megatron.rewards.math_reward import extract_answer
+
 log = logging.getLogger(__name__)
 
 CRASH_ENV = "REAL_MEGATRON_REWARD_TEST_CRASH"
 HANG_ENV = "REAL_MEGATRON_REWARD_TEST_HANG"
 _CRASH_EXIT_CODE = 70
 _READY = "ready"
-STAT_KEYS = ("timeouts", "crashes", "restarts", "errors", "invalid")
+STAT_KEYS = ("timeouts", "crashes", "restarts", "errors", "invalid", "no_answer")
 
 
 # --------------------------------------------------------------------------------------------- worker
 
-def _worker_main(conn, answer_after_think: bool, crash_marker: str | None, hang_marker: str | None,
-                 max_memory_mb: int | None) -> None:
-    """Loop: receive (task_id, response, ground_truths), reply (task_id, reward, ok). Exit on EOF/None."""
+def _worker_main(conn, crash_marker: str | None, hang_marker: str | None, max_memory_mb: int | None) -> None:
+    """Loop: receive (task_id, answer, ground_truths), reply (task_id, reward, ok). Exit on EOF/None."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -82,7 +89,7 @@ def _worker_main(conn, answer_after_think: bool, crash_marker: str | None, hang_
                 resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
         except (ImportError, ValueError, OSError):  # no RLIMIT_AS (macOS, Windows): the deadline still holds
             pass
-    from real_megatron.rewards.math_reward import math_reward
+    from real_megatron.rewards.math_reward import verify_answer
 
     conn.send(_READY)
     while True:
@@ -92,14 +99,14 @@ def _worker_main(conn, answer_after_think: bool, crash_marker: str | None, hang_
             return  # the parent is gone or closed the pool
         if msg is None:
             return
-        task_id, response, truths = msg
-        if crash_marker and crash_marker in response:
+        task_id, answer, truths = msg
+        if crash_marker and crash_marker in answer:
             os._exit(_CRASH_EXIT_CODE)
-        if hang_marker and hang_marker in response:
+        if hang_marker and hang_marker in answer:
             while True:
                 time.sleep(3600)
         try:
-            reward, ok = float(math_reward(response, list(truths), answer_after_think=answer_after_think)), True
+            reward, ok = float(verify_answer(answer, list(truths))), True
         except SystemExit:
             raise
         except BaseException:  # noqa: B036 - math-verify's TimeoutException is a BaseException; RecursionError
@@ -157,8 +164,10 @@ class RewardPool:
     ``score(responses, ground_truths) -> (rewards, stats)``: ``ground_truths[i]`` is one answer or a
     list of accepted answers (str/int/float, normalised as the data loader does). ``stats`` counts,
     for that call: ``timeouts``, ``crashes``, ``restarts``, ``errors`` (math-verify raised),
-    ``invalid`` (non-text response or bad ground truth), plus ``num`` and ``time_s``. Use as a context
-    manager or call ``close()``.
+    ``invalid`` (non-text response or bad ground truth), ``no_answer`` (no final boxed answer, scored
+    0.0 without a worker), plus ``num`` and ``time_s``. Use as a context
+    manager or call ``close()``. One ``score`` call at a time (the trainer's rank 0 drives rewards);
+    ``totals`` accumulates the counts over the pool's life.
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, answer_after_think: bool = False, *,
@@ -171,8 +180,7 @@ class RewardPool:
         self.timeout_s = float(timeout_s)
         self.answer_after_think = bool(answer_after_think)
         self.start_timeout_s = float(start_timeout_s)
-        self._args = (self.answer_after_think, os.environ.get(CRASH_ENV) or None, os.environ.get(HANG_ENV) or None,
-                      max_memory_mb)
+        self._args = (os.environ.get(CRASH_ENV) or None, os.environ.get(HANG_ENV) or None, max_memory_mb)
         self._ctx = _context()
         self.totals = dict.fromkeys(STAT_KEYS, 0)
         self._closed = False
@@ -194,8 +202,14 @@ class RewardPool:
             text, truths = _screen_response(response), _screen_truths(truth)
             if text is None or truths is None:
                 stats["invalid"] += 1
+                continue
+            # Extraction is bounded, linear and pure Python (see extract_answer), so it runs here; only
+            # the short boxed answer (<= MAX_ANSWER_CHARS) crosses to a worker, and a send never blocks.
+            answer = extract_answer(text, answer_after_think=self.answer_after_think)
+            if answer is None:
+                stats["no_answer"] += 1  # scored 0.0 without a worker: nothing to verify
             else:
-                queue.append((i, text, truths))
+                queue.append((i, answer, truths))
         self._run(queue, rewards, stats)
         for key in STAT_KEYS:
             self.totals[key] += stats[key]

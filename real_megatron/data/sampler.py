@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-
 
 class PromptSampler:
     """Draws batches of ``batch_size`` prompts, shuffled per epoch, reproducible from ``seed``."""
@@ -31,7 +29,11 @@ class PromptSampler:
         self.position = 0  # next index into the current epoch's permutation
         self._order = self._permutation(0)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
+    def _permutation(self, epoch: int):
+        # numpy imported here, not at module level: the reward pool's fork server imports this package and
+        # must stay free of BLAS threads (see real_megatron.rewards.pool)
+        import numpy as np
+
         # SeedSequence mixes (seed, epoch) into independent streams: no arithmetic seed collisions
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
         return rng.permutation(len(self.prompts))

@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from real_megatron.data.prompts import PROMPT_SUFFIX
 
 ARITHMETIC_DATA_SOURCE = "synthetic_arithmetic"
@@ -67,6 +65,7 @@ def write_arithmetic_task(out_dir, *, n_train: int, n_test: int, seed: int = 0, 
     Deterministic in ``seed``; the splits share no problem. There are ``len(arithmetic_problems(...))``
     distinct problems (187 with the defaults); ask for more by raising ``max_operand``.
     """
+    import numpy as np  # lazily, like pyarrow: this package is imported by the reward pool's fork server
     import pyarrow as pa
     import pyarrow.parquet as pq
 

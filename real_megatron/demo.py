@@ -1,6 +1,6 @@
 """The CPU demo (the README's first command): REAL training end to end, nothing downloaded.
 
-    real-megatron demo [--run-dir runs/demo] [--real-steps 40] [--sft-steps 60]
+    real-megatron demo [--run-dir runs/demo] [--real-steps 120] [--sft-steps 600] [--loss real]
 
 1. a synthetic arithmetic task in the verl parquet schema (train / held-out test split);
 2. a tokenizer trained on the task's text, and a tiny random Qwen2-architecture model (HF format);
@@ -73,8 +73,8 @@ def _eval_rows(metrics: Path) -> list[tuple[int, float]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="real-megatron demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", default="runs/demo")
-    parser.add_argument("--sft-steps", type=int, default=60)
-    parser.add_argument("--real-steps", type=int, default=40)
+    parser.add_argument("--sft-steps", type=int, default=600)
+    parser.add_argument("--real-steps", type=int, default=120)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--loss", default="real", help="policy loss (real, grpo, dapo, gspo, ...)")
     args = parser.parse_args(argv)
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     train, test, base = build_assets(run_dir, args.seed)
     common = [f"data.train_files=[{train}]", f"data.eval_files=[{test}]", "data.max_prompt_length=64",
               f"seed={args.seed}", "logging.wandb_mode=offline", "rollout.max_new_tokens=24",
-              "eval.samples=4", "eval.temperature=1.0", "eval.top_p=1.0", "eval.max_new_tokens=24",
+              "eval.samples=8", "eval.temperature=1.0", "eval.top_p=1.0", "eval.max_new_tokens=24",
               "reward.num_workers=1", "reward.timeout_s=5.0", "train.micro_batch_rollouts=64"]
 
     sft_dir = run_dir / "sft"
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     cfg = load_config(None, common + [
         f"run_dir={real_dir}", f"model.hf_dir={sft_dir / 'hf'}", f"loss.name={args.loss}",
         f"train.steps={args.real_steps}", "train.rollout_batch_prompts=16", "train.mini_batch_prompts=16",
-        "train.eval_every=10", "train.save_every=10", "rollout.n=8", "rollout.temperature=1.0", "optim.lr=1e-4",
+        "train.eval_every=20", "train.save_every=20", "rollout.n=8", "rollout.temperature=1.0", "optim.lr=1e-4",
         "optim.weight_decay=0.0"])
     code = Trainer(cfg).run()
     if dist.is_initialized():

@@ -37,6 +37,7 @@ def run_sft(cfg) -> int:
     from real_megatron.metrics import MetricsLogger
 
     t = Trainer(cfg, loss_name=SFT)
+    t.policy.temperature = 1.0  # plain cross-entropy: the rollout temperature belongs to the RL objective only
     try:
         if t.rank == 0:
             t.run_dir.mkdir(parents=True, exist_ok=True)

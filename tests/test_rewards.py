@@ -228,3 +228,27 @@ def test_bad_pool_arguments():
         RewardPool(num_workers=0)
     with pytest.raises(ValueError, match="timeout_s"):
         RewardPool(timeout_s=0)
+
+
+def test_interrupted_call_leaves_the_pool_usable(monkeypatch):
+    """An exception inside score() (Ctrl-C, a signal handler) must not leave stale answers in flight."""
+    monkeypatch.setenv(HANG_ENV, "HANG-HERE")
+    with RewardPool(num_workers=1, timeout_s=30.0) as p:
+        import real_megatron.rewards.pool as pool_module
+
+        real_wait = pool_module.wait
+        calls = {"n": 0}
+
+        def interrupting_wait(handles, timeout=None):
+            calls["n"] += 1
+            if calls["n"] == 3:  # after start-up, while the hanging answer is in flight
+                raise KeyboardInterrupt
+            return real_wait(handles, timeout)
+
+        monkeypatch.setattr(pool_module, "wait", interrupting_wait)
+        with pytest.raises(KeyboardInterrupt):
+            p.score(["\\boxed{7}", "\\boxed{HANG-HERE}", "\\boxed{7}"], ["7"] * 3)
+        monkeypatch.setattr(pool_module, "wait", real_wait)
+        started = time.monotonic()
+        assert p.score(["\\boxed{8}", "\\boxed{7}"], ["8", "8"])[0] == [1.0, 0.0]
+        assert time.monotonic() - started < 5.0  # the hung worker was replaced, not waited for

@@ -210,7 +210,15 @@ class RewardPool:
                 stats["no_answer"] += 1  # scored 0.0 without a worker: nothing to verify
             else:
                 queue.append((i, answer, truths))
-        self._run(queue, rewards, stats)
+        try:
+            self._run(queue, rewards, stats)
+        except BaseException:
+            # Interrupted (Ctrl-C, a signal handler raising, a start-up failure): answers still in flight
+            # belong to this aborted call, so their workers are replaced; the pool stays usable.
+            for k, w in enumerate(self._workers):
+                if w.task is not None:
+                    self._replace(k, stats)
+            raise
         for key in STAT_KEYS:
             self.totals[key] += stats[key]
         stats["num"] = len(responses)
@@ -272,7 +280,6 @@ class RewardPool:
                         if send_failures > 3 * self.num_workers + 3:
                             raise RuntimeError("reward workers keep dying before taking work; see their stderr "
                                                "(is math-verify installed in this environment?)") from None
-                        stats["crashes"] += 1
                         self._replace(k, stats)
                         continue
                     queue.popleft()

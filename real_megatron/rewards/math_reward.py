@@ -5,6 +5,10 @@ timeouts use SIGALRM, which cannot interrupt a long C-level call (a power tower 
 ``9^{9^{9^9}}`` runs for seconds) and only works on the main thread. The trainer therefore calls it
 through ``RewardPool`` (``real_megatron.rewards.pool``), whose worker processes are killed at a hard
 deadline. Call ``math_reward`` directly only on trusted input (tests, analysis).
+
+Split in two on purpose: ``extract_answer`` (the last box, optionally after ``</think>``; linear,
+capped, safe to run in the trainer) and ``verify_answer`` (math-verify parse + verify; unbounded,
+run by the pool's workers).
 """
 from __future__ import annotations
 

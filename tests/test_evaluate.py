@@ -1,0 +1,62 @@
+"""pass@k evaluation: the unbiased estimator, and `real-megatron evaluate` on benchmark-shaped files."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from real_megatron.evaluate import pass_at_k, report_ks
+
+
+@pytest.mark.parametrize("n,c", [(4, 0), (4, 1), (4, 4), (6, 2), (7, 3)])
+def test_pass_at_k_equals_the_probability_over_all_k_subsets(n, c):
+    scores = [1] * c + [0] * (n - c)
+    for k in range(1, n + 1):
+        subsets = list(itertools.combinations(range(n), k))
+        brute = sum(any(scores[i] for i in s) for s in subsets) / len(subsets)
+        assert math.isclose(pass_at_k(n, c, k), brute, rel_tol=1e-12, abs_tol=1e-12), (n, c, k)
+    assert pass_at_k(n, c, 1) == pytest.approx(c / n)
+
+
+def test_pass_at_k_rejects_impossible_counts():
+    for n, c, k in [(4, 5, 1), (4, 1, 0), (4, 1, 5), (4, -1, 1)]:
+        with pytest.raises(ValueError, match="pass@k needs"):
+            pass_at_k(n, c, k)
+
+
+def test_report_ks():
+    assert report_ks(1) == [1]
+    assert report_ks(16) == [1, 2, 4, 8, 16]
+    assert report_ks(12) == [1, 2, 4, 8, 12]
+
+
+def test_evaluate_cli_on_benchmark_shaped_files(tmp_path):
+    import pyarrow.parquet as pq
+
+    from real_megatron.demo import build_assets
+
+    train, test, base = build_assets(tmp_path / "assets", seed=3)
+    # a second benchmark file: the first 5 rows of the test split, as a user's own file would be
+    small = tmp_path / "small_bench.parquet"
+    pq.write_table(pq.read_table(test).slice(0, 5), small)
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "real_megatron", "evaluate", "--model", str(base), "--files",
+                           str(test), str(small), "--samples", "4", "--max-new-tokens", "8", "--max-problems", "6",
+                           "--temperature", "1.0", "--top-p", "1.0", "--reward-workers", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["benchmarks"]) == {"test", "small_bench"}
+    assert results["benchmarks"]["test"]["problems"] == 6 and results["benchmarks"]["small_bench"]["problems"] == 5
+    for r in results["benchmarks"].values():
+        assert 0.0 <= r["pass@1"] <= r["pass@2"] <= r["pass@4"] <= 1.0
+    table = (out / "results.md").read_text()
+    assert "| average |" in table and "pass@4" in table
+
+    bad = subprocess.run([sys.executable, "-m", "real_megatron", "evaluate", "--model", str(base), "--files",
+                          str(tmp_path / "nope.parquet")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "nope.parquet does not exist" in bad.stdout

@@ -1,0 +1,185 @@
+"""The RL loop end to end on the tiny CPU setup: one process, torchrun DP=2, kill -9 + resume, faults.
+
+Assets (task files, a tokenizer trained on the task, a random tiny Qwen2) are built once per module
+by the demo's own builder; each run is a real `python -m real_megatron train` subprocess (or
+torchrun), so process groups, signals and files are the real ones.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REQUIRED_KEYS = {
+    "step", "train/loss", "train/reward_mean", "train/solved_all_ratio", "train/solved_none_ratio", "train/entropy",
+    "train/response_length_mean", "train/grad_norm", "time/rollout_s", "time/reward_s", "time/logprob_s",
+    "time/update_s", "time/sync_s", "loss/contributing_group_fraction", "loss/max_score_weight",
+}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from real_megatron.demo import build_assets
+
+    root = tmp_path_factory.mktemp("assets")
+    train, test, base = build_assets(root, seed=7)
+    return {"train": train, "test": test, "base": base}
+
+
+def overrides(assets, run_dir, **extra):
+    values = {
+        "run_dir": run_dir, "model.hf_dir": assets["base"], "data.train_files": f"[{assets['train']}]",
+        "data.eval_files": f"[{assets['test']}]", "data.max_prompt_length": 64, "eval.max_prompts": 8,
+        "eval.samples": 2, "eval.max_new_tokens": 8, "rollout.max_new_tokens": 8, "rollout.n": 4,
+        "rollout.temperature": 1.0, "train.steps": 3, "train.rollout_batch_prompts": 4,
+        "train.mini_batch_prompts": 2, "train.micro_batch_rollouts": 8, "train.eval_every": 2,
+        "train.save_every": 1, "optim.lr": 1e-3, "reward.num_workers": 1, "logging.wandb_mode": "disabled",
+        "logging.progress_bar": False, "seed": 11,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def train_cmd(args, nproc: int = 1):
+    if nproc == 1:
+        return [sys.executable, "-m", "real_megatron", "train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "real_megatron", "train", *args]
+
+
+def run_train(args, nproc: int = 1, timeout: int = 300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(train_cmd(args, nproc), capture_output=True, text=True, timeout=timeout, env=env)
+    return proc
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def deterministic(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("time/")}
+
+
+def close(a, b, rel=1e-5):
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-7)
+
+
+def test_train_one_process_logs_every_key_checkpoints_and_exports(assets, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(overrides(assets, run_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = rows_of(run_dir)
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]  # 3 rollout steps x 2 mini-batches
+    for row in train_rows:
+        missing = REQUIRED_KEYS - set(row)
+        assert not missing, f"step {row['step']} lacks {missing}"
+        assert math.isfinite(row["train/loss"]) and 0.0 <= row["train/reward_mean"] <= 1.0
+        assert row["train/entropy"] > 0
+    evals = [r for r in rows if "eval/pass@1" in r]
+    assert [r["step"] for r in evals] == [0, 4, 6]  # before training, rollout step 2, the end
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_000003"
+    assert (run_dir / "hf_final" / "config.json").exists()
+    from real_megatron.plots import plot_run
+
+    assert plot_run(run_dir).stat().st_size > 10_000
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(assets, tmp_path):
+    reference = tmp_path / "reference"
+    proc = run_train(overrides(assets, reference, **{"train.steps": 4, "train.eval_every": 0}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    args = overrides(assets, killed, **{"train.steps": 4, "train.eval_every": 0})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.Popen(train_cmd(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "step_000002" / "meta.json").exists():
+        assert p.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    proc = run_train(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr + proc.stdout
+
+    ref_rows, res_rows = rows_of(reference), rows_of(killed)
+    assert [r["step"] for r in res_rows] == [r["step"] for r in ref_rows]
+    for a, b in zip(ref_rows, res_rows):
+        a, b = deterministic(a), deterministic(b)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert close(a[key], b[key]), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
+
+
+def test_torchrun_data_parallel_2_matches_one_process(assets, tmp_path):
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    common = {"train.steps": 1, "train.eval_every": 0}
+    proc = run_train(overrides(assets, one, **common))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_train(overrides(assets, two, **common), nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a_rows, b_rows = rows_of(one), rows_of(two)
+    assert len(a_rows) == len(b_rows) == 2
+    for a, b in zip(a_rows, b_rows):
+        for key in ("train/loss", "train/reward_mean", "train/entropy", "train/grad_norm", "loss/max_score_weight"):
+            assert close(a[key], b[key], rel=1e-4), f"{key}: {a[key]} (1 process) vs {b[key]} (DP=2)"
+
+
+def test_configs_that_cannot_work_fail_before_anything_starts(assets, tmp_path):
+    cases = [
+        ({"rollout.n": 1}, "G must be >= 2"),
+        ({"train.rollout_batch_prompts": 4, "train.mini_batch_prompts": 3}, "not divisible"),
+        ({"rollout.max_new_tokens": 4000}, "exceeds the model's context"),
+        ({"data.train_files": "[missing.parquet]"}, "does not exist"),
+        ({"parallel.tp": 3}, "parallel.tp=3"),
+    ]
+    for extra, message in cases:
+        run_dir = tmp_path / f"bad{len(message)}"
+        proc = run_train(overrides(assets, run_dir, **extra), timeout=120)
+        assert proc.returncode == 2, (extra, proc.stdout[-2000:], proc.stderr[-2000:])
+        assert message in proc.stdout, (extra, proc.stdout[-2000:])
+        assert not (run_dir / "checkpoints").exists()
+
+
+def test_rollout_engine_failure_saves_then_fails_clearly(assets, tmp_path, monkeypatch):
+    from real_megatron.config import load_config
+    from real_megatron.rollout import transformers_engine
+    from real_megatron.trainer import RolloutFailed, Trainer
+
+    calls = {"n": 0}
+    real_generate = transformers_engine.TransformersEngine.generate
+
+    def flaky(self, *a, **k):  # the second rollout batch dies (e.g. the engine's GPU fell over)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("engine crashed: CUDA error: an illegal memory access")
+        return real_generate(self, *a, **k)
+
+    monkeypatch.setattr(transformers_engine.TransformersEngine, "generate", flaky)
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, overrides(assets, run_dir, **{"train.eval_every": 0, "train.save_every": 10}))
+    trainer = Trainer(cfg)
+    try:
+        with pytest.raises(RolloutFailed, match="illegal memory access.*rerun the same command to resume"):
+            trainer.run()
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000001"

@@ -283,7 +283,10 @@ def test_tp2_logits_and_pp2_export_under_torchrun(hf_models, converted, tmp_path
               ["qwen2_tied", str(hf_models["qwen2_tied"]), str(converted("qwen2_tied", 2, 2))]]
     bucket_bytes = 40_000
     out = tmp_path / "result.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # the in-process TP=1 tests set RANK/WORLD_SIZE/MASTER_* in os.environ: torchrun must not inherit them
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), str(WORKER), "--models", json.dumps(models),
            "--bucket-bytes", str(bucket_bytes), "--out", str(out)]

@@ -265,6 +265,9 @@ class RewardPool:
     def _run(self, queue: deque, rewards: list, stats: dict) -> None:
         workers = self._workers
         send_failures = 0
+        # a worker started (e.g. as a replacement) long before this call has had no chance to report
+        # ready yet: the start-up deadline counts from the later of its start and this call
+        call_start = time.monotonic()
         while queue or any(w.task is not None for w in workers):
             # hand answers to ready, idle workers; the deadline starts now
             for k, w in enumerate(workers):
@@ -290,7 +293,7 @@ class RewardPool:
             if busy:
                 timeout = max(0.0, min(w.deadline for w in busy) - now)
             elif starting:
-                oldest = min(w.started for w in starting)
+                oldest = max(min(w.started for w in starting), call_start)
                 if now - oldest > self.start_timeout_s:
                     raise RuntimeError(f"no reward worker became ready within {self.start_timeout_s:.0f} s; the "
                                        "machine is overloaded or the workers fail on import (see stderr)")

@@ -191,3 +191,17 @@ def test_sft_step_lowers_cross_entropy():
     samples = [Sample(s.prompt_ids, s.response_ids, 1.0, s.group_id) for s in fixed_samples()]
     losses = [sft.train_step(samples)["loss"] for _ in range(5)]
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_rope_base_is_read_from_transformers_5_rope_parameters(tmp_path):
+    import transformers
+
+    from real_megatron.megatron.model import read_hf_config
+
+    config = transformers.Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=96, vocab_size=300, rope_theta=50000.0)
+    config.save_pretrained(tmp_path)
+    assert read_hf_config(tmp_path)["rope_theta"] == 50000.0  # transformers 5 keeps it in rope_parameters
+    scaled = dict(TINY_QWEN2, rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    with pytest.raises(ValueError, match="RoPE scaling 'llama3'"):
+        read_hf_config(scaled)

@@ -41,6 +41,14 @@ def read_hf_config(hf_config) -> dict:
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         if key not in cfg:
             raise ValueError(f"HF config is missing {key!r}")
+    # transformers 5 writes RoPE settings under rope_parameters; older configs keep rope_theta / rope_scaling
+    rope = dict(cfg.get("rope_parameters") or {})
+    scaling = cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise ValueError(f"HF config uses RoPE scaling {rope_type!r}; only plain RoPE (rope_type 'default') is "
+                         "supported by the Megatron model provider")
+    cfg["rope_theta"] = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
     return cfg
 
 

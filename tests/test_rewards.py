@@ -252,3 +252,19 @@ def test_interrupted_call_leaves_the_pool_usable(monkeypatch):
         started = time.monotonic()
         assert p.score(["\\boxed{8}", "\\boxed{7}"], ["8", "8"])[0] == [1.0, 0.0]
         assert time.monotonic() - started < 5.0  # the hung worker was replaced, not waited for
+
+
+def test_pool_refuses_to_start_when_math_verify_is_broken(monkeypatch):
+    # a broken install must not turn into a run where every reward is silently 0.0
+    import sys
+
+    from real_megatron.rewards import pool as pool_module
+
+    mr = sys.modules["real_megatron.rewards.math_reward"]  # the module (the package exports a function of that name)
+
+    def broken(*a, **k):
+        raise ImportError("Unsupported ANTLR version")
+
+    monkeypatch.setattr(mr, "verify_answer", broken)
+    with pytest.raises(RuntimeError, match="math-verify does not work in this environment"):
+        pool_module.RewardPool(num_workers=1)

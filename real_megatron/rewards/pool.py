@@ -70,6 +70,24 @@ _READY = "ready"
 STAT_KEYS = ("timeouts", "crashes", "restarts", "errors", "invalid", "no_answer")
 
 
+def _check_math_verify() -> None:
+    """Fail loudly, once, if math-verify cannot verify a known-correct answer here.
+
+    Without this, a broken install (e.g. an antlr4 runtime of the wrong version, which only shows
+    at the first LaTeX parse) would make every worker score 0.0: a silent all-wrong run.
+    """
+    from real_megatron.rewards.math_reward import math_reward
+
+    try:
+        ok = math_reward("\\boxed{\\frac{1}{2}}", "0.5") == 1.0
+    except Exception as err:  # noqa: BLE001 - any failure here is an environment problem
+        raise RuntimeError(f"math-verify does not work in this environment ({type(err).__name__}: {err}); "
+                           "reinstall the package's dependencies (pip install -e .)") from err
+    if not ok:
+        raise RuntimeError("math-verify rejects \\boxed{\\frac{1}{2}} against 0.5 in this environment; check the "
+                           "math-verify / latex2sympy2_extended / antlr4 versions pinned in setup.py")
+
+
 # --------------------------------------------------------------------------------------------- worker
 
 def _worker_main(conn, crash_marker: str | None, hang_marker: str | None, max_memory_mb: int | None) -> None:
@@ -176,6 +194,7 @@ class RewardPool:
             raise ValueError(f"RewardPool: num_workers={num_workers} must be >= 1 (reward.num_workers)")
         if not timeout_s or timeout_s <= 0:
             raise ValueError(f"RewardPool: timeout_s={timeout_s} must be > 0 (reward.timeout_s)")
+        _check_math_verify()
         self.num_workers = int(num_workers)
         self.timeout_s = float(timeout_s)
         self.answer_after_think = bool(answer_after_think)

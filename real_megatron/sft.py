@@ -19,7 +19,7 @@ import time
 import torch.distributed as dist
 
 from real_megatron.config import ConfigError, config_to_dict, load_config, save_config
-from real_megatron.trainer import (RolloutFailed, Trainer, _parse, broadcast_object, export_hf, load_initial_weights,
+from real_megatron.trainer import (RolloutFailed, Trainer, _parse, broadcast_object, export_hf,
                                    setup_logging, sync_weights)
 
 
@@ -49,7 +49,8 @@ def run_sft(cfg) -> int:
                                      wandb_project=cfg.logging.wandb_project, config=config_to_dict(cfg),
                                      progress_bar=cfg.logging.progress_bar)
             t.logger._drop_rows_after(-1)  # SFT does not resume: start the metrics file afresh
-        load_initial_weights(cfg, t.chunks)
+        if t.resuming:  # SFT keeps no checkpoints: a checkpoints/ folder here belongs to something else
+            raise ConfigError(f"{t.run_dir}/checkpoints exists; give SFT a fresh run_dir")
         sync_weights(t.chunks, t.hf, t.engine, t.rank, cfg.rollout.weight_bucket_mb << 20)
         if t.rank == 0 and t.eval_records:
             t.logger.log(0, t.evaluate())

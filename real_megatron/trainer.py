@@ -224,6 +224,16 @@ class Trainer:
                                   wrap_ddp=True, sequence_parallel=cfg.model.sequence_parallel,
                                   recompute_activations=cfg.model.recompute_activations,
                                   use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
+        from real_megatron.checkpoint import CheckpointManager
+
+        self.ckpt = CheckpointManager(self.run_dir, rank=self.rank, world_size=self.world_size, barrier=_barrier,
+                                      broadcast=broadcast_object)
+        # Initial weights go in BEFORE the optimizer is built: with bf16 params (and with the
+        # distributed optimizer) Megatron's optimizer copies the weights into fp32 master params
+        # when it is built, and its first step would write those (random) masters back.
+        # A resumed run gets its masters from the checkpoint's optimizer state instead.
+        self.resuming = self.ckpt.latest() is not None
+        self.initial_weights = None if self.resuming else load_initial_weights(cfg, self.chunks)
         o = cfg.optim
         self.optimizer = build_optimizer(self.chunks, lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
                                          adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
@@ -233,10 +243,6 @@ class Trainer:
                                     temperature=cfg.rollout.temperature,
                                     micro_batch_rollouts=cfg.train.micro_batch_rollouts,
                                     pad_id=pad_id_of(self.tokenizer))
-        from real_megatron.checkpoint import CheckpointManager
-
-        self.ckpt = CheckpointManager(self.run_dir, rank=self.rank, world_size=self.world_size, barrier=_barrier,
-                                      broadcast=broadcast_object)
         self.layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "cp": cfg.parallel.cp,
                        "world_size": self.world_size}
         self.updates_per_rollout = cfg.train.rollout_batch_prompts // cfg.train.mini_batch_prompts
@@ -425,11 +431,9 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._setup_rank0()
-        resumed = self.restore()
-        if not resumed:
-            source = load_initial_weights(cfg, self.chunks)
-            if self.rank == 0:
-                log.info("initial weights from %s", source)
+        resumed = self.restore() if self.resuming else False
+        if not resumed and self.rank == 0:
+            log.info("initial weights from %s", self.initial_weights)
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
             self.logger = MetricsLogger(self.run_dir, total_steps=cfg.train.steps * self.updates_per_rollout,

@@ -124,6 +124,11 @@ def test_cp_chunks_are_megatrons_load_balanced_split():
 def test_impossible_layout_fails_before_any_process_group(monkeypatch):
     from real_megatron.megatron.model import initialize_parallel
 
+    if dist.is_initialized():  # an earlier in-process test's world of one: the check must see WORLD_SIZE=2
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
     monkeypatch.setenv("WORLD_SIZE", "2")
     already = dist.is_initialized()
     with pytest.raises(ConfigError, match=r"parallel.tp=3 must divide num_attention_heads=4.*valid choices: \[1, 2\]"):

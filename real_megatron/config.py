@@ -53,6 +53,7 @@ class RolloutConfig:
     sglang_tp_size: int = 1  # the SGLang server's tensor-parallel size
     sglang_master_port: int = 29600  # distributed weight sync: port of the {trainer rank 0 + SGLang} group
     weight_bucket_mb: int = 512  # largest weight-sync bucket
+    sglang_release_memory: bool = False  # colocated SGLang: release weights + KV cache while the trainer trains
 
 
 @dataclass

@@ -253,6 +253,8 @@ class Trainer:
         self.reward_pool = None
         self.logger = None
         self._stop_signal: int | None = None
+        # colocated SGLang: release its memory during training (rollout.sglang_release_memory)
+        self._colocated = cfg.rollout.engine == "sglang" and cfg.rollout.sglang_release_memory
 
     # ------------------------------------------------------------------ state
     @property
@@ -358,6 +360,8 @@ class Trainer:
         if self.rank == 0:
             try:
                 payload = self._rollout()
+                if self._colocated:  # hand the GPU memory to training until the weights come back
+                    self.engine.release_memory()
             except Exception as err:  # engine/reward failure: every rank must hear about it
                 log.exception("rollout failed")
                 payload = {"error": f"{type(err).__name__}: {err}"}
@@ -406,7 +410,13 @@ class Trainer:
                 row[key] = rollout_metrics.get(key, 0.0) if j == 0 else 0.0
             rows.append(row)
 
-        rows[-1]["time/sync_s"] = sync_weights(self.chunks, self.hf, self.engine, self.rank, self.cfg.rollout.weight_bucket_mb << 20)
+        t0 = time.perf_counter()
+        if self.rank == 0 and self._colocated:
+            self.engine.resume_memory(["weights"])  # weights first, then the KV cache (SGLang's order)
+        sync_weights(self.chunks, self.hf, self.engine, self.rank, self.cfg.rollout.weight_bucket_mb << 20)
+        if self.rank == 0 and self._colocated:
+            self.engine.resume_memory(["kv_cache"])
+        rows[-1]["time/sync_s"] = time.perf_counter() - t0
         self.rollout_step += 1
         if self.rank == 0 and self.eval_records and cfg.train.eval_every and \
                 (self.rollout_step % cfg.train.eval_every == 0 or self.rollout_step == cfg.train.steps):

@@ -125,19 +125,26 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(assets, tmp_path):
             assert close(a[key], b[key]), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
 
 
-def test_torchrun_data_parallel_2_matches_one_process(assets, tmp_path):
-    one = tmp_path / "one"
+@pytest.fixture(scope="module")
+def one_process_run(assets, tmp_path_factory):
+    one = tmp_path_factory.mktemp("one") / "run"
+    proc = run_train(overrides(assets, one, **{"train.steps": 1, "train.eval_every": 0}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return one
+
+
+@pytest.mark.parametrize("layout", [{}, {"parallel.tp": 2}, {"parallel.pp": 2}], ids=["dp2", "tp2", "pp2"])
+def test_torchrun_2_processes_match_one_process(assets, tmp_path, layout, one_process_run):
+    one = one_process_run
     two = tmp_path / "two"
     common = {"train.steps": 1, "train.eval_every": 0}
-    proc = run_train(overrides(assets, one, **common))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_train(overrides(assets, two, **common), nproc=2)
+    proc = run_train(overrides(assets, two, **common, **layout), nproc=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a_rows, b_rows = rows_of(one), rows_of(two)
     assert len(a_rows) == len(b_rows) == 2
     for a, b in zip(a_rows, b_rows):
         for key in ("train/loss", "train/reward_mean", "train/entropy", "train/grad_norm", "loss/max_score_weight"):
-            assert close(a[key], b[key], rel=1e-4), f"{key}: {a[key]} (1 process) vs {b[key]} (DP=2)"
+            assert close(a[key], b[key], rel=1e-4), f"{key}: {a[key]} (1 process) vs {b[key]} ({layout or 'DP=2'})"
 
 
 def test_configs_that_cannot_work_fail_before_anything_starts(assets, tmp_path):

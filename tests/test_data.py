@@ -13,7 +13,9 @@ from real_megatron.data import (PROMPT_SUFFIX, PromptSampler, arithmetic_problem
                                 ground_truth_candidates, load_prompts, normalize_ground_truth, train_task_tokenizer,
                                 write_arithmetic_task)
 
-DATA = Path("/work/shared/data")
+from shared_data import SHARED_DATA  # tests/ is on sys.path under pytest
+
+DATA = SHARED_DATA
 ROWS = {"aime24": 30, "aime25": 30, "amc23": 83, "math500": 500, "minerva": 272, "olympiad_bench": 675,
         "dapo-math-17k": 17398}
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} (the shared benchmark files) is not here")

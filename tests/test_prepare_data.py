@@ -9,12 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from shared_data import SHARED_DATA  # tests/ is on sys.path under pytest
+
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("prepare_data", REPO / "tools" / "prepare_data.py")
 prep = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(prep)
 
-SHARED = REPO.parent / "shared" / "data"
+SHARED = SHARED_DATA
 SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 
 

@@ -12,7 +12,9 @@ from real_megatron.data import load_prompts
 from real_megatron.rewards import RewardPool, extract_answer, math_reward
 from real_megatron.rewards.pool import CRASH_ENV, HANG_ENV
 
-DATA = Path("/work/shared/data")
+from shared_data import SHARED_DATA  # tests/ is on sys.path under pytest
+
+DATA = SHARED_DATA
 BENCHMARKS = ["aime24", "aime25", "amc23", "math500", "minerva", "olympiad_bench"]
 DAPO_SAMPLE = 300
 

@@ -37,7 +37,8 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a directory (or file) by path: makes a rename or a new entry durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -53,7 +54,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def rng_state() -> dict:
@@ -107,11 +108,11 @@ class CheckpointManager:
         if self.rank == 0:
             meta = {**meta, "step": step, "world_size": self.world_size, "saved_at": time.time()}
             atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
-            _fsync_dir(tmp)
+            fsync_path(tmp)
             if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
             atomic_write_text(self.root / LATEST, final.name)
         self._barrier()
         return final

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 
@@ -47,10 +46,7 @@ def evaluate_prompts(engine, reward_pool, tokenizer, records, prompt_ids, *, sam
         ids = prompt_ids[start:start + batch_prompts]
         completions = engine.generate(ids, samples, sampling)
         texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-        truths = []
-        for c in completions:
-            r = records[start + c.prompt_index]
-            truths.append(list(r.accepted_answers) if r.accepted_answers else r.ground_truth)
+        truths = [records[start + c.prompt_index].answers for c in completions]
         rewards, stats = reward_pool.score(texts, truths)
         timeouts += stats.get("timeouts", 0)
         crashes += stats.get("crashes", 0)
@@ -71,15 +67,6 @@ def markdown_table(results: dict, ks: list[int]) -> str:
         problems = r.get("problems", "")
         lines.append(f"| {name} | {problems} | {cells} | {r['response_length_mean']:.0f} |")
     return "\n".join(lines) + "\n"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -103,6 +90,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from real_megatron.checkpoint import atomic_write_text
     from real_megatron.data import encode_prompt, load_prompts
     from real_megatron.rewards import RewardPool
     from real_megatron.rollout import SamplingParams
@@ -158,7 +146,7 @@ def main(argv=None) -> int:
         payload = {"model": str(model), "samples": args.samples, "temperature": args.temperature,
                    "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "benchmarks": results,
                    "average": average}
-        _atomic_write(out / "results.json", json.dumps(payload, indent=1))
-        _atomic_write(out / "results.md", table)
+        atomic_write_text(out / "results.json", json.dumps(payload, indent=1))
+        atomic_write_text(out / "results.md", table)
         print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return 0

@@ -42,10 +42,7 @@ def collect_rollouts(*, engine, reward_pool, tokenizer, prompts, prompt_ids, n: 
                            f"n={n}; expected {len(prompt_ids) * n}")
     t1 = time.perf_counter()
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-    truths = []
-    for c in completions:
-        record = prompts[c.prompt_index]
-        truths.append(list(record.accepted_answers) if record.accepted_answers else record.ground_truth)
+    truths = [prompts[c.prompt_index].answers for c in completions]
     rewards, reward_stats = reward_pool.score(texts, truths)
     t2 = time.perf_counter()
 

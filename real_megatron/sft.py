@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import time
 
-import torch.distributed as dist
-
-from real_megatron.config import ConfigError, config_to_dict, load_config, save_config
-from real_megatron.trainer import (RolloutFailed, Trainer, _parse, broadcast_object, export_hf,
-                                   setup_logging, sync_weights)
+from real_megatron.config import ConfigError, config_to_dict, save_config
+from real_megatron.trainer import Trainer, broadcast_object, export_hf, run_job, sync_weights
 
 
 def _solution(record) -> str:
@@ -79,16 +76,4 @@ def run_sft(cfg) -> int:
 
 
 def main(argv=None) -> int:
-    args = _parse(argv, "real-megatron sft", "supervised warm-up (cross-entropy on reference solutions)")
-    setup_logging()
-    try:
-        return run_sft(load_config(args.config, args.overrides))
-    except ConfigError as err:
-        print(f"config error: {err}", flush=True)
-        return 2
-    except RolloutFailed as err:
-        print(f"error: {err}", flush=True)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_job(argv, "real-megatron sft", "supervised warm-up (cross-entropy on reference solutions)", run_sft)

@@ -121,10 +121,6 @@ def load_prompt_files(files, *, tokenizer, max_prompt_length: int, on_bad_row: s
     return records, skipped
 
 
-def ground_truths(record):
-    return list(record.accepted_answers) if record.accepted_answers else record.ground_truth
-
-
 def load_tokenizer(hf_dir):
     import transformers
 
@@ -504,20 +500,24 @@ def setup_logging():
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def main(argv=None) -> int:
-    args = _parse(argv, "real-megatron train", "RL training with REAL (or a baseline loss) on Megatron-Core")
+def run_job(argv, prog: str, description: str, job) -> int:
+    """The shared command-line wrapper of ``train`` and ``sft``: parse, run ``job(cfg)``, map failures
+    to exit codes (2: a config that cannot work, 1: a failed rollout), always tear down the process group."""
+    args = _parse(argv, prog, description)
     setup_logging()
     try:
-        cfg = load_config(args.config, args.overrides)
-        trainer = Trainer(cfg)
+        return job(load_config(args.config, args.overrides))
     except ConfigError as err:
         print(f"config error: {err}", flush=True)
         return 2
-    try:
-        return trainer.run()
     except RolloutFailed as err:
         print(f"error: {err}", flush=True)
         return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    return run_job(argv, "real-megatron train", "RL training with REAL (or a baseline loss) on Megatron-Core",
+                   lambda cfg: Trainer(cfg).run())

@@ -7,15 +7,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from real_megatron.checkpoint import fsync_path
 from real_megatron.convert.mapping import ConversionError
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_output(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Path:
@@ -50,14 +43,14 @@ def atomic_dir(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()
         yield tmp
         for root, _dirs, files in os.walk(tmp):
             for f in files:
-                _fsync_path(Path(root) / f)
-            _fsync_path(Path(root))
+                fsync_path(Path(root) / f)
+            fsync_path(Path(root))
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{tag}"
             os.replace(out, old)
         os.replace(tmp, out)
-        _fsync_path(out.parent)
+        fsync_path(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

@@ -55,6 +55,11 @@ class PromptRecord:
     accepted_answers: tuple = ()
     extra_info: dict = field(default_factory=dict)
 
+    @property
+    def answers(self):
+        """What a response is verified against: every accepted answer, else the ground truth."""
+        return list(self.accepted_answers) if self.accepted_answers else self.ground_truth
+
 
 class PromptSet(list):
     """A list of PromptRecord plus ``skipped``: reason -> number of rows dropped with on_bad_row='skip'."""

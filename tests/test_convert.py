@@ -496,3 +496,59 @@ def test_real_megatron_convert_command(hf_models, tmp_path, capsys):
                  str(tmp_path / "x"), "--tp", "3"]) == 2
     assert "num_attention_heads=4" in capsys.readouterr().err
     _no_leftovers(tmp_path / "x")
+
+
+def test_prefetch_order_errors_and_early_stop():
+    import threading
+
+    from real_megatron.convert.st_io import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("bad tensor 2")
+
+    got = []
+    with pytest.raises(ValueError, match="bad tensor 2"):
+        for x in prefetch(failing()):
+            got.append(x)
+    assert got == [1]
+
+    # the producer runs at most `depth` items ahead, and stops (and is closed) when the consumer stops
+    produced, closed = [], threading.Event()
+
+    def counting():
+        try:
+            for i in range(1000):
+                produced.append(i)
+                yield i
+        finally:
+            closed.set()
+
+    stream = prefetch(counting(), depth=2)
+    assert next(stream) == 0
+    stream.close()
+    assert closed.is_set() and len(produced) <= 4
+    assert not [t for t in threading.enumerate() if t.name == "prefetch"]
+
+
+def test_writer_failure_stops_the_reader_and_leaves_nothing(hf_models, tmp_path, monkeypatch):
+    import threading
+
+    from real_megatron.convert import st_io
+
+    real_write, calls = st_io.SafetensorsWriter.write, {"n": 0}
+
+    def failing_write(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("no space left on device (simulated)")
+        real_write(self, name, tensor)
+
+    monkeypatch.setattr(st_io.SafetensorsWriter, "write", failing_write)
+    out = tmp_path / "meg"
+    with pytest.raises(OSError, match="simulated"):
+        hf_to_megatron(hf_models["qwen2"], out)
+    _no_leftovers(out)
+    assert not [t for t in threading.enumerate() if t.name == "prefetch"]

@@ -19,7 +19,7 @@ from real_megatron.convert.mapping import (ConversionError, check_layout, full_m
                                            hf_to_megatron_tensor, megatron_to_hf_tensors, model_dims,
                                            read_config)
 from real_megatron.convert.megatron_format import HF_SUBDIR, MegatronCheckpoint, write_meta, write_shards
-from real_megatron.convert.st_io import nbytes
+from real_megatron.convert.st_io import nbytes, prefetch
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -64,7 +64,7 @@ def hf_to_megatron(hf_dir, out, *, tp: int = 1, pp: int = 1, dtype: str = "auto"
                 yield name, hf_to_megatron_tensor(name, src.get, hf).to(dtypes[name])
 
         with atomic_dir(out, overwrite, (hf_dir,)) as tmp:
-            write_shards(tmp, hf, tp, pp, full_tensors(), dtypes)
+            write_shards(tmp, hf, tp, pp, prefetch(full_tensors()), dtypes)
             (tmp / HF_SUBDIR).mkdir()
             copy_side_files(hf_dir, tmp / HF_SUBDIR)
             write_meta(tmp, hf, tp, pp, dtype_name(_dominant(dtypes, shapes)))
@@ -116,11 +116,15 @@ def megatron_to_hf(megatron_dir, out, *, hf_config_from=None, max_shard_size="5G
         main_dtype = dtype_name(_dominant(dtypes, shapes))
 
         with atomic_dir(out, overwrite, inputs) as tmp:
-            writer = HFShardedWriter(tmp, entries, limit)
-            try:
+            def hf_tensors():  # on the prefetch thread, with the copies that make split views contiguous
                 for name in shapes:
                     for hf_name, tensor in megatron_to_hf_tensors(name, ckpt.full(name), hf):
-                        writer.write(hf_name, tensor)
+                        yield hf_name, tensor.contiguous()
+
+            writer = HFShardedWriter(tmp, entries, limit)
+            try:
+                for hf_name, tensor in prefetch(hf_tensors()):
+                    writer.write(hf_name, tensor)
                 writer.close()
             except BaseException:
                 writer.abort()

@@ -16,10 +16,15 @@ the file and what to do.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
+import queue
 import struct
+import threading
 from pathlib import Path
+from typing import Iterator, TypeVar
 
 import torch
 
@@ -32,6 +37,70 @@ DTYPE_TO_ST = {
 }
 ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_WRITE_CHUNK = 64 * 1024 * 1024  # writeback to disk is started after each chunk, not at close
+T = TypeVar("T")
+
+
+def _load_sync_file_range():
+    """Linux's ``sync_file_range``, or None where libc lacks it (the writer then relies on the final fsync)."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages; do not wait
+
+
+def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Yield ``items``, computed on a background thread up to ``depth`` items ahead.
+
+    A conversion is a loop of "read and reshape the next tensor" (positioned reads, torch copies)
+    and "write this tensor" (file writes): all of them release the GIL, so running the first on a
+    second thread overlaps them. Memory grows by at most ``depth`` tensors. An exception raised by
+    ``items`` is re-raised here; if the consumer stops early, the thread stops after its current item.
+    """
+    pending: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                pending.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as err:  # handed to the consumer, which raises it
+            put((None, err))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = pending.get()
+            if err is not None:
+                raise err
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
 
 
 def nbytes(shape, dtype: torch.dtype) -> int:
@@ -157,6 +226,7 @@ class SafetensorsWriter:
         self._fh = open(self.path, "wb")
         self._fh.write(struct.pack("<Q", len(raw)))
         self._fh.write(raw)
+        self._synced = 0  # bytes [0, _synced) are queued for writeback
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._expected):
@@ -167,8 +237,22 @@ class SafetensorsWriter:
                                f"{exp_name!r} {exp_dtype} {tuple(exp_shape)}")
         t = tensor.detach().to("cpu").contiguous()
         if t.numel():
-            self._fh.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+            data = memoryview(t.view(-1).view(torch.uint8).numpy())
+            for start in range(0, len(data), _WRITE_CHUNK):
+                self._fh.write(data[start:start + _WRITE_CHUNK])
+                self._start_writeback()
         self._next += 1
+
+    def _start_writeback(self) -> None:
+        """Queue what was written so far for the disk now, so that ``close``'s fsync has little left
+        to wait for (the kernel would otherwise start only once GBs of dirty pages pile up)."""
+        if _sync_file_range is None:
+            return
+        self._fh.flush()
+        end = self._fh.tell()
+        if end > self._synced:
+            _sync_file_range(self._fh.fileno(), self._synced, end - self._synced, _SYNC_FILE_RANGE_WRITE)
+            self._synced = end
 
     def close(self) -> None:
         if self._fh is None:

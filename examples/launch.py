@@ -128,7 +128,12 @@ def make_executor(args):
     if args.executor == "local":
         if args.gpus is not None and args.gpus < 1:
             raise LaunchError(f"--gpus {args.gpus}: need at least 1 process")
-        # torchrun on this machine, one process per GPU (gloo on the CPU for the tiny recipe)
+        # torchrun on this machine, one process per GPU (gloo on the CPU for the tiny recipe). nemo-run
+        # runs the bare name "torchrun": put this interpreter's bin directory first on PATH so that a
+        # launch from an unactivated venv (.venv/bin/python examples/launch.py) gets the venv's torchrun
+        bin_dir = str(Path(sys.executable).parent)
+        if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
         return run.LocalExecutor(ntasks_per_node=args.gpus or 1, launcher="torchrun", env_vars=env)
 
     missing = [flag for flag, value in (("--account", args.account), ("--partition", args.partition),
@@ -159,7 +164,13 @@ def make_executor(args):
         tunnel=tunnel, packager=packager, launcher="torchrun", env_vars=env)
 
 
-def make_script(args, path: Path, overrides: list[str]):
+def resolved_config_path(cfg) -> Path:
+    """Where a local launch writes its fully resolved config: beside the run directory."""
+    run_dir = Path(cfg.run_dir).absolute()
+    return run_dir.with_name(run_dir.name + ".launch.yaml")
+
+
+def make_script(args, path: Path, overrides: list[str], cfg):
     import nemo_run as run
 
     # Slurm jobs run in the unpacked code directory, so the config is named relative to the repo;
@@ -173,13 +184,25 @@ def make_script(args, path: Path, overrides: list[str]):
     else:
         config_arg = str(path)
         # nemo-run shell-quotes every argument (right for sbatch scripts), but the local executor
-        # starts torchrun without a shell, so a quoted argument would arrive with its quotes
-        for item in [config_arg, *overrides]:
-            if shlex.quote(item) != item:
-                raise LaunchError(
-                    f"argument {item!r} needs shell quoting, which the local executor would pass on literally; "
-                    "write one-file lists without brackets (data.train_files=a.parquet), or run "
-                    "`torchrun --nproc-per-node N -m real_megatron train --config FILE ...` directly")
+        # starts torchrun without a shell, so a quoted argument (a list such as data.train_files=[a,b])
+        # would arrive with its quotes. Such a launch gets the config with the overrides already
+        # applied, written to one file, and no overrides on the command line.
+        if any(shlex.quote(item) != item for item in [config_arg, *overrides]):
+            import yaml
+
+            from real_megatron.checkpoint import atomic_write_text
+            from real_megatron.config import config_to_dict
+
+            resolved = resolved_config_path(cfg)
+            if shlex.quote(str(resolved)) != str(resolved):
+                raise LaunchError(f"run_dir {cfg.run_dir!r} has characters that need shell quoting; choose a "
+                                  "plain path (letters, digits, - _ . /)")
+            resolved.parent.mkdir(parents=True, exist_ok=True)
+            header = f"# written by examples/launch.py: {path} with the overrides {overrides}\n"
+            atomic_write_text(resolved, header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            print(f"launch.py: overrides need shell quoting; the job reads the resolved config {resolved}",
+                  file=sys.stderr)
+            config_arg, overrides = str(resolved), []
     return run.Script(path="real_megatron", m=True, entrypoint="python",
                       args=["train", "--config", config_arg, *overrides])
 
@@ -202,11 +225,11 @@ def launch(argv=None) -> tuple[int, str]:
     args = build_parser().parse_args(argv)
     path = config_path(args)
     overrides = job_overrides(args)
-    check_config(path, overrides, world_size(args))
+    cfg = check_config(path, overrides, world_size(args))
     import nemo_run as run
 
     executor = make_executor(args)
-    script = make_script(args, path, overrides)
+    script = make_script(args, path, overrides, cfg)
     name = args.name or "-".join(filter(None, [args.recipe or path.stem, args.loss]))
     text = ""
     with run.Experiment(name, log_level="WARN") as exp:
@@ -217,6 +240,14 @@ def launch(argv=None) -> tuple[int, str]:
             print(text)
         else:
             exp.run(detach=args.executor == "slurm", tail_logs=args.executor == "local")
+    # a local experiment waits for its job when the `with` block exits: report the job's outcome
+    if args.executor == "local" and not args.dryrun:
+        from torchx.specs.api import AppState
+
+        state = exp.jobs[0].state
+        if state != AppState.SUCCEEDED:
+            print(f"launch.py: the job ended {state.name}; its log is above", file=sys.stderr)
+            return 1, text
     return 0, text
 
 

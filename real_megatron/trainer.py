@@ -30,7 +30,6 @@ import argparse
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -151,7 +150,10 @@ def make_engine(cfg: RunConfig, hf_dir, tokenizer):
     if r.sglang_url:
         engine = SGLangEngine(r.sglang_url, **common)
         if r.sglang_weight_sync == "distributed":  # join the {trainer rank 0 + SGLang ranks} broadcast group
-            engine.init_weights_update_group(os.environ.get("MASTER_ADDR", "127.0.0.1"), r.sglang_master_port)
+            # NCCL between GPUs; gloo when the trainer runs on the CPU (what the CPU tests exercise)
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            engine.init_weights_update_group(os.environ.get("MASTER_ADDR", "127.0.0.1"), r.sglang_master_port,
+                                             backend=backend)
         return engine
     return SGLangEngine(engine_kwargs={"model_path": str(hf_dir), "tp_size": r.sglang_tp_size}, **common)
 
@@ -180,20 +182,17 @@ def load_initial_weights(cfg: RunConfig, chunks) -> str:
     return cfg.model.hf_dir
 
 
-def export_hf(engine, tokenizer, out_dir: Path) -> Path:
-    """Write the engine's model (whose weights are the trainer's latest) as a HF directory, atomically."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    engine.model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+def export_hf(chunks, hf: dict, tokenizer, side_files_from, out_dir: Path, dtype: torch.dtype) -> Path | None:
+    """Write the trainer's current weights as a HF directory, atomically (every rank calls; rank 0 writes).
+
+    From the Megatron model itself, not the rollout engine: an SGLang engine's weights live in
+    another process. Config, generation config and chat template come from ``side_files_from``
+    (model.hf_dir), the tokenizer files from the run's tokenizer.
+    """
+    from real_megatron.convert import save_hf_from_model
+
+    return save_hf_from_model(chunks, out_dir, side_files_from=side_files_from, hf_config=hf, tokenizer=tokenizer,
+                              dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -314,6 +313,8 @@ class Trainer:
         self.eval_ids = [encode_prompt(self.tokenizer, r.messages) for r in self.eval_records]
         self.sampler = PromptSampler(self.train_records, sampler_batch or cfg.train.rollout_batch_prompts, seed=cfg.seed)
         self.engine = make_engine(cfg, cfg.model.hf_dir, self.tokenizer)
+        if self._colocated:  # what is released during training and resumed after the sync
+            self._memory_tags = self.engine.memory_tags()
         self.reward_pool = RewardPool(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
                                       answer_after_think=cfg.data.answer_after_think)
 
@@ -357,7 +358,7 @@ class Trainer:
             try:
                 payload = self._rollout()
                 if self._colocated:  # hand the GPU memory to training until the weights come back
-                    self.engine.release_memory()
+                    self.engine.release_memory(self._memory_tags)
             except Exception as err:  # engine/reward failure: every rank must hear about it
                 log.exception("rollout failed")
                 payload = {"error": f"{type(err).__name__}: {err}"}
@@ -408,10 +409,10 @@ class Trainer:
 
         t0 = time.perf_counter()
         if self.rank == 0 and self._colocated:
-            self.engine.resume_memory(["weights"])  # weights first, then the KV cache (SGLang's order)
+            self.engine.resume_memory(["weights"])  # weights first, then KV cache / CUDA graphs (SGLang's order)
         sync_weights(self.chunks, self.hf, self.engine, self.rank, self.cfg.rollout.weight_bucket_mb << 20)
         if self.rank == 0 and self._colocated:
-            self.engine.resume_memory(["kv_cache"])
+            self.engine.resume_memory([t for t in self._memory_tags if t != "weights"])
         rows[-1]["time/sync_s"] = time.perf_counter() - t0
         self.rollout_step += 1
         if self.rank == 0 and self.eval_records and cfg.train.eval_every and \
@@ -463,8 +464,9 @@ class Trainer:
                         print(f"stopped by signal {signum} after rollout step {self.rollout_step}; checkpoint saved. "
                               f"Rerun the same command to resume.", flush=True)
                     return 128 + int(signum)
+            export_hf(self.chunks, self.hf, self.tokenizer, cfg.model.hf_dir, self.run_dir / "hf_final",
+                      DTYPES[cfg.model.dtype])
             if self.rank == 0:
-                export_hf(self.engine, self.tokenizer, self.run_dir / "hf_final")
                 print(f"run directory: {self.run_dir}\nmetrics: {self.run_dir / 'metrics.jsonl'}\n"
                       f"final model (HF): {self.run_dir / 'hf_final'}", flush=True)
             return 0

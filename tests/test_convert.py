@@ -552,3 +552,9 @@ def test_writer_failure_stops_the_reader_and_leaves_nothing(hf_models, tmp_path,
         hf_to_megatron(hf_models["qwen2"], out)
     _no_leftovers(out)
     assert not [t for t in threading.enumerate() if t.name == "prefetch"]
+
+
+def test_single_file_output_is_named_like_transformers(hf_models, converted, tmp_path):
+    out = megatron_to_hf(converted("qwen2", 1, 1), tmp_path / "hf2")  # default 5GB shards: one file
+    assert sorted(p.name for p in out.glob("*.safetensors*")) == ["model.safetensors"]
+    _assert_bit_identical(_hf_state(hf_models["qwen2"]), _hf_state(out))

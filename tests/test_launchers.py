@@ -109,9 +109,49 @@ def test_data_shortcut_and_user_override_order():
     assert cfg.data.train_files == ["data/deepscaler.parquet"] and cfg.loss.name == "grpo"
 
 
-def test_local_refuses_arguments_that_would_arrive_quoted(capsys):
-    assert launch.main(["--recipe", "real_1p5b", "--gpus", "8", "--dryrun", "data.train_files=[a.parquet,b.parquet]"]) == 2
-    assert "needs shell quoting" in capsys.readouterr().err
+def test_local_list_overrides_travel_in_a_resolved_config(tmp_path):
+    # torchrun is started without a shell, so [a,b] cannot go on its command line: the launcher
+    # writes the config with the overrides applied and passes only --config
+    overrides = ["data.train_files=[a.parquet,b.parquet]", f"run_dir={tmp_path}/run", "optim.lr=2e-6"]
+    text = dry(["--recipe", "real_1p5b", "--gpus", "8", "--loss", "grpo", *overrides])
+    argv = shlex.split(text)
+    resolved = tmp_path / "run.launch.yaml"
+    assert argv[argv.index("-m"):] == ["-m", "real_megatron", "train", "--config", str(resolved)]
+    want = load_config(REPO / "examples/configs/real_1p5b.yaml", ["loss.name=grpo", *overrides])
+    assert load_config(resolved) == want
+    assert want.data.train_files == ["a.parquet", "b.parquet"] and want.loss.name == "grpo"
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    from real_megatron.demo import build_assets
+
+    train, test, base = build_assets(tmp_path_factory.mktemp("assets"), seed=7)
+    return {"train": train, "test": test, "base": base}
+
+
+def tiny_run_args(assets, run_dir, train_files):
+    return ["--recipe", "tiny_cpu", "--gpus", "2", f"model.hf_dir={assets['base']}", f"data.train_files={train_files}",
+            f"data.eval_files=[{assets['test']}]", f"run_dir={run_dir}", "train.steps=1", "train.eval_every=0",
+            "logging.progress_bar=false", "train.rollout_batch_prompts=4", "train.mini_batch_prompts=4", "rollout.n=4"]
+
+
+def test_local_launch_runs_torchrun_for_real(tiny_assets, tmp_path, monkeypatch, capsys):
+    """Not a dry run: nemo-run starts torchrun with 2 gloo processes, which train one step; a list
+    override reaches the job through the resolved config; a failing job makes the launcher exit 1."""
+    import json
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # an unactivated venv: torchrun is found beside python
+    run_dir = tmp_path / "run"
+    train = tiny_assets["train"]
+    assert launch.main(tiny_run_args(tiny_assets, run_dir, f"[{train},{train}]")) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and rows[0]["loss/num_rollouts"] == 16
+    assert load_config(run_dir / "config.yaml").data.train_files == [str(train), str(train)]
+
+    capsys.readouterr()
+    assert launch.main(tiny_run_args(tiny_assets, tmp_path / "bad", f"[{tmp_path}/missing.parquet]")) == 1
+    assert "the job ended FAILED" in capsys.readouterr().err
 
 
 def test_slurm_keeps_list_overrides_shell_quoted(tmp_path):

@@ -332,6 +332,26 @@ def test_release_and_resume_memory(standin):
         eng.release_memory(["kv"])
 
 
+@pytest.mark.parametrize("version,tags", [("0.5.21", ["weights", "kv_cache", "cuda_graph"]),
+                                          ("0.5.2", ["weights", "kv_cache"])])
+def test_colocated_cycle_releases_what_it_resumes(start_standin, version, tags):
+    state, url = start_standin(version=version)
+    eng = make_engine(url)
+    assert eng.memory_tags() == tags
+    eng.release_memory(tags)
+    eng.resume_memory(["weights"])
+    eng.update_weights(named())
+    eng.resume_memory([t for t in tags if t != "weights"])
+    assert state.released == set()
+    assert len(eng.generate(PROMPTS, 1, SamplingParams(max_new_tokens=2))) == 3
+    # what the trainer did before: release everything, resume two tags; generation is refused
+    eng.release_memory(None)
+    eng.resume_memory(["weights"])
+    eng.resume_memory(["kv_cache"])
+    with pytest.raises(SGLangError, match="cuda_graph"):
+        eng.generate(PROMPTS, 1, SamplingParams(max_new_tokens=2))
+
+
 def test_unhealthy_server_is_a_rollout_engine_error(standin):
     state, url = standin
     req = urllib.request.Request(url + "/standin/health", data=json.dumps({"ok": False}).encode(), method="POST",

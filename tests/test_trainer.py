@@ -212,3 +212,66 @@ def test_bf16_run_trains_the_loaded_weights_not_the_random_init(assets, tmp_path
         got, want = final[name].float(), tensor.bfloat16().float()
         err = ((got - want).abs() / want.abs().clamp_min(1e-2)).max().item()
         assert err < 0.02, f"{name}: the trained model is not the loaded one (relative change {err:.3g})"
+
+
+def test_trainer_drives_sglang_server_with_release_and_distributed_sync(assets, tmp_path):
+    """The trainer with rollout.engine=sglang against the schema-checking SGLang stand-in (its own
+    process): rollouts over HTTP, colocated memory release/resume around every update, weights
+    broadcast in a real (gloo) group. The server ends holding exactly the trained weights."""
+    import socket
+    import urllib.request
+
+    import torch
+    from safetensors.torch import load_file
+
+    from real_megatron.convert.mapping import hf_shapes
+
+    hf = json.loads((assets["base"] / "config.json").read_text())
+    params = [f"--param={n}:{'x'.join(map(str, s))}" for n, s in hf_shapes(hf).items()]
+    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("sglang_standin.py")), "--version",
+                               "0.5.21", "--eos", str(hf["eos_token_id"]), "--vocab-size", str(hf["vocab_size"]),
+                               *params], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("PORT "), server.stderr.read()
+        url = f"http://127.0.0.1:{int(line.split()[1])}"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            group_port = s.getsockname()[1]
+        run_dir = tmp_path / "run"
+        proc = run_train(overrides(assets, run_dir, **{
+            "train.steps": 2, "train.eval_every": 0, "rollout.engine": "sglang", "rollout.sglang_url": url,
+            "rollout.sglang_weight_sync": "distributed", "rollout.sglang_master_port": group_port,
+            "rollout.sglang_release_memory": "true", "rollout.weight_bucket_mb": 1}))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with urllib.request.urlopen(url + "/standin/state") as resp:
+            state = json.loads(resp.read())
+    finally:
+        server.kill()
+        server.wait(10)
+
+    assert all("error" not in r for r in state["requests"]), [r for r in state["requests"] if "error" in r]
+    calls = [r["path"].strip("/") for r in state["requests"] if r["path"] != "/flush_cache"]
+    # start-up sync, then per step: generate, release, resume weights, sync, resume KV cache
+    sync = ["begin_weight_update", "update_weights_from_distributed", "end_weight_update"]
+
+    def collapse(seq):  # several buckets per sync: one update entry
+        return [c for i, c in enumerate(seq) if not (c == "update_weights_from_distributed" and seq[i - 1] == c)]
+
+    step = ["generate", "release_memory_occupation", "resume_memory_occupation", *sync, "resume_memory_occupation"]
+    assert collapse(calls) == ["init_weights_update_group", *sync, *step, *step]
+    assert state["group_backend"] == "gloo" and state["released"] == [] and not state["session_open"]
+    # order enforced by the stand-in: no generation while released, no weight update while weights are released
+    assert sum(c == "update_weights_from_distributed" for c in calls) > 3  # 1 MB buckets: several per sync
+
+    final = load_file(run_dir / "hf_final" / "model.safetensors")
+    base = load_file(assets["base"] / "model.safetensors")
+    assert set(state["weights"]) == set(final)
+    moved = 0
+    for name, tensor in final.items():
+        assert torch.equal(torch.tensor(state["weights"][name], dtype=tensor.dtype), tensor.flatten()), name
+        moved += not torch.equal(tensor, base[name])
+    assert moved > 0  # training changed the weights the server now holds
+    rows = rows_of(run_dir)
+    assert [r["rollout_step"] for r in rows] == [1, 1, 2, 2]  # two mini-batches per rollout step
+    assert all(r["rollout/logprob_abs_diff_mean"] > 0 for r in rows)

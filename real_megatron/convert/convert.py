@@ -91,6 +91,39 @@ def _same_shapes(a: dict, b: dict, where: str) -> None:
                               f"of the model that was converted")
 
 
+def hf_entries(hf: dict, dtypes: dict[str, torch.dtype]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(HF name, dtype, shape) of every HF tensor, in the order the Megatron tensors are walked."""
+    out_shapes = hf_shapes(hf)
+    return [(n, dtypes[name], out_shapes[n]) for name in full_megatron_shapes(hf) for n in hf_names(name)]
+
+
+def write_hf_dir(out_dir: Path, entries, tensors, max_shard_size: int) -> None:
+    """Stream (HF name, tensor) pairs, in ``entries`` order, into sharded safetensors + index."""
+    writer = HFShardedWriter(out_dir, entries, max_shard_size)
+    try:
+        for hf_name, tensor in tensors:
+            writer.write(hf_name, tensor)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def write_hf_config(out_dir: Path, hf: dict, side: Path, main_dtype: str) -> None:
+    """config.json (``side``'s own if it has one, its dtype field set to ``main_dtype``) and ``side``'s
+    other non-weight files (generation config, tokenizer, chat template)."""
+    config_path = side / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else dict(hf)
+    for key in ("dtype", "torch_dtype"):  # transformers 5 writes "dtype", older ones "torch_dtype"
+        if key in config:
+            config[key] = main_dtype
+    if "dtype" not in config and "torch_dtype" not in config:
+        config["torch_dtype"] = main_dtype
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if side.is_dir():
+        copy_side_files(side, out_dir, skip=("config.json",))
+
+
 def megatron_to_hf(megatron_dir, out, *, hf_config_from=None, max_shard_size="5GB", overwrite: bool = False) -> Path:
     """Convert a Megatron checkpoint (any saved TP/PP) to a HF directory loadable by transformers.
 
@@ -109,34 +142,15 @@ def megatron_to_hf(megatron_dir, out, *, hf_config_from=None, max_shard_size="5G
             _same_shapes(hf, read_config(side), str(side / "config.json"))
         else:
             side = megatron_dir / HF_SUBDIR
-        shapes = full_megatron_shapes(hf)
-        out_shapes = hf_shapes(hf)
-        dtypes = {name: ckpt.dtype(name) for name in shapes}
-        entries = [(n, dtypes[name], out_shapes[n]) for name in shapes for n in hf_names(name)]
-        main_dtype = dtype_name(_dominant(dtypes, shapes))
+        dtypes = {name: ckpt.dtype(name) for name in full_megatron_shapes(hf)}
+        entries = hf_entries(hf, dtypes)
+
+        def hf_tensors():  # on the prefetch thread, with the copies that make split views contiguous
+            for name in dtypes:
+                for hf_name, tensor in megatron_to_hf_tensors(name, ckpt.full(name), hf):
+                    yield hf_name, tensor.contiguous()
 
         with atomic_dir(out, overwrite, inputs) as tmp:
-            def hf_tensors():  # on the prefetch thread, with the copies that make split views contiguous
-                for name in shapes:
-                    for hf_name, tensor in megatron_to_hf_tensors(name, ckpt.full(name), hf):
-                        yield hf_name, tensor.contiguous()
-
-            writer = HFShardedWriter(tmp, entries, limit)
-            try:
-                for hf_name, tensor in prefetch(hf_tensors()):
-                    writer.write(hf_name, tensor)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            config_path = side / "config.json"
-            config = json.loads(config_path.read_text()) if config_path.is_file() else dict(hf)
-            for key in ("dtype", "torch_dtype"):  # transformers 5 writes "dtype", older ones "torch_dtype"
-                if key in config:
-                    config[key] = main_dtype
-            if "dtype" not in config and "torch_dtype" not in config:
-                config["torch_dtype"] = main_dtype
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            if side.is_dir():
-                copy_side_files(side, tmp, skip=("config.json",))
+            write_hf_dir(tmp, entries, prefetch(hf_tensors()), limit)
+            write_hf_config(tmp, hf, side, dtype_name(_dominant(dtypes, full_megatron_shapes(hf))))
     return Path(out)

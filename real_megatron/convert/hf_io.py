@@ -147,7 +147,8 @@ def parse_size(text: str | int) -> int:
 
 
 class HFShardedWriter:
-    """Write HF tensors, in a planned order, into ``model-0000i-of-0000N.safetensors`` files + the index.
+    """Write HF tensors, in a planned order, into ``model-0000i-of-0000N.safetensors`` files + the index
+    (a single ``model.safetensors`` when everything fits in one file).
 
     The plan (which tensor goes in which file) is made up front from names, shapes and dtypes with
     Hugging Face's greedy rule (start a new file when the next tensor would overflow a non-empty
@@ -166,7 +167,8 @@ class HFShardedWriter:
             files[-1].append(entry)
             size += n
         total = len(files)
-        self.names = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+        # one file: "model.safetensors" and no index, as transformers' save_pretrained writes it
+        self.names = [SINGLE] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
         self.plan = files
         self.total_size = sum(nbytes(e[2], e[1]) for e in entries)
         self.weight_map = {e[0]: fname for fname, group in zip(self.names, files) for e in group}
@@ -194,8 +196,9 @@ class HFShardedWriter:
             self._writer = None
         if self._file != len(self.plan) - 1 or self._left:
             raise RuntimeError("HF writer closed before every planned tensor was written")
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-        (self.out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if len(self.names) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            (self.out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
         if self._writer is not None:

@@ -178,3 +178,41 @@ def iter_hf_tensors(model_chunks, hf_config=None, *, bucket_bytes: int = DEFAULT
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
     yield from iter_buckets(pairs(), bucket_bytes)
+
+
+def save_hf_from_model(model_chunks, out_dir, *, side_files_from, hf_config=None, max_shard_size="5GB",
+                       bucket_bytes: int = DEFAULT_BUCKET_BYTES, tokenizer=None,
+                       dtype: torch.dtype | None = None) -> Path | None:
+    """Write the model's live weights as a HF directory at ``out_dir`` (replacing it), atomically.
+
+    Every rank must call it (the weights are gathered with ``iter_hf_tensors``); global rank 0
+    writes sharded safetensors + index, config.json and the tokenizer / generation-config files of
+    ``side_files_from`` (a HF directory of the same model; a ``tokenizer`` given here writes its
+    own files over those), and returns the path; other ranks return None. Every tensor is written in
+    ``dtype`` (default: the model's ``params_dtype``), as HF checkpoints are: a bf16 Megatron model
+    keeps some parameters (norms) in float32, a HF bf16 checkpoint has them in bf16.
+    """
+    from real_megatron.convert.atomic import atomic_dir
+    from real_megatron.convert.convert import dtype_name, hf_entries, write_hf_config, write_hf_dir
+    from real_megatron.convert.hf_io import parse_size
+
+    chunk = _as_list(model_chunks)[0]
+    hf = _model_hf(chunk, hf_config)
+    buckets = iter_hf_tensors(model_chunks, hf, bucket_bytes=bucket_bytes)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        for _ in buckets:  # drive the collectives
+            pass
+        return None
+    if dtype is None:
+        from real_megatron.megatron.model import unwrap
+
+        config = getattr(unwrap(chunk), "config", None)
+        dtype = getattr(config, "params_dtype", None) or next(chunk.parameters()).dtype
+    pairs = ((name, tensor.to(dtype)) for bucket in buckets for name, tensor in bucket)
+    entries = hf_entries(hf, {name: dtype for name in full_megatron_shapes(hf)})
+    with atomic_dir(Path(out_dir), overwrite=True, inputs=(Path(side_files_from),)) as tmp:
+        write_hf_dir(tmp, entries, pairs, parse_size(max_shard_size))
+        write_hf_config(tmp, hf, Path(side_files_from), dtype_name(dtype))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

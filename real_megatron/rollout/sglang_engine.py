@@ -90,6 +90,10 @@ __all__ = [
 
 #: first SGLang release whose weight updates must sit inside /begin_weight_update ... /end_weight_update
 WEIGHT_SESSION_MIN_VERSION = (0, 5, 21)
+# SGLang can release CUDA-graph memory (tag "cuda_graph") since its PR #7873 (autumn 2025); the
+# exact release is not pinned down here, so the tag is used from a version safely after it. An older
+# server would refuse the unknown tag; a newer one below this line just keeps its graphs resident.
+CUDA_GRAPH_TAG_MIN_VERSION = (0, 5, 5)
 
 _DTYPE_NAMES = {
     torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64",
@@ -544,12 +548,25 @@ class SGLangEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ memory
 
+    def memory_tags(self) -> list[str]:
+        """The memory tags this server can release: ``weights``, ``kv_cache`` (+ ``cuda_graph`` on new versions).
+
+        Colocated training releases exactly these and resumes exactly these (``weights`` first, then
+        the rest): releasing with ``tags=None`` would also free tags the caller does not know to
+        resume, and the next generation would be refused.
+        """
+        version = self.server_version()
+        tags = ["weights", "kv_cache"]
+        if version and version >= CUDA_GRAPH_TAG_MIN_VERSION:
+            tags.append("cuda_graph")
+        return tags
+
     def release_memory(self, tags: Sequence[str] | None = None) -> None:
-        """Free the engine's GPU memory (``weights`` and/or ``kv_cache``; None: both) before training."""
+        """Free the engine's GPU memory before training (None: every tag the server has)."""
         self._call("release_memory_occupation", {"tags": list(tags) if tags is not None else None})
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
-        """Re-occupy GPU memory. Colocated order: ``["weights"]``, sync weights, then ``["kv_cache"]``."""
+        """Re-occupy GPU memory. Colocated order: ``["weights"]``, sync weights, then the other released tags."""
         self._call("resume_memory_occupation", {"tags": list(tags) if tags is not None else None})
 
     def flush_cache(self) -> None:

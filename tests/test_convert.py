@@ -404,11 +404,11 @@ def test_failure_while_writing_leaves_nothing(hf_models, converted, tmp_path, mo
     calls = {"n": 0}
     real = conv.hf_to_megatron_tensor
 
-    def flaky(name, get, hf):
+    def flaky(name, src, hf):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError("disk full (simulated)")
-        return real(name, get, hf)
+        return real(name, src, hf)
 
     monkeypatch.setattr(conv, "hf_to_megatron_tensor", flaky)
     out = tmp_path / "out"

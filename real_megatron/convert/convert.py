@@ -61,7 +61,7 @@ def hf_to_megatron(hf_dir, out, *, tp: int = 1, pp: int = 1, dtype: str = "auto"
 
         def full_tensors():
             for name in shapes:
-                yield name, hf_to_megatron_tensor(name, src.get, hf).to(dtypes[name])
+                yield name, hf_to_megatron_tensor(name, src, hf).to(dtypes[name])
 
         with atomic_dir(out, overwrite, (hf_dir,)) as tmp:
             write_shards(tmp, hf, tp, pp, prefetch(full_tensors()), dtypes)

@@ -92,10 +92,13 @@ class HFCheckpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self._reader(self.weight_map[name]).dtype(name)
 
-    def get(self, name: str) -> torch.Tensor:
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._reader(self.weight_map[name]).shape(name)
+
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         if name not in self.weight_map:
             raise ConversionError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
-        return self._reader(self.weight_map[name]).get(name)
+        return self._reader(self.weight_map[name]).get(name, out=out)
 
     def close(self) -> None:
         for reader in self._readers.values():

@@ -93,7 +93,7 @@ def load_hf_into(model_chunks, hf_dir) -> None:
     with HFCheckpoint(hf_dir) as src:
         _check_same_model(hf, src.config, str(Path(hf_dir) / "config.json"))
         src.validate()
-        _copy_into(chunk, lambda name, padded: shard(name, hf_to_megatron_tensor(name, src.get, hf), tp_rank, tp, padded))
+        _copy_into(chunk, lambda name, padded: shard(name, hf_to_megatron_tensor(name, src, hf), tp_rank, tp, padded))
 
 
 def load_megatron_checkpoint_into(model_chunks, megatron_dir) -> None:

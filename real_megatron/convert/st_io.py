@@ -171,11 +171,17 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, read into a new buffer or into ``out`` (contiguous, same shape and dtype)."""
         if name not in self.entries:
             raise ConversionError(f"{self.path}: no tensor {name!r}")
         dtype, shape, start, end = self.entries[name]
-        out = torch.empty(shape, dtype=dtype)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        elif (out.dtype, tuple(out.shape), out.device.type) != (dtype, shape, "cpu") or not out.is_contiguous():
+            raise ValueError(f"{self.path}: {name!r} is {dtype} {shape}; cannot read into a {out.dtype} "
+                             f"{tuple(out.shape)} {'contiguous' if out.is_contiguous() else 'strided'} "
+                             f"{out.device.type} tensor")
         if end > start:
             view = memoryview(out.view(-1).view(torch.uint8).numpy())
             pos, want = 0, end - start

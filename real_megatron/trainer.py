@@ -257,7 +257,9 @@ class Trainer:
         return self.rollout_step * self.updates_per_rollout
 
     def save(self) -> Path:
-        state = {"model": [c.state_dict() for c in self.chunks], "optimizer": self.optimizer.state_dict()}
+        from real_megatron.megatron.train import optimizer_state
+
+        state = {"model": [c.state_dict() for c in self.chunks], "optimizer": optimizer_state(self.optimizer)}
         meta = {"layout": self.layout, "rollout_step": self.rollout_step, "optimizer_step": self.optimizer_step,
                 "skipped_steps": self.skipped_steps, "config": config_to_dict(self.cfg),
                 "sampler": self.sampler.state_dict() if self.sampler is not None else None}
@@ -268,13 +270,15 @@ class Trainer:
         return path
 
     def restore(self) -> bool:
+        from real_megatron.megatron.train import load_optimizer_state
+
         latest = self.ckpt.latest()
         if latest is None:
             return False
         meta, state = self.ckpt.load(latest, expect_layout=self.layout)
         for chunk, sd in zip(self.chunks, state["model"]):
             chunk.load_state_dict(sd)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.rollout_step = int(meta["rollout_step"])
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         if self.sampler is not None and meta.get("sampler") is not None:

@@ -250,6 +250,7 @@ class Trainer:
         self._stop_signal: int | None = None
         # colocated SGLang: release its memory during training (rollout.sglang_release_memory)
         self._colocated = cfg.rollout.engine == "sglang" and cfg.rollout.sglang_release_memory
+        self._memory_tags: list[str] = []  # set with the engine: what is released and resumed
 
     # ------------------------------------------------------------------ state
     @property

@@ -33,8 +33,10 @@ Run: ``python tests/sglang_standin.py --version 0.5.21 [--tp-size 1] [--eos 2]``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -446,6 +448,24 @@ def start_in_thread(**kwargs):
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, state, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@contextlib.contextmanager
+def running_process(*args: str):
+    """Run the stand-in in its own process (``args``: its command-line flags); yields its URL.
+
+    A separate process is what the NCCL path needs: its group joins two processes, as in real use.
+    """
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"stand-in did not start: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}")
+        yield f"http://127.0.0.1:{int(line.split()[1])}"
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 def _parse_param(text: str):

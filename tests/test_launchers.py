@@ -122,35 +122,27 @@ def test_local_list_overrides_travel_in_a_resolved_config(tmp_path):
     assert want.data.train_files == ["a.parquet", "b.parquet"] and want.loss.name == "grpo"
 
 
-@pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory):
-    from real_megatron.demo import build_assets
-
-    train, test, base = build_assets(tmp_path_factory.mktemp("assets"), seed=7)
-    return {"train": train, "test": test, "base": base}
-
-
 def tiny_run_args(assets, run_dir, train_files):
     return ["--recipe", "tiny_cpu", "--gpus", "2", f"model.hf_dir={assets['base']}", f"data.train_files={train_files}",
             f"data.eval_files=[{assets['test']}]", f"run_dir={run_dir}", "train.steps=1", "train.eval_every=0",
             "logging.progress_bar=false", "train.rollout_batch_prompts=4", "train.mini_batch_prompts=4", "rollout.n=4"]
 
 
-def test_local_launch_runs_torchrun_for_real(tiny_assets, tmp_path, monkeypatch, capsys):
+def test_local_launch_runs_torchrun_for_real(assets, tmp_path, monkeypatch, capsys):
     """Not a dry run: nemo-run starts torchrun with 2 gloo processes, which train one step; a list
     override reaches the job through the resolved config; a failing job makes the launcher exit 1."""
     import json
 
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # an unactivated venv: torchrun is found beside python
     run_dir = tmp_path / "run"
-    train = tiny_assets["train"]
-    assert launch.main(tiny_run_args(tiny_assets, run_dir, f"[{train},{train}]")) == 0
+    train = assets["train"]
+    assert launch.main(tiny_run_args(assets, run_dir, f"[{train},{train}]")) == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1] and rows[0]["loss/num_rollouts"] == 16
     assert load_config(run_dir / "config.yaml").data.train_files == [str(train), str(train)]
 
     capsys.readouterr()
-    assert launch.main(tiny_run_args(tiny_assets, tmp_path / "bad", f"[{tmp_path}/missing.parquet]")) == 1
+    assert launch.main(tiny_run_args(assets, tmp_path / "bad", f"[{tmp_path}/missing.parquet]")) == 1
     assert "the job ended FAILED" in capsys.readouterr().err
 
 

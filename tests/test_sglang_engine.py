@@ -254,18 +254,9 @@ def test_version_parsing():
 @pytest.fixture
 def standin_process():
     """The stand-in in its own process: the NCCL path's group joins two processes, as in real use."""
-    import subprocess
-
-    args = [sys.executable, str(Path(__file__).with_name("sglang_standin.py")), "--version", "0.5.21",
-            "--eos", str(EOS)] + [f"--param={n}:{'x'.join(map(str, s))}" for n, s in PARAMS.items()]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("PORT "), f"stand-in did not start: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
-        yield f"http://127.0.0.1:{int(line.split()[1])}"
-    finally:
-        proc.kill()
-        proc.wait(10)
+    with sglang_standin.running_process("--version", "0.5.21", "--eos", str(EOS),
+                                        *[f"--param={n}:{'x'.join(map(str, s))}" for n, s in PARAMS.items()]) as url:
+        yield url
 
 
 def remote_state(url):

@@ -1,6 +1,6 @@
 """The RL loop end to end on the tiny CPU setup: one process, torchrun DP=2, kill -9 + resume, faults.
 
-Assets (task files, a tokenizer trained on the task, a random tiny Qwen2) are built once per module
+Assets (task files, a tokenizer trained on the task, a random tiny Qwen2) are built once per session (tests/conftest.py)
 by the demo's own builder; each run is a real `python -m real_megatron train` subprocess (or
 torchrun), so process groups, signals and files are the real ones.
 """
@@ -22,15 +22,6 @@ REQUIRED_KEYS = {
     "train/response_length_mean", "train/grad_norm", "time/rollout_s", "time/reward_s", "time/logprob_s",
     "time/update_s", "time/sync_s", "loss/contributing_group_fraction", "loss/max_score_weight",
 }
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from real_megatron.demo import build_assets
-
-    root = tmp_path_factory.mktemp("assets")
-    train, test, base = build_assets(root, seed=7)
-    return {"train": train, "test": test, "base": base}
 
 
 def overrides(assets, run_dir, **extra):
@@ -226,15 +217,13 @@ def test_trainer_drives_sglang_server_with_release_and_distributed_sync(assets, 
 
     from real_megatron.convert.mapping import hf_shapes
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import sglang_standin
+
     hf = json.loads((assets["base"] / "config.json").read_text())
     params = [f"--param={n}:{'x'.join(map(str, s))}" for n, s in hf_shapes(hf).items()]
-    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("sglang_standin.py")), "--version",
-                               "0.5.21", "--eos", str(hf["eos_token_id"]), "--vocab-size", str(hf["vocab_size"]),
-                               *params], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = server.stdout.readline()
-        assert line.startswith("PORT "), server.stderr.read()
-        url = f"http://127.0.0.1:{int(line.split()[1])}"
+    with sglang_standin.running_process("--version", "0.5.21", "--eos", str(hf["eos_token_id"]),
+                                        "--vocab-size", str(hf["vocab_size"]), *params) as url:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             group_port = s.getsockname()[1]
@@ -246,9 +235,6 @@ def test_trainer_drives_sglang_server_with_release_and_distributed_sync(assets, 
         assert proc.returncode == 0, proc.stderr[-3000:]
         with urllib.request.urlopen(url + "/standin/state") as resp:
             state = json.loads(resp.read())
-    finally:
-        server.kill()
-        server.wait(10)
 
     assert all("error" not in r for r in state["requests"]), [r for r in state["requests"] if "error" in r]
     calls = [r["path"].strip("/") for r in state["requests"] if r["path"] != "/flush_cache"]

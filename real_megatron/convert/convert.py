@@ -142,7 +142,8 @@ def megatron_to_hf(megatron_dir, out, *, hf_config_from=None, max_shard_size="5G
             _same_shapes(hf, read_config(side), str(side / "config.json"))
         else:
             side = megatron_dir / HF_SUBDIR
-        dtypes = {name: ckpt.dtype(name) for name in full_megatron_shapes(hf)}
+        shapes = full_megatron_shapes(hf)
+        dtypes = {name: ckpt.dtype(name) for name in shapes}
         entries = hf_entries(hf, dtypes)
 
         def hf_tensors():  # on the prefetch thread, with the copies that make split views contiguous
@@ -152,5 +153,5 @@ def megatron_to_hf(megatron_dir, out, *, hf_config_from=None, max_shard_size="5G
 
         with atomic_dir(out, overwrite, inputs) as tmp:
             write_hf_dir(tmp, entries, prefetch(hf_tensors()), limit)
-            write_hf_config(tmp, hf, side, dtype_name(_dominant(dtypes, full_megatron_shapes(hf))))
+            write_hf_config(tmp, hf, side, dtype_name(_dominant(dtypes, shapes)))
     return Path(out)

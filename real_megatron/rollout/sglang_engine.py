@@ -389,6 +389,7 @@ class SGLangEngine(RolloutEngine):
             sglang = _import_sglang()
             self._engine = sglang.Engine(**engine_kwargs)
         self._session = weight_update_session
+        self._version: tuple[int, ...] | None = None  # the server's, once known (asked for by several decisions)
         self._group = None  # trainer side of the NCCL weight-update group
         self._group_name = None
         self._weight_version = 0
@@ -451,6 +452,11 @@ class SGLangEngine(RolloutEngine):
             "rollout.engine=embedded.")
 
     def server_version(self) -> tuple[int, ...] | None:
+        if self._version is None:
+            self._version = self._query_version()
+        return self._version
+
+    def _query_version(self) -> tuple[int, ...] | None:
         if self._http is not None:
             try:
                 info = self._http.get("/get_server_info", timeout_s=30)

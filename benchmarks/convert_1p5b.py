@@ -15,8 +15,11 @@ torch interpreter) is its own; every phase imports the same modules before its c
 
 Prints seconds (fastest of --repeats interleaved runs) and peak RSS (largest) per phase and the
 ratios to the targets: round-trip time <= 2x the baseline, each conversion's peak RSS <= 2x the
-checkpoint size. Needs ~11 GB free disk in
---workdir (input, Megatron, output; the baseline's copy is deleted right away) and a few GB RAM.
+checkpoint size. Because a shared or virtual machine's disk and memory speed drift from minute to
+minute, it also prints each repeat's own ratio (its round trip over the baseline run just before
+it) and their median. Needs ~11 GB free disk in --workdir (input, Megatron, output; the baseline's
+copy is deleted right away) and RAM for ~3 checkpoints of page cache; run it on an idle machine
+(other processes' I/O and page cache distort every number).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,6 +144,7 @@ def main() -> None:
         shutil.rmtree(work / "copy")
         # the machine may be shared: phases are interleaved, repeated, and the fastest run of each kept
         res: dict[str, dict] = {}
+        paired: list[float] = []  # each repeat's round trip / its own baseline
         for r in range(args.repeats):
             if r:
                 shutil.rmtree(work / "meg")
@@ -154,6 +159,12 @@ def main() -> None:
                     if key in got:
                         best[key] = min(best[key], got[key])
                 best["peak_rss"] = max(best["peak_rss"], got["peak_rss"])
+                if name == "baseline":
+                    this_baseline = got["seconds"]
+                elif name == "hf_to_megatron":
+                    this_h2m = got["seconds"]
+                else:
+                    paired.append((this_h2m + got["seconds"]) / this_baseline)
         run_phase("verify", work)
         gb = 1e9
         print(f"\n{'phase':<16}{'seconds':>9}{'peak RSS GB':>13}{'RSS / ckpt':>12}")
@@ -167,6 +178,8 @@ def main() -> None:
         print(f"\nbaseline load+save: {plain:.1f} s without fsync, {base:.1f} s with fsync (the converters fsync)")
         print(f"round trip HF->Megatron->HF: {total:.1f} s = {total / base:.2f}x the baseline with fsync, "
               f"{total / plain:.2f}x without [target <= 2x]")
+        print(f"each repeat's round trip / its own baseline: {', '.join(f'{x:.2f}' for x in paired)}; "
+              f"median {statistics.median(paired):.2f}x")
         print(f"per direction (one load+save each): hf->megatron {h2m / base:.2f}x / {h2m / plain:.2f}x, "
               f"megatron->hf {m2h / base:.2f}x / {m2h / plain:.2f}x (with / without fsync in the baseline)")
         print(f"peak RSS of a conversion: {peak / gb:.2f} GB = {peak / size:.2f}x the checkpoint ({size / gb:.2f} GB) "

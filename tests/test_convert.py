@@ -402,7 +402,7 @@ def test_failure_while_writing_leaves_nothing(hf_models, converted, tmp_path, mo
     import real_megatron.convert.convert as conv
 
     calls = {"n": 0}
-    real = conv.hf_to_megatron_tensor
+    real = conv.hf_to_megatron_blocks
 
     def flaky(name, src, hf):
         calls["n"] += 1
@@ -410,7 +410,7 @@ def test_failure_while_writing_leaves_nothing(hf_models, converted, tmp_path, mo
             raise OSError("disk full (simulated)")
         return real(name, src, hf)
 
-    monkeypatch.setattr(conv, "hf_to_megatron_tensor", flaky)
+    monkeypatch.setattr(conv, "hf_to_megatron_blocks", flaky)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="simulated"):
         hf_to_megatron(hf_models["qwen2"], out, tp=2, pp=2)
@@ -418,7 +418,7 @@ def test_failure_while_writing_leaves_nothing(hf_models, converted, tmp_path, mo
     _no_leftovers(out)
 
     calls["n"] = 0
-    real_split = conv.megatron_to_hf_tensors
+    real_split = conv.megatron_to_hf_blocks
 
     def flaky_split(name, tensor, hf):
         calls["n"] += 1
@@ -426,7 +426,7 @@ def test_failure_while_writing_leaves_nothing(hf_models, converted, tmp_path, mo
             raise OSError("disk full (simulated)")
         return real_split(name, tensor, hf)
 
-    monkeypatch.setattr(conv, "megatron_to_hf_tensors", flaky_split)
+    monkeypatch.setattr(conv, "megatron_to_hf_blocks", flaky_split)
     out.mkdir()
     (out / "old.txt").write_text("old")
     with pytest.raises(OSError, match="simulated"):
@@ -558,3 +558,78 @@ def test_single_file_output_is_named_like_transformers(hf_models, converted, tmp
     out = megatron_to_hf(converted("qwen2", 1, 1), tmp_path / "hf2")  # default 5GB shards: one file
     assert sorted(p.name for p in out.glob("*.safetensors*")) == ["model.safetensors"]
     _assert_bit_identical(_hf_state(hf_models["qwen2"]), _hf_state(out))
+
+
+# ----------------------------------------------------------------------------- streaming file I/O
+
+
+def _odd_file(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file whose tensors start at offsets that are not multiples of their element
+    size or of a page (a 3-byte bool tensor first), with an empty tensor and a scalar."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {"a_flags": torch.tensor([True, False, True]), "b_big": torch.randn(3000, 7, generator=g),
+               "c_empty": torch.zeros(0, 5), "d_scalar": torch.tensor(2.5, dtype=torch.float64),
+               "e_half": torch.randn(33, 3, generator=g).to(torch.bfloat16)}
+    save_file(tensors, path)
+    return tensors
+
+
+def test_views_equal_copies_and_never_write_the_file(tmp_path):
+    from real_megatron.convert.st_io import SafetensorsReader
+
+    path = tmp_path / "odd.safetensors"
+    want = _odd_file(path)
+    before = path.read_bytes()
+    with SafetensorsReader(path) as reader:
+        for name, tensor in want.items():
+            view, copy = reader.view(name), reader.get(name)
+            assert view.dtype == tensor.dtype and view.shape == tensor.shape, name
+            assert torch.equal(view, tensor) and torch.equal(copy, tensor), name
+        view = reader.view("b_big")
+        view.fill_(0.0)  # a private map: the file and later reads keep the original bytes
+        assert torch.equal(reader.view("b_big"), want["b_big"])
+    assert path.read_bytes() == before
+
+
+def test_view_falls_back_to_a_copy_without_memory_maps(tmp_path, monkeypatch):
+    from real_megatron.convert import st_io
+
+    path = tmp_path / "odd.safetensors"
+    want = _odd_file(path)
+
+    def no_mmap(*args, **kwargs):
+        raise OSError(19, "No such device (simulated file system without mmap)")
+
+    monkeypatch.setattr(st_io.mmap, "mmap", no_mmap)
+    copies, real_get = [], st_io.SafetensorsReader.get
+
+    def counting_get(self, name, out=None):
+        copies.append(name)
+        return real_get(self, name, out)
+
+    monkeypatch.setattr(st_io.SafetensorsReader, "get", counting_get)
+    with st_io.SafetensorsReader(path) as reader:
+        assert torch.equal(reader.view("b_big"), want["b_big"])
+    assert copies == ["b_big"]
+
+
+def test_writer_takes_row_blocks_and_checks_them(tmp_path):
+    from safetensors import safe_open
+
+    from real_megatron.convert.st_io import SafetensorsWriter
+
+    full = torch.randn(10, 4)
+    path = tmp_path / "blocks.safetensors"
+    writer = SafetensorsWriter(path, [("w", torch.float32, (10, 4)), ("b", torch.float32, (6,))])
+    writer.write("w", [full[:3], full[3:4], full[4:]])  # written one after another, never concatenated
+    bias = torch.randn(6)
+    with pytest.raises(RuntimeError, match=r"blocks.safetensors: got 'b' torch.float32 \(5,\), planned 'b'"):
+        writer.write("b", [bias[:2], bias[2:5]])  # one row short
+    with pytest.raises(RuntimeError, match="row blocks"):
+        writer.write("b", [bias[:2], bias[2:].double()])  # blocks of different dtypes do not concatenate
+    writer.write("b", [bias[:2], bias[2:]])
+    writer.close()
+    with safe_open(path, "pt") as fh:
+        assert torch.equal(fh.get_tensor("w"), full) and torch.equal(fh.get_tensor("b"), bias)

@@ -1,4 +1,4 @@
-"""Whole-checkpoint conversions, single process, one tensor in memory at a time.
+"""Whole-checkpoint conversions, single process, a few tensors in memory at a time.
 
 ``hf_to_megatron`` and ``megatron_to_hf`` validate everything they can from file headers
 (architecture, layout, every tensor's presence and shape, truncation) before writing a byte, then
@@ -16,7 +16,7 @@ import torch
 from real_megatron.convert.atomic import atomic_dir, check_output
 from real_megatron.convert.hf_io import HFCheckpoint, HFShardedWriter, copy_side_files, parse_size
 from real_megatron.convert.mapping import (ConversionError, check_layout, full_megatron_shapes, hf_names, hf_shapes,
-                                           hf_to_megatron_tensor, megatron_to_hf_tensors, model_dims,
+                                           hf_to_megatron_blocks, megatron_to_hf_blocks, model_dims,
                                            read_config)
 from real_megatron.convert.megatron_format import HF_SUBDIR, MegatronCheckpoint, write_meta, write_shards
 from real_megatron.convert.st_io import nbytes, prefetch
@@ -59,9 +59,9 @@ def hf_to_megatron(hf_dir, out, *, tp: int = 1, pp: int = 1, dtype: str = "auto"
                                       f"are fused into one Megatron tensor; pass --dtype bf16|fp16|fp32")
             dtypes[name] = target or found.pop()
 
-        def full_tensors():
+        def full_tensors():  # row blocks that are views of the input files: bytes go file to file
             for name in shapes:
-                yield name, hf_to_megatron_tensor(name, src, hf).to(dtypes[name])
+                yield name, [block.to(dtypes[name]) for block in hf_to_megatron_blocks(name, src, hf)]
 
         with atomic_dir(out, overwrite, (hf_dir,)) as tmp:
             write_shards(tmp, hf, tp, pp, prefetch(full_tensors()), dtypes)
@@ -146,10 +146,9 @@ def megatron_to_hf(megatron_dir, out, *, hf_config_from=None, max_shard_size="5G
         dtypes = {name: ckpt.dtype(name) for name in shapes}
         entries = hf_entries(hf, dtypes)
 
-        def hf_tensors():  # on the prefetch thread, with the copies that make split views contiguous
+        def hf_tensors():  # row blocks: views of the Megatron files at TP=1, written without copies
             for name in dtypes:
-                for hf_name, tensor in megatron_to_hf_tensors(name, ckpt.full(name), hf):
-                    yield hf_name, tensor.contiguous()
+                yield from megatron_to_hf_blocks(name, ckpt.full(name), hf)
 
         with atomic_dir(out, overwrite, inputs) as tmp:
             write_hf_dir(tmp, entries, prefetch(hf_tensors()), limit)

@@ -100,6 +100,12 @@ class HFCheckpoint:
             raise ConversionError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
         return self._reader(self.weight_map[name]).get(name, out=out)
 
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor as a view of the file's bytes, no copy (``SafetensorsReader.view``)."""
+        if name not in self.weight_map:
+            raise ConversionError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
+        return self._reader(self.weight_map[name]).view(name)
+
     def close(self) -> None:
         for reader in self._readers.values():
             reader.close()
@@ -179,7 +185,8 @@ class HFShardedWriter:
         self._left = 0
         self._writer: SafetensorsWriter | None = None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | list[torch.Tensor]) -> None:
+        """``tensor``: a tensor or its row blocks (``SafetensorsWriter.write``)."""
         if self._left == 0:
             self._advance()
         self._writer.write(name, tensor)

@@ -141,52 +141,60 @@ def _qkv_rows(dims: dict) -> tuple[int, int]:
     return dims["heads"] // dims["groups"] * dims["head_dim"], dims["head_dim"]
 
 
-def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: dict) -> torch.Tensor:
-    """HF q/k/v (weights [rows, hidden] or biases [rows]) -> Megatron's per-query-group layout."""
-    groups = dims["groups"]
-    rest = q.shape[1:]
+def merge_qkv_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: dict) -> list[torch.Tensor]:
+    """HF q/k/v (weights [rows, hidden] or biases [rows]) -> the row blocks of Megatron's fused QKV,
+    whose concatenation along dim 0 is the per-query-group layout [q_g; k_g; v_g] for each group g.
+    The blocks are views of q, k and v: nothing is copied."""
     q_rows, kv_rows = _qkv_rows(dims)
-    parts = (q.reshape(groups, q_rows, *rest), k.reshape(groups, kv_rows, *rest), v.reshape(groups, kv_rows, *rest))
-    return torch.cat(parts, dim=1).reshape(-1, *rest)
+    blocks = []
+    for g in range(dims["groups"]):
+        blocks += [q[g * q_rows:(g + 1) * q_rows], k[g * kv_rows:(g + 1) * kv_rows], v[g * kv_rows:(g + 1) * kv_rows]]
+    return blocks
 
 
-def split_qkv(qkv: torch.Tensor, dims: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of ``merge_qkv`` (contiguous results)."""
-    groups = dims["groups"]
-    rest = qkv.shape[1:]
+def split_qkv_blocks(qkv: torch.Tensor, dims: dict) -> tuple[list[torch.Tensor], ...]:
+    """Inverse of ``merge_qkv_blocks``: the row blocks (views of ``qkv``) of HF's q, k and v."""
     q_rows, kv_rows = _qkv_rows(dims)
-    q, k, v = qkv.reshape(groups, q_rows + 2 * kv_rows, *rest).split([q_rows, kv_rows, kv_rows], dim=1)
-    return (q.reshape(-1, *rest).contiguous(), k.reshape(-1, *rest).contiguous(),
-            v.reshape(-1, *rest).contiguous())
+    width = q_rows + 2 * kv_rows
+    q, k, v = [], [], []
+    for g in range(dims["groups"]):
+        at = g * width
+        q.append(qkv[at:at + q_rows])
+        k.append(qkv[at + q_rows:at + q_rows + kv_rows])
+        v.append(qkv[at + q_rows + kv_rows:at + width])
+    return q, k, v
+
+
+def hf_to_megatron_blocks(meg_name: str, src, hf: dict) -> list[torch.Tensor]:
+    """One full Megatron tensor as row blocks (their dim-0 concatenation is the tensor), from the HF
+    checkpoint ``src`` (``view(name)``: an ``HFCheckpoint``). The blocks are views of the HF
+    tensors: fc1 is [gate; up], the fused QKV is its per-group q/k/v blocks, others are one tensor."""
+    tensors = [src.view(n) for n in hf_names(meg_name)]
+    if meg_name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+        return merge_qkv_blocks(*tensors, model_dims(hf))
+    return tensors
 
 
 def hf_to_megatron_tensor(meg_name: str, src, hf: dict) -> torch.Tensor:
-    """One full Megatron tensor from the HF checkpoint ``src`` (``get(name, out=None)``, ``dtype(name)``,
-    ``shape(name)``: an ``HFCheckpoint``)."""
+    """One full Megatron tensor from the HF checkpoint ``src``, as a tensor of its own (a copy)."""
+    return torch.cat(hf_to_megatron_blocks(meg_name, src, hf))
+
+
+def megatron_to_hf_blocks(meg_name: str, tensor: torch.Tensor, hf: dict) -> list[tuple[str, list[torch.Tensor]]]:
+    """The HF (name, row blocks) pairs of one full Megatron tensor; the blocks are views of ``tensor``."""
     names = hf_names(meg_name)
-    if meg_name.endswith("linear_fc1.weight"):
-        # gate and up are read straight into the two halves of the fused tensor: no concatenation
-        # copy (fc1 is ~40% of a model's bytes)
-        rows = [src.shape(n)[0] for n in names]
-        fused = torch.empty((sum(rows), *src.shape(names[0])[1:]), dtype=src.dtype(names[0]))
-        src.get(names[0], out=fused[: rows[0]])
-        src.get(names[1], out=fused[rows[0]:])
-        return fused
-    parts = [src.get(n) for n in names]
     if meg_name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
-        return merge_qkv(*parts, model_dims(hf))
-    return parts[0]
+        return list(zip(names, split_qkv_blocks(tensor, model_dims(hf))))
+    if meg_name.endswith("linear_fc1.weight"):
+        gate, up = tensor.chunk(2, dim=0)
+        return [(names[0], [gate]), (names[1], [up])]
+    return [(names[0], [tensor])]
 
 
 def megatron_to_hf_tensors(meg_name: str, tensor: torch.Tensor, hf: dict) -> list[tuple[str, torch.Tensor]]:
-    """The HF (name, tensor) pairs of one full Megatron tensor."""
-    names = hf_names(meg_name)
-    if meg_name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
-        return list(zip(names, split_qkv(tensor, model_dims(hf))))
-    if meg_name.endswith("linear_fc1.weight"):
-        gate, up = tensor.chunk(2, dim=0)
-        return [(names[0], gate.contiguous()), (names[1], up.contiguous())]
-    return [(names[0], tensor)]
+    """The HF (name, tensor) pairs of one full Megatron tensor (views of ``tensor`` where they can be)."""
+    return [(name, blocks[0] if len(blocks) == 1 else torch.cat(blocks))
+            for name, blocks in megatron_to_hf_blocks(meg_name, tensor, hf)]
 
 
 def full_megatron_shapes(hf: dict) -> dict[str, tuple[int, ...]]:

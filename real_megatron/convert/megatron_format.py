@@ -71,8 +71,9 @@ def needed_names(hf: dict, pp: int, pp_rank: int) -> list[str]:
 
 
 def write_shards(out_dir: Path, hf: dict, tp: int, pp: int, full_tensors, dtypes: dict[str, torch.dtype]) -> None:
-    """Write every rank file from ``full_tensors`` (an iterator of (full name, tensor) in model order)."""
-    from real_megatron.megatron.sharding import shard
+    """Write every rank file from ``full_tensors``: (full name, row blocks) in model order, where the
+    blocks' dim-0 concatenation is the full tensor (``mapping.hf_to_megatron_blocks``)."""
+    from real_megatron.megatron.sharding import _kind, shard
 
     shapes = full_megatron_shapes(hf)
     padded = padded_vocab(hf, tp)
@@ -85,8 +86,18 @@ def write_shards(out_dir: Path, hf: dict, tp: int, pp: int, full_tensors, dtypes
                 writers[(t, p)] = SafetensorsWriter(
                     out_dir / rank_file(t, p), entries,
                     {"format": "pt", "real_megatron_format": FORMAT, "tp_rank": str(t), "pp_rank": str(p)})
-        for name, full in full_tensors:
+        for name, blocks in full_tensors:
             p = stage_of(name, hf, pp)
+            if tp == 1:
+                # the one shard is the full tensor, its vocabulary padded with zero rows: the blocks
+                # are written as they are, never concatenated in memory (``shard`` does the same at
+                # tp=1; test_resharding_equals_direct_conversion compares the two)
+                rows = sum(b.shape[0] for b in blocks)
+                if _kind(name) == "vocab" and rows < padded:
+                    blocks = [*blocks, blocks[0].new_zeros((padded - rows, *blocks[0].shape[1:]))]
+                writers[(0, p)].write(name, blocks)
+                continue
+            full = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
             for t in range(tp):
                 writers[(t, p)].write(name, shard(name, full, t, tp, padded))
         for w in writers.values():
@@ -165,15 +176,15 @@ class MegatronCheckpoint:
                                   f"checkpoint") from None
 
     def full(self, name: str) -> torch.Tensor:
-        """The full tensor (unpadded vocabulary), assembled from the saved shards."""
+        """The full tensor (unpadded vocabulary), assembled from the saved shards. At TP=1 (and for
+        replicated tensors) it is a view of the file's bytes (``SafetensorsReader.view``), no copy."""
         from real_megatron.megatron.sharding import _kind, unshard
 
         if self.tp == 1 or _kind(name) == "replicated":
-            # one shard is the full tensor (vocabulary rows beyond vocab_size are padding): a view,
-            # not unshard's concatenation copy, which costs ~30% of a TP=1 export's time
-            tensor = self._reader(name, 0).get(name)
+            # one shard is the full tensor (vocabulary rows beyond vocab_size are padding)
+            tensor = self._reader(name, 0).view(name)
             return tensor[: self.hf["vocab_size"]] if _kind(name) == "vocab" else tensor
-        return unshard(name, [self._reader(name, t).get(name) for t in range(self.tp)], self.hf["vocab_size"])
+        return unshard(name, [self._reader(name, t).view(name) for t in range(self.tp)], self.hf["vocab_size"])
 
     def shard(self, name: str, tp_rank: int, tp: int, padded: int) -> torch.Tensor:
         """This name's shard for rank ``tp_rank`` of ``tp`` (vocab padded to ``padded``), resharding if needed."""

@@ -7,8 +7,9 @@ resident set until the file is closed, so reading a whole checkpoint through it 
 loading it all. The format is simple and fixed (8-byte little-endian header length, a JSON header
 ``{name: {dtype, shape, data_offsets}}`` padded with spaces to 8 bytes, then the raw bytes), so
 this module writes it from a header planned up front and fills the data tensor by tensor, and
-reads tensors with positioned reads into fresh buffers. Peak memory is the largest tensor in
-flight, not the file. The files are ordinary safetensors files: ``safe_open`` and
+reads each tensor either as a copy (``get``: positioned reads into a fresh buffer) or as a view of
+its own small memory map (``view``), unmapped when the tensor is freed. Peak memory is the largest
+tensors in flight, not the file. The files are ordinary safetensors files: ``safe_open`` and
 ``transformers`` read them (the tests check both).
 
 Every reading error (missing file, bad header, truncated data) is a ``ConversionError`` naming
@@ -19,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import mmap
 import os
 import queue
 import struct
@@ -192,6 +194,34 @@ class SafetensorsReader:
                 pos += got
         return out
 
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor without copying it: a view of a private memory map of just its bytes.
+
+        Why: a conversion mostly moves bytes from one file to another. Reading them into fresh
+        buffers first costs a page fault per 4 KB of new memory, which on a VM was the largest part
+        of a conversion (``benchmarks/convert_1p5b.py``); a view is backed by the page cache the
+        kernel already holds, as ``safetensors.torch.load_file``'s tensors are. The map is private
+        (copy-on-write), so writing to the tensor never changes the file, and it is unmapped when
+        the last tensor using it is freed, so memory stays bounded by the tensors alive. The file
+        must not be truncated while views of it are alive (reading past the end kills the process
+        with SIGBUS; ``get`` copies are immune).
+        """
+        if name not in self.entries:
+            raise ConversionError(f"{self.path}: no tensor {name!r}")
+        dtype, shape, start, end = self.entries[name]
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        first = self.data_start + start
+        base = first - first % mmap.ALLOCATIONGRANULARITY  # maps start on a page boundary
+        try:
+            mapped = mmap.mmap(self._fd, self.data_start + end - base, offset=base, access=mmap.ACCESS_COPY)
+        except OSError:  # a file system without memory maps: read a copy instead
+            return self.get(name)
+        if hasattr(mmap, "MADV_WILLNEED"):
+            mapped.madvise(mmap.MADV_WILLNEED)  # start reading a file that is not cached yet
+        count = (end - start) // dtype.itemsize
+        return torch.frombuffer(mapped, dtype=dtype, offset=first - base, count=count).view(shape)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -210,10 +240,25 @@ class SafetensorsReader:
             pass
 
 
+def _concat_shape(blocks: list[torch.Tensor]) -> tuple[torch.dtype, tuple[int, ...]] | None:
+    """(dtype, shape) of the dim-0 concatenation of ``blocks``, or None if they do not concatenate."""
+    if len(blocks) == 1:
+        return blocks[0].dtype, tuple(blocks[0].shape)
+    if not blocks or any(b.dim() == 0 for b in blocks):
+        return None
+    dtype, rest = blocks[0].dtype, tuple(blocks[0].shape[1:])
+    if any(b.dtype != dtype or tuple(b.shape[1:]) != rest for b in blocks):
+        return None
+    return dtype, (sum(b.shape[0] for b in blocks), *rest)
+
+
 class SafetensorsWriter:
     """Write a safetensors file whose entries (name, dtype, shape) are known up front, tensor by tensor.
 
     Tensors must arrive in the planned order; ``close`` checks that all did and fsyncs the file.
+    A tensor may be given as a list of row blocks (tensors whose concatenation along dim 0 is the
+    planned tensor, such as the q/k/v blocks of a fused QKV), which are written one after another
+    without being concatenated in memory.
     """
 
     def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
@@ -234,19 +279,23 @@ class SafetensorsWriter:
         self._fh.write(raw)
         self._synced = 0  # bytes [0, _synced) are queued for writeback
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | list[torch.Tensor]) -> None:
         if self._next >= len(self._expected):
             raise RuntimeError(f"{self.path}: unplanned tensor {name!r}")
         exp_name, exp_dtype, exp_shape = self._expected[self._next]
-        if (name, tensor.dtype, tuple(tensor.shape)) != (exp_name, exp_dtype, tuple(exp_shape)):
-            raise RuntimeError(f"{self.path}: got {name!r} {tensor.dtype} {tuple(tensor.shape)}, planned "
-                               f"{exp_name!r} {exp_dtype} {tuple(exp_shape)}")
-        t = tensor.detach().to("cpu").contiguous()
-        if t.numel():
-            data = memoryview(t.view(-1).view(torch.uint8).numpy())
-            for start in range(0, len(data), _WRITE_CHUNK):
-                self._fh.write(data[start:start + _WRITE_CHUNK])
-                self._start_writeback()
+        blocks = [tensor] if isinstance(tensor, torch.Tensor) else list(tensor)
+        got = _concat_shape(blocks)
+        if (name, got) != (exp_name, (exp_dtype, tuple(exp_shape))):
+            got_text = f"{got[0]} {got[1]}" if got else f"row blocks {[(b.dtype, tuple(b.shape)) for b in blocks]}"
+            raise RuntimeError(f"{self.path}: got {name!r} {got_text}, planned {exp_name!r} {exp_dtype} "
+                               f"{tuple(exp_shape)}")
+        for block in blocks:
+            t = block.detach().to("cpu").contiguous()
+            if t.numel():
+                data = memoryview(t.view(-1).view(torch.uint8).numpy())
+                for start in range(0, len(data), _WRITE_CHUNK):
+                    self._fh.write(data[start:start + _WRITE_CHUNK])
+                    self._start_writeback()
         self._next += 1
 
     def _start_writeback(self) -> None:

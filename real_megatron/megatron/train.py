@@ -86,6 +86,13 @@ def load_optimizer_state(optimizer, state: dict) -> None:
         return
     optimizer.load_state_dict(state["megatron"])  # allocates the shard state the copies below fill
     opts = _distributed_optimizers(optimizer)
+    for opt in opts:
+        # Megatron's load_state_dict (torch-optimizer path, no Apex/TE) hands every parameter the SAME
+        # ``step`` tensor; torch's Adam increments each parameter's step in place, so a shared one
+        # would advance once per parameter per update and corrupt the bias correction after a resume
+        for param_state in opt.optimizer.state.values():
+            if "step" in param_state:
+                param_state["step"] = param_state["step"].clone()
     shards = state.get("param_shards", [])
     if len(shards) != len(opts):
         raise RuntimeError(f"the checkpoint holds parameter-shard state for {len(shards)} distributed optimizer(s), "

@@ -60,9 +60,10 @@ _SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages; do not wait
 def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
     """Yield ``items``, computed on a background thread up to ``depth`` items ahead.
 
-    A conversion is a loop of "read and reshape the next tensor" (positioned reads, torch copies)
-    and "write this tensor" (file writes): all of them release the GIL, so running the first on a
-    second thread overlaps them. Memory grows by at most ``depth`` tensors. An exception raised by
+    A conversion is a loop of "prepare the next tensor" (map it and ask the kernel to read it ahead;
+    at TP > 1, concatenate and cut it) and "write this tensor" (file writes): both release the GIL,
+    so running the first on a second thread overlaps them, and a file that is not in the page cache
+    yet is read while the previous tensor is written. Memory grows by at most ``depth`` tensors. An exception raised by
     ``items`` is re-raised here; if the consumer stops early, the thread stops after its current item.
     """
     pending: queue.Queue = queue.Queue(maxsize=depth)

@@ -6,7 +6,8 @@
 Each file is one benchmark (named after the file). For every problem, ``samples`` responses are
 drawn and verified; pass@1 is the mean of all scores and pass@k the unbiased estimator
 1 − C(n−c, k) / C(n, k) (Chen et al., 2021) averaged over problems. Results go to
-``results.json`` and ``results.md`` (one row per benchmark and the average over benchmarks).
+``results.json`` (with each problem's correct-sample count) and ``results.md`` (one row per
+benchmark and the average over benchmarks).
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def evaluate_prompts(engine, reward_pool, tokenizer, records, prompt_ids, *, sam
             lengths.append(len(c.token_ids))
     result = {f"pass@{k}": sum(pass_at_k(samples, c, k) for c in correct) / len(records) for k in report_ks(samples)}
     result.update({"problems": len(records), "samples": samples, "response_length_mean": sum(lengths) / len(lengths),
-                   "reward_timeouts": timeouts, "reward_crashes": crashes})
+                   "reward_timeouts": timeouts, "reward_crashes": crashes,
+                   "correct_per_problem": correct})  # in file order: for per-problem analysis and re-checking pass@k
     return result
 
 

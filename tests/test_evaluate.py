@@ -34,12 +34,12 @@ def test_report_ks():
     assert report_ks(12) == [1, 2, 4, 8, 12]
 
 
-def test_evaluate_cli_on_benchmark_shaped_files(tmp_path):
+def test_evaluate_cli_on_benchmark_shaped_files(tmp_path, warm_assets):
     import pyarrow.parquet as pq
 
-    from real_megatron.demo import build_assets
-
-    train, test, base = build_assets(tmp_path / "assets", seed=3)
+    # the warmed-up tiny model solves some problems: with the random one every count is 0 and pass@k
+    # would be 0 whatever the estimator did
+    test, base = warm_assets["test"], warm_assets["base"]
     # a second benchmark file: the first 5 rows of the test split, as a user's own file would be
     small = tmp_path / "small_bench.parquet"
     pq.write_table(pq.read_table(test).slice(0, 5), small)
@@ -54,6 +54,12 @@ def test_evaluate_cli_on_benchmark_shaped_files(tmp_path):
     assert results["benchmarks"]["test"]["problems"] == 6 and results["benchmarks"]["small_bench"]["problems"] == 5
     for r in results["benchmarks"].values():
         assert 0.0 <= r["pass@1"] <= r["pass@2"] <= r["pass@4"] <= 1.0
+        counts = r["correct_per_problem"]
+        assert len(counts) == r["problems"] and all(0 <= c <= 4 for c in counts)
+        for k in (1, 2, 4):  # the reported numbers are the estimator applied to the reported counts
+            want = sum(1 - math.comb(4 - c, k) / math.comb(4, k) for c in counts) / len(counts)
+            assert math.isclose(r[f"pass@{k}"], want, rel_tol=1e-12), (k, r[f"pass@{k}"], want)
+    assert sum(results["benchmarks"]["test"]["correct_per_problem"]) > 0
     table = (out / "results.md").read_text()
     assert "| average |" in table and "pass@4" in table
 

@@ -19,7 +19,8 @@ checkpoint size. Because a shared or virtual machine's disk and memory speed dri
 minute, it also prints each repeat's own ratio (its round trip over the baseline run just before
 it) and their median. Needs ~11 GB free disk in --workdir (input, Megatron, output; the baseline's
 copy is deleted right away) and RAM for ~3 checkpoints of page cache; run it on an idle machine
-(other processes' I/O and page cache distort every number).
+(other processes' I/O and page cache distort every number). ``--cold`` (root) drops the page cache
+before every timed phase, so each phase reads its input from the disk.
 """
 from __future__ import annotations
 
@@ -114,8 +115,13 @@ def phase(name: str, work: Path) -> None:
     print(json.dumps(out))
 
 
-def run_phase(name: str, work: Path) -> dict:
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def run_phase(name: str, work: Path, cold: bool = False) -> dict:
     os.sync()  # no phase pays for flushing the previous phase's dirty pages
+    if cold:  # every input is read from the disk, as after a download or on another node
+        DROP_CACHES.write_text("3\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     proc = subprocess.run([sys.executable, __file__, "--phase", name, "--workdir", str(work)],
                           capture_output=True, text=True, env=env)
@@ -130,7 +136,12 @@ def main() -> None:
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--keep", action="store_true", help="keep the files")
     ap.add_argument("--repeats", type=int, default=3, help="runs per phase; the fastest is reported (default 3)")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the page cache before every timed phase, so inputs come from the disk (Linux, root)")
     args = ap.parse_args()
+    if args.cold and not os.access(DROP_CACHES, os.W_OK):
+        raise SystemExit(f"--cold needs write access to {DROP_CACHES} (Linux, run as root); leave it out to "
+                         f"measure with the input in the page cache")
     if args.phase:
         phase(args.phase, Path(args.workdir))
         return
@@ -150,7 +161,7 @@ def main() -> None:
                 shutil.rmtree(work / "meg")
                 shutil.rmtree(work / "hf2")
             for name in ("baseline", "hf_to_megatron", "megatron_to_hf"):
-                got = run_phase(name, work)
+                got = run_phase(name, work, cold=args.cold)
                 print(f"  run {r + 1} {name}: {got['seconds']:.1f} s, peak RSS {got['peak_rss'] / 1e9:.2f} GB")
                 if name == "baseline":
                     shutil.rmtree(work / "copy")
@@ -175,7 +186,8 @@ def main() -> None:
         h2m, m2h = res["hf_to_megatron"]["seconds"], res["megatron_to_hf"]["seconds"]
         total = h2m + m2h
         peak = max(res["hf_to_megatron"]["peak_rss"], res["megatron_to_hf"]["peak_rss"])
-        print(f"\nbaseline load+save: {plain:.1f} s without fsync, {base:.1f} s with fsync (the converters fsync)")
+        print(f"\npage cache: {'dropped before every phase (--cold)' if args.cold else 'warm (inputs cached)'}")
+        print(f"baseline load+save: {plain:.1f} s without fsync, {base:.1f} s with fsync (the converters fsync)")
         print(f"round trip HF->Megatron->HF: {total:.1f} s = {total / base:.2f}x the baseline with fsync, "
               f"{total / plain:.2f}x without [target <= 2x]")
         print(f"each repeat's round trip / its own baseline: {', '.join(f'{x:.2f}' for x in paired)}; "

@@ -155,7 +155,7 @@ def main() -> None:
         shutil.rmtree(work / "copy")
         # the machine may be shared: phases are interleaved, repeated, and the fastest run of each kept
         res: dict[str, dict] = {}
-        paired: list[float] = []  # each repeat's round trip / its own baseline
+        seconds: dict[str, list[float]] = {}  # every repeat's time per phase, in order
         for r in range(args.repeats):
             if r:
                 shutil.rmtree(work / "meg")
@@ -170,12 +170,7 @@ def main() -> None:
                     if key in got:
                         best[key] = min(best[key], got[key])
                 best["peak_rss"] = max(best["peak_rss"], got["peak_rss"])
-                if name == "baseline":
-                    this_baseline = got["seconds"]
-                elif name == "hf_to_megatron":
-                    this_h2m = got["seconds"]
-                else:
-                    paired.append((this_h2m + got["seconds"]) / this_baseline)
+                seconds.setdefault(name, []).append(got["seconds"])
         run_phase("verify", work)
         gb = 1e9
         print(f"\n{'phase':<16}{'seconds':>9}{'peak RSS GB':>13}{'RSS / ckpt':>12}")
@@ -190,6 +185,8 @@ def main() -> None:
         print(f"baseline load+save: {plain:.1f} s without fsync, {base:.1f} s with fsync (the converters fsync)")
         print(f"round trip HF->Megatron->HF: {total:.1f} s = {total / base:.2f}x the baseline with fsync, "
               f"{total / plain:.2f}x without [target <= 2x]")
+        paired = [(h + m) / b for b, h, m in zip(seconds["baseline"], seconds["hf_to_megatron"],
+                                                  seconds["megatron_to_hf"])]
         print(f"each repeat's round trip / its own baseline: {', '.join(f'{x:.2f}' for x in paired)}; "
               f"median {statistics.median(paired):.2f}x")
         print(f"per direction (one load+save each): hf->megatron {h2m / base:.2f}x / {h2m / plain:.2f}x, "

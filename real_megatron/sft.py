@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 
 from real_megatron.config import ConfigError, config_to_dict, save_config
-from real_megatron.trainer import DTYPES, Trainer, broadcast_object, export_hf, run_job, sync_weights
+from real_megatron.trainer import Trainer, broadcast_object, run_job, sync_weights
 
 
 def _solution(record) -> str:
@@ -67,7 +67,7 @@ def run_sft(cfg) -> int:
                     row.update(t.evaluate())
             if t.rank == 0:
                 t.logger.log(step, row)
-        out = export_hf(t.chunks, t.hf, t.tokenizer, cfg.model.hf_dir, t.run_dir / "hf", DTYPES[cfg.model.dtype])
+        out = t.export_hf(t.run_dir / "hf")
         if t.rank == 0:
             print(f"SFT model (HF): {out}\nmetrics: {t.run_dir / 'metrics.jsonl'}", flush=True)
         return 0

@@ -182,19 +182,6 @@ def load_initial_weights(cfg: RunConfig, chunks) -> str:
     return cfg.model.hf_dir
 
 
-def export_hf(chunks, hf: dict, tokenizer, side_files_from, out_dir: Path, dtype: torch.dtype) -> Path | None:
-    """Write the trainer's current weights as a HF directory, atomically (every rank calls; rank 0 writes).
-
-    From the Megatron model itself, not the rollout engine: an SGLang engine's weights live in
-    another process. Config, generation config and chat template come from ``side_files_from``
-    (model.hf_dir), the tokenizer files from the run's tokenizer.
-    """
-    from real_megatron.convert import save_hf_from_model
-
-    return save_hf_from_model(chunks, out_dir, side_files_from=side_files_from, hf_config=hf, tokenizer=tokenizer,
-                              dtype=dtype)
-
-
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -322,6 +309,19 @@ class Trainer:
             self._memory_tags = self.engine.memory_tags()
         self.reward_pool = RewardPool(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
                                       answer_after_think=cfg.data.answer_after_think)
+
+    def export_hf(self, out_dir: Path) -> Path | None:
+        """Write the current weights as a HF directory in ``model.dtype``, atomically (every rank
+        calls; rank 0 writes and gets the path).
+
+        From the Megatron model itself, not the rollout engine: an SGLang engine's weights live in
+        another process. Config, generation config and chat template come from ``model.hf_dir``,
+        the tokenizer files from the run's tokenizer.
+        """
+        from real_megatron.convert import save_hf_from_model
+
+        return save_hf_from_model(self.chunks, out_dir, side_files_from=self.cfg.model.hf_dir, hf_config=self.hf,
+                                  tokenizer=self.tokenizer, dtype=DTYPES[self.cfg.model.dtype])
 
     # ------------------------------------------------------------------ evaluation (rank 0)
     def evaluate(self) -> dict:
@@ -469,8 +469,7 @@ class Trainer:
                         print(f"stopped by signal {signum} after rollout step {self.rollout_step}; checkpoint saved. "
                               f"Rerun the same command to resume.", flush=True)
                     return 128 + int(signum)
-            export_hf(self.chunks, self.hf, self.tokenizer, cfg.model.hf_dir, self.run_dir / "hf_final",
-                      DTYPES[cfg.model.dtype])
+            self.export_hf(self.run_dir / "hf_final")
             if self.rank == 0:
                 print(f"run directory: {self.run_dir}\nmetrics: {self.run_dir / 'metrics.jsonl'}\n"
                       f"final model (HF): {self.run_dir / 'hf_final'}", flush=True)

@@ -95,10 +95,10 @@ class HFCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._reader(self.weight_map[name]).shape(name)
 
-    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise ConversionError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
-        return self._reader(self.weight_map[name]).get(name, out=out)
+        return self._reader(self.weight_map[name]).get(name)
 
     def view(self, name: str) -> torch.Tensor:
         """The tensor as a view of the file's bytes, no copy (``SafetensorsReader.view``)."""

@@ -63,8 +63,9 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
     A conversion is a loop of "prepare the next tensor" (map it and ask the kernel to read it ahead;
     at TP > 1, concatenate and cut it) and "write this tensor" (file writes): both release the GIL,
     so running the first on a second thread overlaps them, and a file that is not in the page cache
-    yet is read while the previous tensor is written. Memory grows by at most ``depth`` tensors. An exception raised by
-    ``items`` is re-raised here; if the consumer stops early, the thread stops after its current item.
+    yet is read while the previous tensor is written. Memory grows by at most ``depth`` tensors.
+    An exception raised by ``items`` is re-raised here; if the consumer stops early, the thread
+    stops after its current item.
     """
     pending: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -174,17 +175,12 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
-    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor, read into a new buffer or into ``out`` (contiguous, same shape and dtype)."""
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor, read into a buffer of its own."""
         if name not in self.entries:
             raise ConversionError(f"{self.path}: no tensor {name!r}")
         dtype, shape, start, end = self.entries[name]
-        if out is None:
-            out = torch.empty(shape, dtype=dtype)
-        elif (out.dtype, tuple(out.shape), out.device.type) != (dtype, shape, "cpu") or not out.is_contiguous():
-            raise ValueError(f"{self.path}: {name!r} is {dtype} {shape}; cannot read into a {out.dtype} "
-                             f"{tuple(out.shape)} {'contiguous' if out.is_contiguous() else 'strided'} "
-                             f"{out.device.type} tensor")
+        out = torch.empty(shape, dtype=dtype)
         if end > start:
             view = memoryview(out.view(-1).view(torch.uint8).numpy())
             pos, want = 0, end - start

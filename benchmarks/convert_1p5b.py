@@ -1,6 +1,6 @@
 """HF -> Megatron -> HF at DeepSeek-R1-Distill-Qwen-1.5B's shapes, against a plain safetensors load + save.
 
-    python benchmarks/convert_1p5b.py [--workdir /tmp] [--keep]
+    python benchmarks/convert_1p5b.py [--repeats N] [--cold] [--workdir /tmp] [--keep]
 
 Writes a random bf16 checkpoint with the real model's shapes (hidden 1536, 28 layers, 12 heads,
 2 KV heads, FFN 8960, vocab 151,936, untied lm_head: ~3.55 GB in one model.safetensors, as
@@ -9,18 +9,27 @@ built). Each phase runs in its own subprocess, so its peak RSS (VmHWM, which inc
 torch interpreter) is its own; every phase imports the same modules before its clock starts:
 
 * baseline: ``safetensors.torch.load_file`` + ``save_file`` of the same bytes;
-* hf->megatron: ``real_megatron.convert.hf_to_megatron`` at TP=1 PP=1;
-* megatron->hf: ``real_megatron.convert.megatron_to_hf`` (default 5GB shards);
+* hf->megatron: ``real_megatron.convert.hf_to_megatron`` at TP=1 PP=1 (``_nofsync``: fsync=False);
+* megatron->hf: ``real_megatron.convert.megatron_to_hf`` (default 5GB shards; ``_nofsync`` likewise);
 * verify (not timed against anything): every output tensor equals the input bit for bit.
 
-Prints seconds (fastest of --repeats interleaved runs) and peak RSS (largest) per phase and the
-ratios to the targets: round-trip time <= 2x the baseline, each conversion's peak RSS <= 2x the
-checkpoint size. Because a shared or virtual machine's disk and memory speed drift from minute to
-minute, it also prints each repeat's own ratio (its round trip over the baseline run just before
-it) and their median. Needs ~11 GB free disk in --workdir (input, Megatron, output; the baseline's
-copy is deleted right away) and RAM for ~3 checkpoints of page cache; run it on an idle machine
-(other processes' I/O and page cache distort every number). ``--cold`` (root) drops the page cache
-before every timed phase, so each phase reads its input from the disk.
+The converters run twice per repeat, once as users get them by default (every output file
+fsynced before the rename, so the result survives a power loss) and once with ``--no-fsync``
+(the output is handed to the page cache and written back by the kernel later). Each is compared
+with the baseline of the same durability: ``--no-fsync`` with a plain ``load_file`` + ``save_file``
+(which does not fsync), the default with the same followed by an fsync. Prints seconds (fastest
+of --repeats interleaved runs) and peak RSS (largest) per phase and the ratios to the targets:
+round-trip time <= 2x the baseline, each conversion's peak RSS <= 2x the checkpoint size.
+Because a shared or virtual machine's disk and memory speed drift from minute to minute, it also
+prints each repeat's own ratio (its round trip over the baseline run just before it) and their
+median. Needs ~11 GB free disk in --workdir (input, Megatron, output; the baseline's copy is
+deleted right away) and RAM for ~3 checkpoints of page cache; run it on an idle machine (other
+processes' I/O and page cache distort every number). Every phase starts after an ``os.sync()``,
+so none pays for writing back the previous phase's output. As root, the page cache is also
+dropped before every phase and the phase's input read back in, so each phase starts from the same
+memory state with its own input cached (measured: without that, the baseline of later repeats ran
+with ~7 GB of earlier outputs cached and took up to 1.7x longer); ``--cold`` drops it and leaves
+it empty, so each phase reads its input from the disk.
 """
 from __future__ import annotations
 
@@ -98,10 +107,10 @@ def phase(name: str, work: Path) -> None:
         seconds_no_fsync = time.perf_counter() - t0
         with open(work / "copy" / "model.safetensors", "rb") as fh:  # the converters fsync their output
             os.fsync(fh.fileno())
-    elif name == "hf_to_megatron":
-        hf_to_megatron(work / "hf", work / "meg", tp=1, pp=1)
-    elif name == "megatron_to_hf":
-        megatron_to_hf(work / "meg", work / "hf2")
+    elif name.startswith("hf_to_megatron"):
+        hf_to_megatron(work / "hf", work / "meg", tp=1, pp=1, fsync=not name.endswith("_nofsync"))
+    elif name.startswith("megatron_to_hf"):
+        megatron_to_hf(work / "meg", work / "hf2", fsync=not name.endswith("_nofsync"))
     elif name == "verify":
         with HFCheckpoint(work / "hf") as a, HFCheckpoint(work / "hf2") as b:
             assert a.weight_map.keys() == b.weight_map.keys()
@@ -118,10 +127,29 @@ def phase(name: str, work: Path) -> None:
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 
-def run_phase(name: str, work: Path, cold: bool = False) -> dict:
+PHASE_INPUT = {"baseline": "hf", "hf_to_megatron": "hf", "hf_to_megatron_nofsync": "hf",
+               "megatron_to_hf": "meg", "megatron_to_hf_nofsync": "meg"}
+
+
+def read_through(d: Path) -> None:
+    """Read every file under ``d`` once, so that it sits in the page cache."""
+    buf = bytearray(64 << 20)
+    for f in sorted(d.rglob("*")):
+        if f.is_file():
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+
+
+def run_phase(name: str, work: Path, cold: bool = False, reset: bool = False) -> dict:
+    """Run one phase in a fresh process. ``reset``: drop the page cache first (every earlier
+    phase's files leave it), then read this phase's input back in unless ``cold``; so every phase
+    starts from the same memory state, with exactly its own input cached."""
     os.sync()  # no phase pays for flushing the previous phase's dirty pages
-    if cold:  # every input is read from the disk, as after a download or on another node
+    if reset:
         DROP_CACHES.write_text("3\n")
+        if not cold and name in PHASE_INPUT:
+            read_through(work / PHASE_INPUT[name])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     proc = subprocess.run([sys.executable, __file__, "--phase", name, "--workdir", str(work)],
                           capture_output=True, text=True, env=env)
@@ -139,7 +167,8 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true",
                     help="drop the page cache before every timed phase, so inputs come from the disk (Linux, root)")
     args = ap.parse_args()
-    if args.cold and not os.access(DROP_CACHES, os.W_OK):
+    can_reset = os.access(DROP_CACHES, os.W_OK)
+    if args.cold and not can_reset:
         raise SystemExit(f"--cold needs write access to {DROP_CACHES} (Linux, run as root); leave it out to "
                          f"measure with the input in the page cache")
     if args.phase:
@@ -154,48 +183,57 @@ def main() -> None:
         run_phase("baseline", work)
         shutil.rmtree(work / "copy")
         # the machine may be shared: phases are interleaved, repeated, and the fastest run of each kept
+        modes = {"durable": ("hf_to_megatron", "megatron_to_hf"),
+                 "plain": ("hf_to_megatron_nofsync", "megatron_to_hf_nofsync")}
         res: dict[str, dict] = {}
         seconds: dict[str, list[float]] = {}  # every repeat's time per phase, in order
+
+        def record(run: int, name: str, got: dict) -> None:
+            print(f"  run {run + 1} {name}: {got['seconds']:.1f} s, peak RSS {got['peak_rss'] / 1e9:.2f} GB")
+            best = res.setdefault(name, dict(got))
+            for key in ("seconds", "seconds_no_fsync", "import_seconds"):
+                if key in got:
+                    best[key] = min(best[key], got[key])
+            best["peak_rss"] = max(best["peak_rss"], got["peak_rss"])
+            seconds.setdefault(name, []).append(got["seconds"])
+            if name == "baseline":
+                seconds.setdefault("baseline_no_fsync", []).append(got["seconds_no_fsync"])
+
         for r in range(args.repeats):
-            if r:
-                shutil.rmtree(work / "meg")
-                shutil.rmtree(work / "hf2")
-            for name in ("baseline", "hf_to_megatron", "megatron_to_hf"):
-                got = run_phase(name, work, cold=args.cold)
-                print(f"  run {r + 1} {name}: {got['seconds']:.1f} s, peak RSS {got['peak_rss'] / 1e9:.2f} GB")
-                if name == "baseline":
-                    shutil.rmtree(work / "copy")
-                best = res.setdefault(name, got)
-                for key in ("seconds", "seconds_no_fsync", "import_seconds"):
-                    if key in got:
-                        best[key] = min(best[key], got[key])
-                best["peak_rss"] = max(best["peak_rss"], got["peak_rss"])
-                seconds.setdefault(name, []).append(got["seconds"])
-        run_phase("verify", work)
+            record(r, "baseline", run_phase("baseline", work, cold=args.cold, reset=can_reset))
+            shutil.rmtree(work / "copy")
+            for to_meg, to_hf in modes.values():
+                for d in ("meg", "hf2"):
+                    shutil.rmtree(work / d, ignore_errors=True)
+                record(r, to_meg, run_phase(to_meg, work, cold=args.cold, reset=can_reset))
+                record(r, to_hf, run_phase(to_hf, work, cold=args.cold, reset=can_reset))
+                if r == args.repeats - 1:
+                    run_phase("verify", work)  # both modes' outputs, once
         gb = 1e9
-        print(f"\n{'phase':<16}{'seconds':>9}{'peak RSS GB':>13}{'RSS / ckpt':>12}")
-        for name, r in res.items():
-            print(f"{name:<16}{r['seconds']:>9.1f}{r['peak_rss'] / gb:>13.2f}{r['peak_rss'] / size:>12.2f}")
-        base = res["baseline"]["seconds"]
-        plain = res["baseline"]["seconds_no_fsync"]
-        h2m, m2h = res["hf_to_megatron"]["seconds"], res["megatron_to_hf"]["seconds"]
-        total = h2m + m2h
-        peak = max(res["hf_to_megatron"]["peak_rss"], res["megatron_to_hf"]["peak_rss"])
-        print(f"\npage cache: {'dropped before every phase (--cold)' if args.cold else 'warm (inputs cached)'}")
-        print(f"baseline load+save: {plain:.1f} s without fsync, {base:.1f} s with fsync (the converters fsync)")
-        print(f"round trip HF->Megatron->HF: {total:.1f} s = {total / base:.2f}x the baseline with fsync, "
-              f"{total / plain:.2f}x without [target <= 2x]")
-        paired = [(h + m) / b for b, h, m in zip(seconds["baseline"], seconds["hf_to_megatron"],
-                                                  seconds["megatron_to_hf"])]
-        print(f"each repeat's round trip / its own baseline: {', '.join(f'{x:.2f}' for x in paired)}; "
-              f"median {statistics.median(paired):.2f}x")
-        print(f"per direction (one load+save each): hf->megatron {h2m / base:.2f}x / {h2m / plain:.2f}x, "
-              f"megatron->hf {m2h / base:.2f}x / {m2h / plain:.2f}x (with / without fsync in the baseline)")
+        print(f"\n{'phase':<24}{'seconds':>9}{'peak RSS GB':>13}{'RSS / ckpt':>12}")
+        for name, got in res.items():
+            print(f"{name:<24}{got['seconds']:>9.1f}{got['peak_rss'] / gb:>13.2f}{got['peak_rss'] / size:>12.2f}")
+        baselines = {"plain": ("baseline_no_fsync", res["baseline"]["seconds_no_fsync"], "load_file + save_file"),
+                     "durable": ("baseline", res["baseline"]["seconds"], "load_file + save_file + fsync")}
+        cache = ("dropped before every phase (--cold): inputs read from the disk" if args.cold else
+                 "dropped before every phase, then the phase's input read back in" if can_reset else
+                 "NOT reset between phases (needs root): earlier phases' files stay cached and skew the numbers")
+        print(f"\npage cache: {cache}")
+        for mode in ("plain", "durable"):
+            to_meg, to_hf = modes[mode]
+            base_key, base, base_text = baselines[mode]
+            h2m, m2h = res[to_meg]["seconds"], res[to_hf]["seconds"]
+            paired = [(h + m) / b for b, h, m in zip(seconds[base_key], seconds[to_meg], seconds[to_hf])]
+            flag = "--no-fsync" if mode == "plain" else "default, fsynced"
+            print(f"{mode} ({flag}): round trip {h2m:.1f} + {m2h:.1f} = {h2m + m2h:.1f} s vs {base_text} "
+                  f"{base:.1f} s: {(h2m + m2h) / base:.2f}x [target <= 2x]; each repeat's own ratio "
+                  f"{', '.join(f'{x:.2f}' for x in paired)}, median {statistics.median(paired):.2f}x")
+        peak = max(got["peak_rss"] for name, got in res.items() if name != "baseline")
         print(f"peak RSS of a conversion: {peak / gb:.2f} GB = {peak / size:.2f}x the checkpoint ({size / gb:.2f} GB) "
               f"[target <= 2x]; baseline {res['baseline']['peak_rss'] / size:.2f}x")
         print(f"not timed: starting Python and importing torch + the package, "
               f"{res['hf_to_megatron']['import_seconds']:.1f} s per process")
-        print("output verified bit-identical to the input")
+        print("output verified bit-identical to the input (both modes)")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -560,6 +560,50 @@ def test_single_file_output_is_named_like_transformers(hf_models, converted, tmp
     _assert_bit_identical(_hf_state(hf_models["qwen2"]), _hf_state(out))
 
 
+def test_fsync_by_default_and_no_fsync_skips_it(hf_models, tmp_path, monkeypatch):
+    """Default: every output file and directory is fsynced before the rename. ``--no-fsync``: no
+    fsync at all, the same bytes, and a failure still leaves nothing at --out."""
+    from real_megatron.cli import main
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    src = hf_models["qwen2"]
+    for fsync_flag in ([], ["--no-fsync"]):
+        meg, out = tmp_path / f"meg{len(fsync_flag)}", tmp_path / f"hf{len(fsync_flag)}"
+        synced.clear()
+        assert main(["convert", "hf-to-megatron", "--hf-dir", str(src), "--out", str(meg), "--tp", "2",
+                     *fsync_flag]) == 0
+        assert main(["convert", "megatron-to-hf", "--megatron-dir", str(meg), "--out", str(out),
+                     "--max-shard-size", "60KB", *fsync_flag]) == 0
+        _assert_bit_identical(_hf_state(src), _hf_state(out))
+        if fsync_flag:
+            assert synced == []
+        else:  # the temp dirs' files were fsynced; after the rename they carry the final names
+            written = {f.name for d in (meg, out) for f in d.rglob("*") if f.is_file()}
+            assert written and written <= {Path(p).name for p in synced}
+            assert len(list(out.glob("*.safetensors"))) > 1
+
+    import real_megatron.convert.st_io as st_io
+
+    real_write = st_io.SafetensorsWriter.write
+
+    def failing_write(self, name, tensor):
+        if name.endswith("layers.1.mlp.linear_fc2.weight"):
+            raise OSError("no space left on device (simulated)")
+        real_write(self, name, tensor)
+
+    monkeypatch.setattr(st_io.SafetensorsWriter, "write", failing_write)
+    with pytest.raises(OSError, match="simulated"):
+        hf_to_megatron(src, tmp_path / "failed", fsync=False)
+    _no_leftovers(tmp_path / "failed")
+
+
 # ----------------------------------------------------------------------------- streaming file I/O
 
 

@@ -2,8 +2,8 @@
 
 Public API::
 
-    hf_to_megatron(hf_dir, out, *, tp=1, pp=1, dtype="auto", overwrite=False) -> Path
-    megatron_to_hf(megatron_dir, out, *, hf_config_from=None, max_shard_size="5GB", overwrite=False) -> Path
+    hf_to_megatron(hf_dir, out, *, tp=1, pp=1, dtype="auto", overwrite=False, fsync=True) -> Path
+    megatron_to_hf(megatron_dir, out, *, hf_config_from=None, max_shard_size="5GB", overwrite=False, fsync=True) -> Path
     load_megatron_shards(ckpt_dir, tp_rank, tp, pp_rank, pp, padded_vocab_size=None) -> {global name: shard}
     load_megatron_checkpoint_into(model_chunks, megatron_dir)     # built model, current layout
     load_hf_into(model_chunks, hf_dir)                            # built model, streams HF safetensors

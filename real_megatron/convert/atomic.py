@@ -26,13 +26,16 @@ def check_output(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> P
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()):
+def atomic_dir(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] = (), fsync: bool = True):
     """Yield a temp directory; on normal exit it becomes ``out`` (replacing it if ``overwrite``).
 
     The temp dir sits next to ``out`` (same filesystem, so the rename is atomic). With
     ``overwrite`` the old directory is first renamed aside and deleted only after the new one is in
     place: a crash in between leaves either the old or the new directory at ``out``, plus a hidden
-    ``.…old-…`` leftover, never a half-written ``out``.
+    ``.…old-…`` leftover, never a half-written ``out``. ``fsync=False`` skips the fsyncs: the rename
+    still happens only after everything was written, so a failed or killed process leaves nothing at
+    ``out``, but after a power loss or OS crash ``out`` may hold truncated files (which the readers
+    report: every file's size is checked against its header).
     """
     out = check_output(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -41,16 +44,18 @@ def atomic_dir(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()
     tmp.mkdir()
     try:
         yield tmp
-        for root, _dirs, files in os.walk(tmp):
-            for f in files:
-                fsync_path(Path(root) / f)
-            fsync_path(Path(root))
+        if fsync:
+            for root, _dirs, files in os.walk(tmp):
+                for f in files:
+                    fsync_path(Path(root) / f)
+                fsync_path(Path(root))
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{tag}"
             os.replace(out, old)
         os.replace(tmp, out)
-        fsync_path(out.parent)
+        if fsync:
+            fsync_path(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

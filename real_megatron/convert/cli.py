@@ -10,6 +10,14 @@ import sys
 import time
 
 
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-fsync", dest="fsync", action="store_false",
+                   help="return without waiting for the output to reach the disk: faster (memory-bound, not "
+                        "disk-bound); a failed or killed run still leaves nothing at --out, but a power loss or OS "
+                        "crash soon after may leave truncated files (loading then reports them)")
+
+
 def hf_to_megatron_parser(prog: str = "real-megatron convert hf-to-megatron") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="HF Qwen2/Llama directory -> real-megatron/v1 checkpoint")
     p.add_argument("--hf-dir", required=True, help="HF model directory (config.json + *.safetensors)")
@@ -18,7 +26,7 @@ def hf_to_megatron_parser(prog: str = "real-megatron convert hf-to-megatron") ->
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the saved shards (default 1)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto keeps the checkpoint's dtypes (default)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_common(p)
     return p
 
 
@@ -29,7 +37,7 @@ def megatron_to_hf_parser(prog: str = "real-megatron convert megatron-to-hf") ->
     p.add_argument("--hf-config-from", default=None,
                    help="take config/tokenizer files from this HF directory instead of the checkpoint's hf/")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_common(p)
     return p
 
 
@@ -39,7 +47,8 @@ def run_hf_to_megatron(argv: list[str], prog: str | None = None) -> int:
     args = (hf_to_megatron_parser(prog) if prog else hf_to_megatron_parser()).parse_args(argv)
     t0 = time.perf_counter()
     try:
-        out = hf_to_megatron(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, overwrite=args.overwrite)
+        out = hf_to_megatron(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, overwrite=args.overwrite,
+                             fsync=args.fsync)
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -54,7 +63,7 @@ def run_megatron_to_hf(argv: list[str], prog: str | None = None) -> int:
     t0 = time.perf_counter()
     try:
         out = megatron_to_hf(args.megatron_dir, args.out, hf_config_from=args.hf_config_from,
-                             max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+                             max_shard_size=args.max_shard_size, overwrite=args.overwrite, fsync=args.fsync)
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -64,8 +73,9 @@ def run_megatron_to_hf(argv: list[str], prog: str | None = None) -> int:
 
 USAGE = """usage: real-megatron convert <hf-to-megatron|megatron-to-hf> [options]
 
-  hf-to-megatron  --hf-dir HF --out MEG [--tp N --pp M] [--dtype auto|bf16|fp16|fp32] [--overwrite]
+  hf-to-megatron  --hf-dir HF --out MEG [--tp N --pp M] [--dtype auto|bf16|fp16|fp32] [--overwrite] [--no-fsync]
   megatron-to-hf  --megatron-dir MEG --out HF2 [--hf-config-from HF] [--max-shard-size 5GB] [--overwrite]
+                  [--no-fsync]
 """
 
 

@@ -36,10 +36,13 @@ def _dominant(dtypes: dict[str, torch.dtype], shapes: dict[str, tuple]) -> torch
     return weight.most_common(1)[0][0]
 
 
-def hf_to_megatron(hf_dir, out, *, tp: int = 1, pp: int = 1, dtype: str = "auto", overwrite: bool = False) -> Path:
+def hf_to_megatron(hf_dir, out, *, tp: int = 1, pp: int = 1, dtype: str = "auto", overwrite: bool = False,
+                   fsync: bool = True) -> Path:
     """Convert a HF Qwen2/Llama directory to a Megatron checkpoint at TP=``tp``, PP=``pp``.
 
     ``dtype="auto"`` keeps every tensor's dtype (bit-exact round trip); bf16/fp16/fp32 cast.
+    ``fsync=False`` returns before the output is on the disk (``atomic_dir``): faster, but not
+    power-loss safe.
     """
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of bf16, fp16, fp32, auto")
@@ -63,8 +66,8 @@ def hf_to_megatron(hf_dir, out, *, tp: int = 1, pp: int = 1, dtype: str = "auto"
             for name in shapes:
                 yield name, [block.to(dtypes[name]) for block in hf_to_megatron_blocks(name, src, hf)]
 
-        with atomic_dir(out, overwrite, (hf_dir,)) as tmp:
-            write_shards(tmp, hf, tp, pp, prefetch(full_tensors()), dtypes)
+        with atomic_dir(out, overwrite, (hf_dir,), fsync=fsync) as tmp:
+            write_shards(tmp, hf, tp, pp, prefetch(full_tensors()), dtypes, fsync=fsync)
             (tmp / HF_SUBDIR).mkdir()
             copy_side_files(hf_dir, tmp / HF_SUBDIR)
             write_meta(tmp, hf, tp, pp, dtype_name(_dominant(dtypes, shapes)))
@@ -97,9 +100,9 @@ def hf_entries(hf: dict, dtypes: dict[str, torch.dtype]) -> list[tuple[str, torc
     return [(n, dtypes[name], out_shapes[n]) for name in full_megatron_shapes(hf) for n in hf_names(name)]
 
 
-def write_hf_dir(out_dir: Path, entries, tensors, max_shard_size: int) -> None:
+def write_hf_dir(out_dir: Path, entries, tensors, max_shard_size: int, fsync: bool = True) -> None:
     """Stream (HF name, tensor) pairs, in ``entries`` order, into sharded safetensors + index."""
-    writer = HFShardedWriter(out_dir, entries, max_shard_size)
+    writer = HFShardedWriter(out_dir, entries, max_shard_size, fsync=fsync)
     try:
         for hf_name, tensor in tensors:
             writer.write(hf_name, tensor)
@@ -124,11 +127,13 @@ def write_hf_config(out_dir: Path, hf: dict, side: Path, main_dtype: str) -> Non
         copy_side_files(side, out_dir, skip=("config.json",))
 
 
-def megatron_to_hf(megatron_dir, out, *, hf_config_from=None, max_shard_size="5GB", overwrite: bool = False) -> Path:
+def megatron_to_hf(megatron_dir, out, *, hf_config_from=None, max_shard_size="5GB", overwrite: bool = False,
+                   fsync: bool = True) -> Path:
     """Convert a Megatron checkpoint (any saved TP/PP) to a HF directory loadable by transformers.
 
     Config, generation config and tokenizer files come from ``hf_config_from`` if given (its shapes
     must match), else from the checkpoint's ``hf/`` folder, else config.json is written from meta.json.
+    ``fsync`` as in ``hf_to_megatron``.
     """
     megatron_dir = Path(megatron_dir)
     limit = parse_size(max_shard_size)
@@ -150,7 +155,7 @@ def megatron_to_hf(megatron_dir, out, *, hf_config_from=None, max_shard_size="5G
             for name in dtypes:
                 yield from megatron_to_hf_blocks(name, ckpt.full(name), hf)
 
-        with atomic_dir(out, overwrite, inputs) as tmp:
-            write_hf_dir(tmp, entries, prefetch(hf_tensors()), limit)
+        with atomic_dir(out, overwrite, inputs, fsync=fsync) as tmp:
+            write_hf_dir(tmp, entries, prefetch(hf_tensors()), limit, fsync=fsync)
             write_hf_config(tmp, hf, side, dtype_name(_dominant(dtypes, shapes)))
     return Path(out)

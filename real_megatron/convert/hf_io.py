@@ -164,8 +164,10 @@ class HFShardedWriter:
     one), so each file is streamed tensor by tensor and the "of-N" names are right from the start.
     """
 
-    def __init__(self, out_dir: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_size: int):
+    def __init__(self, out_dir: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_size: int,
+                 fsync: bool = True):
         self.out_dir = Path(out_dir)
+        self.fsync = fsync
         files: list[list] = [[]]
         size = 0
         for entry in entries:
@@ -197,7 +199,8 @@ class HFShardedWriter:
             self._writer.close()
         self._file += 1
         group = self.plan[self._file]
-        self._writer = SafetensorsWriter(self.out_dir / self.names[self._file], group, {"format": "pt"})
+        self._writer = SafetensorsWriter(self.out_dir / self.names[self._file], group, {"format": "pt"},
+                                         fsync=self.fsync)
         self._left = len(group)
 
     def close(self) -> None:

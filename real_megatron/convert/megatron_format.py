@@ -70,7 +70,8 @@ def needed_names(hf: dict, pp: int, pp_rank: int) -> list[str]:
     return names
 
 
-def write_shards(out_dir: Path, hf: dict, tp: int, pp: int, full_tensors, dtypes: dict[str, torch.dtype]) -> None:
+def write_shards(out_dir: Path, hf: dict, tp: int, pp: int, full_tensors, dtypes: dict[str, torch.dtype],
+                 fsync: bool = True) -> None:
     """Write every rank file from ``full_tensors``: (full name, row blocks) in model order, where the
     blocks' dim-0 concatenation is the full tensor (``mapping.hf_to_megatron_blocks``)."""
     from real_megatron.megatron.sharding import _kind, shard
@@ -85,7 +86,7 @@ def write_shards(out_dir: Path, hf: dict, tp: int, pp: int, full_tensors, dtypes
                 entries = [(n, dtypes[n], shard_shape(n, shapes[n], tp, padded)) for n in names]
                 writers[(t, p)] = SafetensorsWriter(
                     out_dir / rank_file(t, p), entries,
-                    {"format": "pt", "real_megatron_format": FORMAT, "tp_rank": str(t), "pp_rank": str(p)})
+                    {"format": "pt", "real_megatron_format": FORMAT, "tp_rank": str(t), "pp_rank": str(p)}, fsync=fsync)
         for name, blocks in full_tensors:
             p = stage_of(name, hf, pp)
             if tp == 1:

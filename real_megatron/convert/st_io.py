@@ -252,15 +252,19 @@ def _concat_shape(blocks: list[torch.Tensor]) -> tuple[torch.dtype, tuple[int, .
 class SafetensorsWriter:
     """Write a safetensors file whose entries (name, dtype, shape) are known up front, tensor by tensor.
 
-    Tensors must arrive in the planned order; ``close`` checks that all did and fsyncs the file.
-    A tensor may be given as a list of row blocks (tensors whose concatenation along dim 0 is the
-    planned tensor, such as the q/k/v blocks of a fused QKV), which are written one after another
-    without being concatenated in memory.
+    Tensors must arrive in the planned order; ``close`` checks that all did and, with ``fsync``
+    (the default), waits until the file is on the disk. ``fsync=False`` leaves the writing to the
+    kernel's own schedule: faster (a conversion is then bounded by memory, not by the disk), at the
+    cost that a power loss or OS crash soon after may leave the file truncated. A tensor may be
+    given as a list of row blocks (tensors whose concatenation along dim 0 is the planned tensor,
+    such as the q/k/v blocks of a fused QKV), which are written one after another without being
+    concatenated in memory.
     """
 
     def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, fsync: bool = True):
         self.path = Path(path)
+        self.fsync = fsync
         header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         for name, dtype, shape in entries:
@@ -298,7 +302,7 @@ class SafetensorsWriter:
     def _start_writeback(self) -> None:
         """Queue what was written so far for the disk now, so that ``close``'s fsync has little left
         to wait for (the kernel would otherwise start only once GBs of dirty pages pile up)."""
-        if _sync_file_range is None:
+        if _sync_file_range is None or not self.fsync:
             return
         self._fh.flush()
         end = self._fh.tell()
@@ -315,7 +319,8 @@ class SafetensorsWriter:
             self._fh = None
             raise RuntimeError(f"{self.path}: closed before all tensors were written (next: {missing})")
         self._fh.flush()
-        os.fsync(self._fh.fileno())
+        if self.fsync:
+            os.fsync(self._fh.fileno())
         self._fh.close()
         self._fh = None
 

@@ -127,10 +127,6 @@ def phase(name: str, work: Path) -> None:
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 
-PHASE_INPUT = {"baseline": "hf", "hf_to_megatron": "hf", "hf_to_megatron_nofsync": "hf",
-               "megatron_to_hf": "meg", "megatron_to_hf_nofsync": "meg"}
-
-
 def read_through(d: Path) -> None:
     """Read every file under ``d`` once, so that it sits in the page cache."""
     buf = bytearray(64 << 20)
@@ -148,8 +144,8 @@ def run_phase(name: str, work: Path, cold: bool = False, reset: bool = False) ->
     os.sync()  # no phase pays for flushing the previous phase's dirty pages
     if reset:
         DROP_CACHES.write_text("3\n")
-        if not cold and name in PHASE_INPUT:
-            read_through(work / PHASE_INPUT[name])
+        if not cold:  # the input: Megatron -> HF reads meg/, the other timed phases hf/
+            read_through(work / ("meg" if name.startswith("megatron_to_hf") else "hf"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     proc = subprocess.run([sys.executable, __file__, "--phase", name, "--workdir", str(work)],
                           capture_output=True, text=True, env=env)

@@ -677,3 +677,137 @@ def test_writer_takes_row_blocks_and_checks_them(tmp_path):
     writer.close()
     with safe_open(path, "pt") as fh:
         assert torch.equal(fh.get_tensor("w"), full) and torch.equal(fh.get_tensor("b"), bias)
+
+
+def _record_sendfile(monkeypatch) -> list[int]:
+    """Byte counts of every ``os.sendfile`` (file-to-file copy) into a .safetensors file from here on
+    (``shutil`` copies the side files, config and tokenizer, with it too)."""
+    sent: list[int] = []
+    real_sendfile = os.sendfile
+
+    def recording_sendfile(out_fd, in_fd, offset, count):
+        n = real_sendfile(out_fd, in_fd, offset, count)
+        if os.readlink(f"/proc/self/fd/{out_fd}").endswith(".safetensors"):
+            sent.append(n)
+        return n
+
+    monkeypatch.setattr(os, "sendfile", recording_sendfile)
+    return sent
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_views_go_file_to_file_unless_written_to(tmp_path, monkeypatch):
+    """Untouched views (and their row slices, at unaligned offsets) are copied by the kernel from the
+    input file; a view written to in place, a cast and a fresh tensor are written from memory, so
+    the output always holds the tensor's current bytes. The maps' descriptors are closed with them."""
+    import gc
+
+    from safetensors import safe_open
+
+    from real_megatron.convert import st_io
+
+    path = tmp_path / "odd.safetensors"
+    want = _odd_file(path)
+    sent = _record_sendfile(monkeypatch)
+    fds_before = _open_fds()
+    out = tmp_path / "out.safetensors"
+    with st_io.SafetensorsReader(path) as reader:
+        big, half, flags = reader.view("b_big"), reader.view("e_half"), reader.view("a_flags")
+        touched = reader.view("b_big")
+        touched[7:9] = -1.0  # in place: the private map now differs from the file
+        assert st_io.file_region(touched) is None and st_io.file_region(touched[100:]) is None
+        assert st_io.file_region(big[1:]) is not None and st_io.file_region(big.t()) is None  # not contiguous
+        assert st_io.file_region(big.double()) is None and st_io.file_region(big.clone()) is None
+        blocks = [big[:1001], big[1001:1002], big[1002:]]  # row slices of one view
+        writer = st_io.SafetensorsWriter(out, [("big", big.dtype, tuple(big.shape)), ("half", half.dtype, tuple(half.shape)),
+                                               ("flags", flags.dtype, tuple(flags.shape)),
+                                               ("touched", touched.dtype, tuple(touched.shape)),
+                                               ("cast", torch.float64, tuple(big.shape))])
+        writer.write("big", blocks)
+        writer.write("half", half)
+        writer.write("flags", flags)
+        assert sum(sent) == big.nbytes + half.nbytes + flags.nbytes  # all three file to file
+        writer.write("touched", touched)
+        writer.write("cast", big.double())
+        writer.close()
+        assert sum(sent) == big.nbytes + half.nbytes + flags.nbytes  # the last two from memory
+        del big, half, flags, touched, blocks
+        gc.collect()
+        assert not st_io._MAPPED  # every map unregistered when freed
+    assert _open_fds() == fds_before  # and its descriptor closed
+    expected_touched = want["b_big"].clone()
+    expected_touched[7:9] = -1.0
+    with safe_open(out, "pt") as fh:
+        assert torch.equal(fh.get_tensor("big"), want["b_big"]) and torch.equal(fh.get_tensor("half"), want["e_half"])
+        assert torch.equal(fh.get_tensor("flags"), want["a_flags"])
+        assert torch.equal(fh.get_tensor("touched"), expected_touched)
+        assert torch.equal(fh.get_tensor("cast"), want["b_big"].double())
+
+
+def test_file_to_file_copy_falls_back_to_writes(tmp_path, monkeypatch):
+    """Where ``sendfile`` is refused (a file system without it), after some chunks or at once, the
+    rest is written from memory and the file is the same."""
+    from safetensors import safe_open
+
+    from real_megatron.convert import st_io
+
+    path = tmp_path / "odd.safetensors"
+    want = _odd_file(path)
+    monkeypatch.setattr(st_io, "_WRITE_CHUNK", 4096)  # b_big (84 KB) takes several chunks
+    real_sendfile = os.sendfile
+    for allowed in (0, 3):
+        calls = {"n": 0}
+
+        def refusing_sendfile(out_fd, in_fd, offset, count):
+            calls["n"] += 1
+            if calls["n"] > allowed:
+                raise OSError(22, "Invalid argument (simulated file system without sendfile)")
+            return real_sendfile(out_fd, in_fd, offset, count)
+
+        monkeypatch.setattr(os, "sendfile", refusing_sendfile)
+        out = tmp_path / f"out{allowed}.safetensors"
+        with st_io.SafetensorsReader(path) as reader:
+            writer = st_io.SafetensorsWriter(out, [("b_big", torch.float32, (3000, 7))])
+            writer.write("b_big", reader.view("b_big"))
+            writer.close()
+        assert calls["n"] == allowed + 1
+        with safe_open(out, "pt") as fh:
+            assert torch.equal(fh.get_tensor("b_big"), want["b_big"])
+
+
+def test_input_truncated_while_converting_is_an_error(tmp_path):
+    from real_megatron.convert import st_io
+
+    path = tmp_path / "odd.safetensors"
+    _odd_file(path)
+    with st_io.SafetensorsReader(path) as reader:
+        view = reader.view("e_half")  # the last tensor
+        os.truncate(path, path.stat().st_size - 10)  # e.g. another process rewriting the input
+        writer = st_io.SafetensorsWriter(tmp_path / "out.safetensors", [("e_half", view.dtype, tuple(view.shape))])
+        with pytest.raises(ConversionError, match=r"out.safetensors: the input file holding 'e_half' ended early"):
+            writer.write("e_half", view)
+        writer.abort()
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_bf16"])
+def test_tp1_conversions_copy_every_tensor_file_to_file(hf_models, tmp_path, monkeypatch, name):
+    """At TP=1 each HF tensor is a row block of a Megatron tensor and back, so both directions copy
+    every byte inside the kernel (only the vocabulary padding is written from memory) and the round
+    trip is still bit-identical."""
+    from real_megatron.convert.megatron_format import padded_vocab
+
+    src = hf_models[name]
+    state = _hf_state(src)
+    hf = json.loads((src / "config.json").read_text())
+    assert padded_vocab(hf, 1) > hf["vocab_size"]  # the padding rows exist, and are not in the input
+    total = sum(t.nbytes for t in state.values())
+    sent = _record_sendfile(monkeypatch)
+    meg = hf_to_megatron(src, tmp_path / "meg", fsync=False)
+    assert sum(sent) == total
+    sent.clear()
+    out = megatron_to_hf(meg, tmp_path / "hf", fsync=False)
+    assert sum(sent) == total
+    _assert_bit_identical(state, _hf_state(out))

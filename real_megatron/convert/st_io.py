@@ -128,8 +128,8 @@ _MAPPED_LOCK = threading.Lock()
 
 
 def _register_view(tensor: torch.Tensor, fd: int, offset: int, mapped: mmap.mmap) -> None:
-    entry = _MappedFile(os.dup(fd), offset, tensor.untyped_storage().nbytes(), mapped)
-    key = tensor.untyped_storage().data_ptr()
+    storage = tensor.untyped_storage()
+    key, entry = storage.data_ptr(), _MappedFile(os.dup(fd), offset, storage.nbytes(), mapped)
     with _MAPPED_LOCK:
         _MAPPED[key] = entry
     weakref.finalize(mapped, _unregister_view, key, entry)
@@ -160,10 +160,7 @@ def file_region(tensor: torch.Tensor) -> tuple[int, int] | None:
     # a dead map (refcount 0, ref() is None) may still have an entry for an instant after munmap
     if entry is None or entry.map_ref() is None or storage.nbytes() != entry.size:
         return None
-    start = tensor.data_ptr() - storage.data_ptr()
-    if start < 0 or start + tensor.numel() * tensor.element_size() > entry.size:
-        return None
-    return entry.fd, entry.offset + start
+    return entry.fd, entry.offset + tensor.data_ptr() - storage.data_ptr()  # a slice starts inside the storage
 
 
 def nbytes(shape, dtype: torch.dtype) -> int:

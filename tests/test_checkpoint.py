@@ -1,7 +1,6 @@
 """Atomic checkpoints: a crash mid-save leaves the previous checkpoint loadable; RNG restored."""
 from __future__ import annotations
 
-import os
 import random
 
 import pytest

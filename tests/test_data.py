@@ -3,7 +3,6 @@ task, the task tokenizer and its chat template, and the resumable sampler."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,20 +12,17 @@ from real_megatron.data import (PROMPT_SUFFIX, PromptSampler, arithmetic_problem
                                 ground_truth_candidates, load_prompts, normalize_ground_truth, train_task_tokenizer,
                                 write_arithmetic_task)
 
-from shared_data import SHARED_DATA  # tests/ is on sys.path under pytest
+from shared_data import shared_file  # tests/ is on sys.path under pytest
 
-DATA = SHARED_DATA
 ROWS = {"aime24": 30, "aime25": 30, "amc23": 83, "math500": 500, "minerva": 272, "olympiad_bench": 675,
         "dapo-math-17k": 17398}
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} (the shared benchmark files) is not here")
 
 
 # ------------------------------------------------------------------------------------ shipped files
 
-@needs_data
 @pytest.mark.parametrize("name", list(ROWS))
 def test_shipped_file_loads_as_is(name):
-    records = load_prompts(DATA / f"{name}.parquet")
+    records = load_prompts(shared_file(f"{name}.parquet"))
     assert len(records) == ROWS[name] and records.skipped == {}
     assert [r.index for r in records] == list(range(len(records)))
     for r in records:
@@ -37,21 +33,20 @@ def test_shipped_file_loads_as_is(name):
         assert r.source_file.endswith(f"{name}.parquet")
 
 
-@needs_data
 def test_shipped_ground_truth_types_are_normalised():
-    amc = load_prompts(DATA / "amc23.parquet")
+    amc = load_prompts(shared_file("amc23.parquet"))
     assert amc[0].ground_truth == "142" and all(not r.ground_truth.endswith(".0") for r in amc)
-    aime25 = load_prompts(DATA / "aime25.parquet")
+    aime25 = load_prompts(shared_file("aime25.parquet"))
     assert aime25[0].ground_truth == "70"
-    olympiad = load_prompts(DATA / "olympiad_bench.parquet")
+    olympiad = load_prompts(shared_file("olympiad_bench.parquet"))
     assert olympiad[1].ground_truth == "\\frac{1}{2 n+2}"
-    minerva = load_prompts(DATA / "minerva.parquet")
+    minerva = load_prompts(shared_file("minerva.parquet"))
     assert minerva[0].ground_truth == "9.6"
     multi = [r for r in minerva if len(r.accepted_answers) > 1]
     # 75 rows list 2-3 answers; after merging duplicates ('11000' / '11000\n') 40 keep 2+, 42 extra answers in all
     assert len(multi) == 40 and sum(len(r.accepted_answers) - 1 for r in minerva) == 42
     assert any(r.accepted_answers == ("0.01", "0.02") for r in multi)
-    math500 = load_prompts(DATA / "math500.parquet")
+    math500 = load_prompts(shared_file("math500.parquet"))
     assert math500[0].ground_truth == "\\left( 3, \\frac{\\pi}{2} \\right)"
     assert math500[459].ground_truth == "\\$18.90"  # an escaped dollar is a currency sign: kept
 

@@ -9,14 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shared_data import SHARED_DATA  # tests/ is on sys.path under pytest
+from shared_data import shared_file  # tests/ is on sys.path under pytest
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("prepare_data", REPO / "tools" / "prepare_data.py")
 prep = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(prep)
 
-SHARED = SHARED_DATA
 SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 
 
@@ -92,9 +91,7 @@ def test_existing_output_survives_a_failed_run(tmp_path):
 
 
 def test_verl_parquet_round_trip_does_not_double_the_instruction(tmp_path):
-    src = SHARED / "amc23.parquet"
-    if not src.exists():  # the shared benchmark files live beside the repository
-        pytest.skip(f"{src} not present")
+    src = shared_file("amc23.parquet")
     out = tmp_path / "amc.parquet"
     prep.prepare([src], out, split="test")
     orig = pq.read_table(src).to_pylist()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 
 import pytest
 
@@ -12,9 +11,8 @@ from real_megatron.data import load_prompts
 from real_megatron.rewards import RewardPool, extract_answer, math_reward
 from real_megatron.rewards.pool import CRASH_ENV, HANG_ENV
 
-from shared_data import SHARED_DATA  # tests/ is on sys.path under pytest
+from shared_data import shared_file  # tests/ is on sys.path under pytest
 
-DATA = SHARED_DATA
 BENCHMARKS = ["aime24", "aime25", "amc23", "math500", "minerva", "olympiad_bench"]
 DAPO_SAMPLE = 300
 
@@ -23,11 +21,9 @@ DAPO_SAMPLE = 300
 # Checked on math-verify 0.9.0: all 1,590 benchmark rows and the seeded DAPO sample verify, so it is empty.
 KNOWN_UNVERIFIABLE: dict[tuple[str, int, str], str] = {}
 
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} (the shared benchmark files) is not here")
-
 
 def _records(name):
-    return load_prompts(DATA / f"{name}.parquet")
+    return load_prompts(shared_file(f"{name}.parquet"))
 
 
 def _dapo_sample():
@@ -76,7 +72,6 @@ def test_answer_after_think():
 
 # ------------------------------------------------------------------------- the shipped ground truths
 
-@needs_data
 def test_every_benchmark_ground_truth_rewards_itself():
     failures, checked = {}, 0
     for name in BENCHMARKS:
@@ -92,14 +87,12 @@ def test_every_benchmark_ground_truth_rewards_itself():
     assert failures.keys() == KNOWN_UNVERIFIABLE.keys(), f"{len(failures)} of {checked} fail: {list(failures)[:20]}"
 
 
-@needs_data
 def test_dapo_sample_ground_truths_reward_themselves():
     sample = _dapo_sample()
     failures = [(r.row, r.ground_truth) for r in sample if math_reward(f"\\boxed{{{r.ground_truth}}}", r.ground_truth) != 1.0]
     assert failures == [k[1:] for k in KNOWN_UNVERIFIABLE if k[0] == "dapo-math-17k"], failures
 
 
-@needs_data
 def test_wrong_answers_reward_zero():
     """A sample of answers from other problems, and every integer answer off by one, score 0.0."""
     rng = random.Random(5)

@@ -9,9 +9,9 @@ import pytest
 
 from real_megatron.data import load_prompts
 from real_megatron.rewards import RewardPool, extract_answer, math_reward
-from real_megatron.rewards.pool import CRASH_ENV, HANG_ENV
 
-from shared_data import shared_file  # tests/ is on sys.path under pytest
+from reward_faults import CRASH_EXIT_CODE, crash_on_marker, hang_on_marker  # tests/ is on sys.path under pytest
+from shared_data import shared_file
 
 BENCHMARKS = ["aime24", "aime25", "amc23", "math500", "minerva", "olympiad_bench"]
 DAPO_SAMPLE = 300
@@ -179,9 +179,8 @@ def test_hostile_objects_never_reach_a_worker(pool):
     assert rewards == [1.0, 0.0, 0.0] and stats["invalid"] == 2
 
 
-def test_hung_worker_is_killed_at_the_deadline_and_replaced(monkeypatch):
-    monkeypatch.setenv(HANG_ENV, "HANG-HERE")
-    with RewardPool(num_workers=2, timeout_s=1.0) as p:
+def test_hung_worker_is_killed_at_the_deadline_and_replaced():
+    with RewardPool(num_workers=2, timeout_s=1.0, verify=hang_on_marker) as p:
         old = {w.process.pid for w in p._workers}
         started = time.monotonic()
         rewards, stats = p.score(["\\boxed{7}", "\\boxed{HANG-HERE}", "\\boxed{7}", "\\boxed{7}"], ["7"] * 4)
@@ -196,14 +195,13 @@ def test_hung_worker_is_killed_at_the_deadline_and_replaced(monkeypatch):
     assert all(not w.process.is_alive() for w in p._workers) if p._workers else True
 
 
-def test_worker_crash_scores_zero_and_is_replaced(monkeypatch):
-    monkeypatch.setenv(CRASH_ENV, "CRASH-HERE")
-    with RewardPool(num_workers=1, timeout_s=5.0) as p:
+def test_worker_crash_scores_zero_and_is_replaced():
+    with RewardPool(num_workers=1, timeout_s=5.0, verify=crash_on_marker) as p:
         first = p._workers[0].process
         rewards, stats = p.score(["\\boxed{7}", "\\boxed{CRASH-HERE}", "\\boxed{7}", "\\fbox{CRASH-HERE 2}"], ["7"] * 4)
         assert rewards == [1.0, 0.0, 1.0, 0.0]
         assert (stats["crashes"], stats["timeouts"], stats["restarts"]) == (2, 0, 2)
-        assert not first.is_alive() and first.exitcode == 70
+        assert not first.is_alive() and first.exitcode == CRASH_EXIT_CODE
         assert p.score(["\\boxed{7}"], ["7"])[0] == [1.0]
 
 
@@ -227,8 +225,7 @@ def test_bad_pool_arguments():
 
 def test_interrupted_call_leaves_the_pool_usable(monkeypatch):
     """An exception inside score() (Ctrl-C, a signal handler) must not leave stale answers in flight."""
-    monkeypatch.setenv(HANG_ENV, "HANG-HERE")
-    with RewardPool(num_workers=1, timeout_s=30.0) as p:
+    with RewardPool(num_workers=1, timeout_s=30.0, verify=hang_on_marker) as p:
         import real_megatron.rewards.pool as pool_module
 
         real_wait = pool_module.wait

@@ -42,30 +42,24 @@ Design
   and they ignore SIGINT: Ctrl-C is the trainer's to handle, which then closes the pool.
 - Workers are daemonic and exit on EOF of their pipe, so they never outlive the trainer.
 
-Test hooks: when the environment variable ``REAL_MEGATRON_REWARD_TEST_CRASH`` is set at pool
-construction, a worker receiving a response that contains its value calls ``os._exit(70)``
-(simulates a segfault in a C extension); with ``REAL_MEGATRON_REWARD_TEST_HANG`` such a response
-makes the worker sleep forever (simulates a C call that never returns). The values are read in the
-parent and passed to the workers, because forked workers inherit the fork server's environment,
-not the current one.
+Fault injection: ``RewardPool(verify=...)`` replaces the function the workers run (default
+``math_reward.verify_answer``). The tests pass one that crashes (``os._exit``, as a segfault in a C
+extension would) or never returns on a marker answer; it must be picklable (a module-level function),
+because workers are forked from the fork server and receive it by reference.
 """
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import time
 from collections import deque
 from multiprocessing.connection import wait
-from typing import Sequence
+from typing import Callable, Sequence
 
 from real_megatron.rewards.math_reward import extract_answer
 
 log = logging.getLogger(__name__)
 
-CRASH_ENV = "REAL_MEGATRON_REWARD_TEST_CRASH"
-HANG_ENV = "REAL_MEGATRON_REWARD_TEST_HANG"
-_CRASH_EXIT_CODE = 70
 _READY = "ready"
 STAT_KEYS = ("timeouts", "crashes", "restarts", "errors", "invalid", "no_answer")
 
@@ -90,7 +84,7 @@ def _check_math_verify() -> None:
 
 # --------------------------------------------------------------------------------------------- worker
 
-def _worker_main(conn, crash_marker: str | None, hang_marker: str | None, max_memory_mb: int | None) -> None:
+def _worker_main(conn, verify, max_memory_mb: int | None) -> None:
     """Loop: receive (task_id, answer, ground_truths), reply (task_id, reward, ok). Exit on EOF/None."""
     import signal
 
@@ -107,7 +101,8 @@ def _worker_main(conn, crash_marker: str | None, hang_marker: str | None, max_me
                 resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
         except (ImportError, ValueError, OSError):  # no RLIMIT_AS (macOS, Windows): the deadline still holds
             pass
-    from real_megatron.rewards.math_reward import verify_answer
+    if verify is None:
+        from real_megatron.rewards.math_reward import verify_answer as verify
 
     conn.send(_READY)
     while True:
@@ -118,13 +113,8 @@ def _worker_main(conn, crash_marker: str | None, hang_marker: str | None, max_me
         if msg is None:
             return
         task_id, answer, truths = msg
-        if crash_marker and crash_marker in answer:
-            os._exit(_CRASH_EXIT_CODE)
-        if hang_marker and hang_marker in answer:
-            while True:
-                time.sleep(3600)
         try:
-            reward, ok = float(verify_answer(answer, list(truths))), True
+            reward, ok = float(verify(answer, list(truths))), True
         except SystemExit:
             raise
         except BaseException:  # noqa: B036 - math-verify's TimeoutException is a BaseException; RecursionError
@@ -189,7 +179,8 @@ class RewardPool:
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, answer_after_think: bool = False, *,
-                 max_memory_mb: int | None = 4096, start_timeout_s: float = 120.0):
+                 max_memory_mb: int | None = 4096, start_timeout_s: float = 120.0,
+                 verify: Callable[[str, list[str]], float] | None = None):
         if int(num_workers) < 1:
             raise ValueError(f"RewardPool: num_workers={num_workers} must be >= 1 (reward.num_workers)")
         if not timeout_s or timeout_s <= 0:
@@ -199,7 +190,7 @@ class RewardPool:
         self.timeout_s = float(timeout_s)
         self.answer_after_think = bool(answer_after_think)
         self.start_timeout_s = float(start_timeout_s)
-        self._args = (os.environ.get(CRASH_ENV) or None, os.environ.get(HANG_ENV) or None, max_memory_mb)
+        self._args = (verify, max_memory_mb)  # verify=None: math_reward.verify_answer, imported in the worker
         self._ctx = _context()
         self.totals = dict.fromkeys(STAT_KEYS, 0)
         self._closed = False

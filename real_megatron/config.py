@@ -54,6 +54,9 @@ class RolloutConfig:
     sglang_master_port: int = 29600  # distributed weight sync: port of the {trainer rank 0 + SGLang} group
     weight_bucket_mb: int = 512  # largest weight-sync bucket
     sglang_release_memory: bool = False  # colocated SGLang: release weights + KV cache while the trainer trains
+    # embedded engine: sequences per transformers generate call (the prompts x n rollouts are cut into such
+    # chunks, in order); 64 is what the engine used before this setting existed
+    embedded_batch_size: int = 64
 
 
 @dataclass
@@ -270,6 +273,9 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
         raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be > 0 (log-probs divide by it)")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
+    if cfg.rollout.embedded_batch_size < 1:
+        raise ConfigError(f"rollout.embedded_batch_size={cfg.rollout.embedded_batch_size} must be >= 1 "
+                          "(sequences per generate call of the embedded engine)")
     t = cfg.train
     for name in ("steps", "rollout_batch_prompts", "mini_batch_prompts", "micro_batch_rollouts"):
         if getattr(t, name) < 1:

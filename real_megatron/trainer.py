@@ -141,7 +141,7 @@ def make_engine(cfg: RunConfig, hf_dir, tokenizer):
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         return TransformersEngine(hf_dir, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id_of(tokenizer),
-                                  dtype=dtype, device=device)
+                                  dtype=dtype, device=device, batch_size=cfg.rollout.embedded_batch_size)
     from real_megatron.rollout.sglang_engine import SGLangEngine
 
     r = cfg.rollout

@@ -39,6 +39,7 @@ def test_bad_overrides(override, message):
     (["parallel.tp=2"], 3, "world size 3 is not divisible by tp"),
     (["train.mini_batch_prompts=5"], 1, r"not divisible by train.mini_batch_prompts=5; valid mini-batch sizes"),
     (["rollout.n=1"], 1, "G must be >= 2"),
+    (["rollout.embedded_batch_size=0"], 1, r"rollout.embedded_batch_size=0 must be >= 1"),
     (["loss.name=ppo"], 1, "loss.name='ppo' is unknown"),
     (["loss.hparams={tau: -1}"], 1, "loss.hparams: tau must be a positive"),
     (["rollout.max_new_tokens=600", "data.max_prompt_length=64"], 1, "exceeds the model's context"),

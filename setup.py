@@ -23,7 +23,7 @@ CORE = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff==0.17.6"],  # ruff: the linter `make test` runs first
     # GPU extras: never installed on the CPU machines. NVIDIA Apex is NOT on PyPI
     # (PyPI's "apex" is an unrelated package); build it from NVIDIA's source if wanted.
     "gpu": ["transformer-engine[pytorch]", "sglang"],

@@ -21,10 +21,10 @@ import json
 import time
 from pathlib import Path
 
-# the tiny model: small enough for 2 CPU cores, large enough to learn the task in minutes
-TINY_QWEN2 = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 128, "intermediate_size": 256,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+# The demo's model (a Qwen2 config.json minus vocabulary and special-token ids, which come from the task's
+# tokenizer): small enough for 2 CPU cores, large enough to learn the task in minutes.
+DEMO_MODEL_CONFIG = {
+    "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
     "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "hidden_act": "silu",
     "attention_dropout": 0.0, "initializer_range": 0.02,
 }
@@ -34,9 +34,7 @@ def build_assets(run_dir: Path, seed: int) -> tuple[Path, Path, Path]:
     """Task files, tokenizer and the random base model; returns (train, test, base model dir)."""
     import transformers
 
-    from real_megatron.data import write_arithmetic_task
-    from real_megatron.data.synthetic import arithmetic_problems, arithmetic_prompt, arithmetic_solution
-    from real_megatron.data.tokenizer import train_task_tokenizer
+    from real_megatron.data import arithmetic_texts, train_task_tokenizer, write_arithmetic_task
 
     data_dir = run_dir / "data"
     train, test = data_dir / "train.parquet", data_dir / "test.parquet"
@@ -44,14 +42,9 @@ def build_assets(run_dir: Path, seed: int) -> tuple[Path, Path, Path]:
         write_arithmetic_task(data_dir, n_train=147, n_test=40, seed=seed)
     base = run_dir / "base_model"
     if not (base / "config.json").exists():
-        texts = [arithmetic_prompt(a, op, b) + " " + arithmetic_solution(a, op, b, ans)
-                 for a, op, b, ans in arithmetic_problems()]
-        tok_dir = run_dir / "tokenizer"
-        train_task_tokenizer(texts, tok_dir)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
-        config = transformers.Qwen2Config(**{k: v for k, v in TINY_QWEN2.items() if k not in ("architectures",
-                                                                                                  "model_type")},
-                                          vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        tokenizer = train_task_tokenizer(arithmetic_texts(), run_dir / "tokenizer")
+        config = transformers.Qwen2Config(**DEMO_MODEL_CONFIG, vocab_size=len(tokenizer),
+                                          bos_token_id=tokenizer.bos_token_id,
                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         config.architectures = ["Qwen2ForCausalLM"]
         import torch

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-# The paper's instruction (REFERENCE.md §2), appended to the problem text.
+# The paper's instruction (docs/method.md §4), appended to the problem text.
 PROMPT_SUFFIX = "Let's think step by step and output the final answer within \\boxed{}."
 
 # Reasons a row can be rejected; the keys of PromptSet.skipped.

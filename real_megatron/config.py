@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from real_megatron.context_window import context_overflow, model_context
+
 
 class ConfigError(ValueError):
     """A configuration that cannot work; the message names the field and the fix."""
@@ -299,12 +301,14 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
         num_heads=hf_config["num_attention_heads"],
         num_kv_heads=hf_config.get("num_key_value_heads", hf_config["num_attention_heads"]),
         num_layers=hf_config["num_hidden_layers"])
-    context = hf_config.get("max_position_embeddings")
-    needed = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
-    if context and needed > context:
-        raise ConfigError(
-            f"data.max_prompt_length + rollout.max_new_tokens = {needed} exceeds the model's context "
-            f"(max_position_embeddings={context}); lower rollout.max_new_tokens to <= {context - cfg.data.max_prompt_length}")
+    generating = {"rollout.max_new_tokens": cfg.rollout.max_new_tokens}
+    if cfg.data.eval_files:  # evaluations during training generate eval.max_new_tokens after the same prompts
+        generating["eval.max_new_tokens"] = cfg.eval.max_new_tokens
+    for name, new_tokens in generating.items():
+        overflow = context_overflow(cfg.data.max_prompt_length, new_tokens, hf_config)
+        if overflow:
+            raise ConfigError(f"data.max_prompt_length + {name}: {overflow}; lower {name} to <= "
+                              f"{model_context(hf_config) - cfg.data.max_prompt_length} or data.max_prompt_length")
     if cfg.parallel.cp > 1 and cfg.model.transformer_impl == "local":
         raise ConfigError("parallel.cp > 1 needs Transformer Engine attention; set model.transformer_impl=auto on a GPU "
                           "machine with transformer-engine installed, or parallel.cp=1")

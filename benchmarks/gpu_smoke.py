@@ -41,12 +41,13 @@ def samples_for(vocab: int):
 def run(dtype, full, transformer_impl):
     from real_megatron.megatron.model import build_model
     from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
-    from real_megatron.megatron.train import PolicyTrainer, build_optimizer
+    from real_megatron.megatron.optimizer import build_optimizer
+    from real_megatron.megatron.policy import MegatronPolicy
 
     chunks = build_model(HF, dtype=dtype, transformer_impl=transformer_impl, wrap_ddp=True)
     load_full_state_dict(chunks[0], full)
     optimizer = build_optimizer(chunks, lr=1e-4)
-    policy = PolicyTrainer(chunks, optimizer, loss_name="real", temperature=0.6, micro_batch_rollouts=8)
+    policy = MegatronPolicy(chunks, optimizer, loss_name="real", temperature=0.6, micro_batch_rollouts=8)
     samples = samples_for(HF["vocab_size"])
     logps, _ = policy.compute_logprobs(samples)
     for s, lp in zip(samples, logps):

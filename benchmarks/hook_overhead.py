@@ -5,7 +5,7 @@ mini-batch of 8 groups × 4 rollouts with 96-token sequences in 4 micro-batches.
 forward+backward through Megatron's schedule and one optimizer step:
 
 * ``ce``: Megatron's ``vocab_parallel_cross_entropy`` over response tokens, token-mean;
-* ``real``: ``PolicyTrainer.train_step`` (our log-probs + entropy, per-rollout scores, the group
+* ``real``: ``MegatronPolicy.train_step`` (our log-probs + entropy, per-rollout scores, the group
   loss, the scale factor, the metrics).
 
 Timings alternate between the two, median of ``--repeats``. Target: real / ce ≤ 1.05.
@@ -36,7 +36,8 @@ def main() -> None:
 
     from real_megatron.megatron.batch import Sample, build_micro_batch, padded_length
     from real_megatron.megatron.model import build_model, initialize_parallel
-    from real_megatron.megatron.train import PolicyTrainer, build_optimizer
+    from real_megatron.megatron.optimizer import build_optimizer
+    from real_megatron.megatron.policy import MegatronPolicy
 
     initialize_parallel(hf_config=HF)
     chunks = build_model(HF, transformer_impl="local", wrap_ddp=True)
@@ -48,7 +49,7 @@ def main() -> None:
         for k in range(4):
             samples.append(Sample(prompt, torch.randint(0, 32768, (64,), generator=g).tolist(), float(k % 2), gid,
                                   old_logp=-torch.rand(64, generator=g) - 9.0))
-    real = PolicyTrainer(chunks, optimizer, loss_name="real", temperature=0.6, micro_batch_rollouts=8)
+    real = MegatronPolicy(chunks, optimizer, loss_name="real", temperature=0.6, micro_batch_rollouts=8)
 
     seq = padded_length(samples, 1)
     ce_batches = [build_micro_batch(samples, list(range(i, i + 8)), rows=8, seq_len=seq) for i in range(0, 32, 8)]

@@ -17,7 +17,8 @@ from __future__ import annotations
 import time
 
 from real_megatron.config import ConfigError, config_to_dict, save_config
-from real_megatron.trainer import Trainer, broadcast_object, run_job, sync_weights
+from real_megatron.distributed import broadcast_object
+from real_megatron.trainer import Trainer, run_job, sync_weights
 
 
 def _solution(record) -> str:

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from real_megatron.config import ConfigError, RunConfig, config_to_dict, load_config, save_config, validate_config
+from real_megatron.distributed import any_rank, barrier, broadcast_object, world
 
 log = logging.getLogger("real_megatron")
 
@@ -46,37 +47,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 class RolloutFailed(RuntimeError):
     """The rollout engine or the reward pool failed; the run saved what it safely could."""
-
-
-# ----------------------------------------------------------------------------- distributed helpers
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def broadcast_object(obj, src: int = 0):
-    """``obj`` from rank ``src`` on every rank (pickled; rollouts are small next to the model)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def _any_rank(flag: bool) -> bool:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    from real_megatron.megatron.train import world_reduce
-
-    return bool(world_reduce(torch.tensor([float(flag)]), dist.ReduceOp.MAX).item())
-
-
-def _barrier():
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------- set-up pieces
@@ -191,16 +161,17 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, loss_name: str | None = None):
         from real_megatron.megatron.cpu import enable_cpu_support
         from real_megatron.megatron.model import build_model, initialize_parallel
-        from real_megatron.megatron.train import PolicyTrainer, build_optimizer
+        from real_megatron.megatron.optimizer import build_optimizer
+        from real_megatron.megatron.policy import MegatronPolicy
 
         self.cfg = cfg
         self.hf = read_model_dir(cfg)
         check_data_files(cfg)
-        _, world_size = _world()
+        _, world_size = world()
         validate_config(cfg, world_size=world_size, hf_config=self.hf)
         enable_cpu_support()
         initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.seed, self.hf)
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = world()
         self.run_dir = Path(cfg.run_dir)
         self.chunks = build_model(self.hf, dtype=DTYPES[cfg.model.dtype], transformer_impl=cfg.model.transformer_impl,
                                   wrap_ddp=True, sequence_parallel=cfg.model.sequence_parallel,
@@ -208,7 +179,7 @@ class Trainer:
                                   use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
         from real_megatron.checkpoint import CheckpointManager
 
-        self.ckpt = CheckpointManager(self.run_dir, rank=self.rank, world_size=self.world_size, barrier=_barrier,
+        self.ckpt = CheckpointManager(self.run_dir, rank=self.rank, world_size=self.world_size, barrier=barrier,
                                       broadcast=broadcast_object)
         # Initial weights go in BEFORE the optimizer is built: with bf16 params (and with the
         # distributed optimizer) Megatron's optimizer copies the weights into fp32 master params
@@ -221,10 +192,10 @@ class Trainer:
                                          adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
                                          use_distributed_optimizer=o.use_distributed_optimizer)
         self.tokenizer = load_tokenizer(cfg.model.hf_dir)
-        self.policy = PolicyTrainer(self.chunks, self.optimizer, loss_name=loss_name or cfg.loss.name, hparams=cfg.loss.hparams,
-                                    temperature=cfg.rollout.temperature,
-                                    micro_batch_rollouts=cfg.train.micro_batch_rollouts,
-                                    pad_id=pad_id_of(self.tokenizer))
+        self.policy = MegatronPolicy(self.chunks, self.optimizer, loss_name=loss_name or cfg.loss.name,
+                                     hparams=cfg.loss.hparams, temperature=cfg.rollout.temperature,
+                                     micro_batch_rollouts=cfg.train.micro_batch_rollouts,
+                                     pad_id=pad_id_of(self.tokenizer))
         self.layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "cp": cfg.parallel.cp,
                        "world_size": self.world_size}
         self.updates_per_rollout = cfg.train.rollout_batch_prompts // cfg.train.mini_batch_prompts
@@ -245,7 +216,7 @@ class Trainer:
         return self.rollout_step * self.updates_per_rollout
 
     def save(self) -> Path:
-        from real_megatron.megatron.train import optimizer_state
+        from real_megatron.megatron.optimizer import optimizer_state
 
         state = {"model": [c.state_dict() for c in self.chunks], "optimizer": optimizer_state(self.optimizer)}
         meta = {"layout": self.layout, "rollout_step": self.rollout_step, "optimizer_step": self.optimizer_step,
@@ -258,7 +229,7 @@ class Trainer:
         return path
 
     def restore(self) -> bool:
-        from real_megatron.megatron.train import load_optimizer_state
+        from real_megatron.megatron.optimizer import load_optimizer_state
 
         latest = self.ckpt.latest()
         if latest is None:
@@ -460,7 +431,7 @@ class Trainer:
         try:
             while self.rollout_step < cfg.train.steps:
                 self.step()
-                stop = _any_rank(self._stop_signal is not None)
+                stop = any_rank(self._stop_signal is not None)
                 if stop or self.rollout_step % cfg.train.save_every == 0 or self.rollout_step == cfg.train.steps:
                     self.save()
                 if stop:
@@ -499,7 +470,7 @@ def _parse(argv, prog: str, description: str):
 
 
 def setup_logging():
-    rank, _ = _world()
+    rank, _ = world()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
     for noisy in ("megatron", "httpx", "urllib3", "wandb"):

@@ -399,7 +399,7 @@ def test_output_exists_and_overwrite(hf_models, tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(hf_models, converted, tmp_path, monkeypatch):
-    import real_megatron.convert.convert as conv
+    import real_megatron.convert.offline as conv
 
     calls = {"n": 0}
     real = conv.hf_to_megatron_blocks

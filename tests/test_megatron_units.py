@@ -164,14 +164,15 @@ def test_model_provider_builds_both_architectures(arch):
 def test_non_finite_step_is_skipped_and_weights_untouched():
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
-    from real_megatron.megatron.train import PolicyTrainer, build_optimizer
+    from real_megatron.megatron.optimizer import build_optimizer
+    from real_megatron.megatron.policy import MegatronPolicy
 
     initialize_parallel(hf_config=TINY_QWEN2)
     chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True)
     full = fixed_full_state_dict(TINY_QWEN2)
     full["decoder.layers.1.mlp.linear_fc2.weight"][0, 0] = float("inf")
     load_full_state_dict(chunks[0], full)
-    policy = PolicyTrainer(chunks, build_optimizer(chunks, lr=0.1), loss_name="real", micro_batch_rollouts=16)
+    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=0.1), loss_name="real", micro_batch_rollouts=16)
     result = policy.train_step(fixed_samples())
     assert result["skipped"] == 1.0
     after = gather_full_state_dict(chunks[0])
@@ -187,12 +188,13 @@ def test_non_finite_step_is_skipped_and_weights_untouched():
 def test_sft_step_lowers_cross_entropy():
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.sharding import load_full_state_dict
-    from real_megatron.megatron.train import PolicyTrainer, build_optimizer
+    from real_megatron.megatron.optimizer import build_optimizer
+    from real_megatron.megatron.policy import MegatronPolicy
 
     initialize_parallel(hf_config=TINY_QWEN2)
     chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True)
     load_full_state_dict(chunks[0], fixed_full_state_dict(TINY_QWEN2))
-    sft = PolicyTrainer(chunks, build_optimizer(chunks, lr=3e-3), loss_name="sft", micro_batch_rollouts=8)
+    sft = MegatronPolicy(chunks, build_optimizer(chunks, lr=3e-3), loss_name="sft", micro_batch_rollouts=8)
     samples = [Sample(s.prompt_ids, s.response_ids, 1.0, s.group_id) for s in fixed_samples()]
     losses = [sft.train_step(samples)["loss"] for _ in range(5)]
     assert losses[-1] < losses[0] - 0.5, losses
@@ -219,7 +221,8 @@ def test_distributed_optimizer_state_round_trip_resumes_exactly():
     the bias correction was wrong unless the steps are made separate again."""
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
-    from real_megatron.megatron.train import PolicyTrainer, build_optimizer, load_optimizer_state, optimizer_state
+    from real_megatron.megatron.optimizer import build_optimizer, load_optimizer_state, optimizer_state
+    from real_megatron.megatron.policy import MegatronPolicy
 
     initialize_parallel(hf_config=TINY_QWEN2)
 
@@ -227,7 +230,7 @@ def test_distributed_optimizer_state_round_trip_resumes_exactly():
         chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True, use_distributed_optimizer=True)
         load_full_state_dict(chunks[0], full)
         optimizer = build_optimizer(chunks, lr=1e-2, use_distributed_optimizer=True)
-        return chunks, optimizer, PolicyTrainer(chunks, optimizer, loss_name="real", micro_batch_rollouts=16)
+        return chunks, optimizer, MegatronPolicy(chunks, optimizer, loss_name="real", micro_batch_rollouts=16)
 
     start = fixed_full_state_dict(TINY_QWEN2)
     chunks, _, policy = fresh(start)

@@ -193,7 +193,7 @@ def save_hf_from_model(model_chunks, out_dir, *, side_files_from, hf_config=None
     keeps some parameters (norms) in float32, a HF bf16 checkpoint has them in bf16.
     """
     from real_megatron.convert.atomic import atomic_dir
-    from real_megatron.convert.convert import dtype_name, hf_entries, write_hf_config, write_hf_dir
+    from real_megatron.convert.offline import dtype_name, hf_entries, write_hf_config, write_hf_dir
     from real_megatron.convert.hf_io import parse_size
 
     chunk = _as_list(model_chunks)[0]

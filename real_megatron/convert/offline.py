@@ -1,4 +1,4 @@
-"""Whole-checkpoint conversions, single process, a few tensors in memory at a time.
+"""Whole-checkpoint conversions, files to files (offline), single process, a few tensors in memory at a time.
 
 ``hf_to_megatron`` and ``megatron_to_hf`` validate everything they can from file headers
 (architecture, layout, every tensor's presence and shape, truncation) before writing a byte, then

@@ -76,7 +76,3 @@ def enable_cpu_support() -> bool:
     _ENABLED = True
     return True
 
-
-def device() -> torch.device:
-    """The device tensors of this process live on."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from real_megatron.distributed import world
 from real_megatron.megatron.cpu import enable_cpu_support
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
@@ -68,7 +69,7 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
 
     from real_megatron.config import validate_layout
 
-    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    _, world_size = world()
     if hf_config is not None:
         hf = read_hf_config(hf_config)
         validate_layout(tp=tp, pp=pp, cp=cp, world_size=world_size, num_heads=hf["num_attention_heads"],

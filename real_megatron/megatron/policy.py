@@ -1,12 +1,12 @@
-"""Optimizer and the per-mini-batch training step on Megatron-Core.
+"""The policy on Megatron-Core: old log-probs, and one optimizer update per mini-batch.
 
-    policy = PolicyTrainer(chunks, build_optimizer(chunks, lr=2e-6), loss_name="real", hparams={"tau": 0.5},
-                           temperature=0.6, micro_batch_rollouts=8)
+    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=2e-6), loss_name="real", hparams={"tau": 0.5},
+                            temperature=0.6, micro_batch_rollouts=8)
     logps, entropies = policy.compute_logprobs(samples)          # old log-probs at the sampling temperature
     result = policy.train_step(samples)                          # one optimizer step over a mini-batch
 
 Every rank calls both with the same ``samples`` (the trainer broadcasts rollouts); results are
-returned on every rank.
+returned on every rank. The optimizer itself is built in ``optimizer.py``.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import logging
 from functools import partial
 
 import torch
-import torch.distributed as dist
 
+from real_megatron.distributed import compute_device, world_min, world_sum
 from real_megatron.losses import (
     PPO_FAMILY,
     REAL_FAMILY,
@@ -35,76 +35,6 @@ from real_megatron.megatron.hook import SFT, LossContext, forward_step, known_lo
 from real_megatron.megatron.model import unwrap
 
 log = logging.getLogger("real_megatron")
-
-
-def build_optimizer(chunks, *, lr: float, weight_decay: float = 0.01, clip_grad: float = 1.0,
-                    adam_beta1: float = 0.9, adam_beta2: float = 0.999, adam_eps: float = 1e-8,
-                    use_distributed_optimizer: bool = False):
-    """Megatron's optimizer: AdamW (decoupled weight decay), global-norm gradient clipping, constant LR."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    gpt = unwrap(chunks[0])
-    config = OptimizerConfig(
-        optimizer="adam", lr=lr, min_lr=lr, weight_decay=weight_decay, clip_grad=clip_grad,
-        adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_eps=adam_eps,
-        bf16=gpt.config.bf16, params_dtype=gpt.config.params_dtype,
-        use_distributed_optimizer=use_distributed_optimizer,
-    )
-    return get_megatron_optimizer(config, chunks)
-
-
-def _distributed_optimizers(optimizer) -> list:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    return [o for o in parts if isinstance(o, DistributedOptimizer)]
-
-
-def optimizer_state(optimizer) -> dict:
-    """What a resume needs from the optimizer, for this rank.
-
-    Megatron's ``state_dict()`` is complete for the plain optimizer. The distributed optimizer's
-    leaves out each rank's parameter-shard state (fp32 master weights, Adam moments), which
-    Megatron saves through separate gather/dist-checkpointing paths; here each rank keeps its own
-    shards, per parameter in the optimizer's order (a resume uses the same layout, so the shards
-    line up).
-    """
-    state = {"megatron": optimizer.state_dict()}
-    shards = []
-    for opt in _distributed_optimizers(optimizer):
-        shards.append([{k: v.detach().clone() for k, v in opt._get_main_param_and_optimizer_states(param).items()}
-                       for param in opt.model_param_group_index_map])
-    if shards:
-        state["param_shards"] = shards
-    return state
-
-
-def load_optimizer_state(optimizer, state: dict) -> None:
-    """Inverse of ``optimizer_state`` (also takes a bare Megatron state dict, as older checkpoints hold)."""
-    if "megatron" not in state:
-        optimizer.load_state_dict(state)
-        return
-    optimizer.load_state_dict(state["megatron"])  # allocates the shard state the copies below fill
-    opts = _distributed_optimizers(optimizer)
-    for opt in opts:
-        # Megatron's load_state_dict (torch-optimizer path, no Apex/TE) hands every parameter the SAME
-        # ``step`` tensor; torch's Adam increments each parameter's step in place, so a shared one
-        # would advance once per parameter per update and corrupt the bias correction after a resume
-        for param_state in opt.optimizer.state.values():
-            if "step" in param_state:
-                param_state["step"] = param_state["step"].clone()
-    shards = state.get("param_shards", [])
-    if len(shards) != len(opts):
-        raise RuntimeError(f"the checkpoint holds parameter-shard state for {len(shards)} distributed optimizer(s), "
-                           f"this run has {len(opts)}: resume with the same optim.use_distributed_optimizer")
-    for opt, saved in zip(opts, shards):
-        params = list(opt.model_param_group_index_map)
-        if len(saved) != len(params):
-            raise RuntimeError(f"the checkpoint holds {len(saved)} parameter shards, this rank has {len(params)}: "
-                               "resume with the same parallel layout")
-        with torch.no_grad():  # the fp32 master shards are leaves that require grad
-            for param, tensors in zip(params, saved):
-                opt._set_main_param_and_optimizer_states(param, tensors)
 
 
 class _Layout:
@@ -127,25 +57,9 @@ class _Layout:
         self.reporter = self.last_stage and self.tp_rank == 0
 
 
-def compute_device() -> torch.device:
-    """Where the model runs: the current CUDA device, or the CPU (gloo)."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+class MegatronPolicy:
+    """The model chunks and optimizer of this rank, driven through Megatron's forward/backward schedule."""
 
-
-def world_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
-    """All-reduce a CPU tensor in place over all ranks (through the GPU when the backend is NCCL)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        buf = tensor.to(compute_device())
-        dist.all_reduce(buf, op=op)
-        tensor.copy_(buf.cpu())
-    return tensor
-
-
-def _world_sum(tensor: torch.Tensor) -> torch.Tensor:
-    return world_reduce(tensor, dist.ReduceOp.SUM)
-
-
-class PolicyTrainer:
     def __init__(self, chunks, optimizer, *, loss_name: str, hparams: dict | None = None, temperature: float = 1.0,
                  micro_batch_rollouts: int = 8, force_exact: bool = False, pad_id: int = 0):
         known_loss(loss_name)
@@ -221,7 +135,7 @@ class PolicyTrainer:
                     full[0, keep] = rec["logp"][row].double().cpu()
                     full[1, keep] = rec["entropy"][row].double().cpu()
                     out[:, i, :r] = full[:, p - 1:p + r - 1]
-        _world_sum(out)  # each (sample, position) is filled by exactly one rank
+        world_sum(out)  # each (sample, position) is filled by exactly one rank
         for chunk in self.chunks:
             chunk.train()
         logps = [out[0, i, :len(s.response_ids)].float() for i, s in enumerate(samples)]
@@ -232,7 +146,7 @@ class PolicyTrainer:
     def train_step(self, samples: list[Sample]) -> dict:
         """Forward/backward over the mini-batch's micro-batches, then one optimizer step (or a counted skip)."""
         metrics = self.forward_backward(samples)
-        metrics.update(self.optimizer_step(metrics["loss"]))
+        metrics.update(self.apply_gradients(metrics["loss"]))
         return metrics
 
     def forward_backward(self, samples: list[Sample]) -> dict:
@@ -290,15 +204,15 @@ class PolicyTrainer:
                     summary[4 + rec["sample_index"].cpu()] = rec["scores"].double().cpu()
                 for j, key in enumerate(ppo_keys):
                     ppo_sums[j] += rec["metrics"].get(key, 0.0)
-        _world_sum(summary)
-        _world_sum(ppo_sums)
+        world_sum(summary)
+        world_sum(ppo_sums)
         loss = exact_loss.item() if exact_loss is not None else summary[0].item()
         scores = summary[4:]
 
         metrics = {"loss": loss,
                    "response_tokens": summary[2].item(), "hook/exact_mode": float(plan.mode == "exact")}
         if self.loss_name == SFT or not torch.isfinite(scores).all():
-            pass  # no group metrics (a non-finite step is skipped by optimizer_step)
+            pass  # no group metrics (a non-finite step is skipped by apply_gradients)
         elif self.loss_name in REAL_FAMILY:
             _, _, group_metrics = score_weights(self.loss_name, scores=scores, rewards=rewards.double(),
                                                 group_ids=group_ids, **hp)
@@ -310,7 +224,7 @@ class PolicyTrainer:
             metrics["loss/score_mean"] = scores.mean().item()
         return metrics
 
-    def optimizer_step(self, loss: float) -> dict:
+    def apply_gradients(self, loss: float) -> dict:
         """One optimizer step, or — on a non-finite loss or gradient anywhere — a skip that keeps the weights."""
         finite = torch.tensor([float(torch.isfinite(torch.tensor(loss)))], dtype=torch.float64)
         # one fused norm per gradient tensor, no copies (an fp32 norm overflowing to inf means
@@ -319,7 +233,7 @@ class PolicyTrainer:
                  if (g := getattr(p, "main_grad", None)) is not None]
         grad_sq = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum().cpu() if grads else torch.zeros(())
         finite *= float(torch.isfinite(grad_sq).all())
-        _world_min(finite)
+        world_min(finite)
         if finite.item() < 1:
             for chunk in self.chunks:
                 chunk.zero_grad_buffer()
@@ -329,6 +243,3 @@ class PolicyTrainer:
         ok, grad_norm, _ = self.optimizer.step()
         return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "skipped": 0.0 if ok else 1.0}
 
-
-def _world_min(tensor: torch.Tensor) -> torch.Tensor:
-    return world_reduce(tensor, dist.ReduceOp.MIN)

@@ -27,21 +27,22 @@ def main() -> None:
 
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
-    from real_megatron.megatron.train import PolicyTrainer, build_optimizer
+    from real_megatron.megatron.optimizer import build_optimizer
+    from real_megatron.megatron.policy import MegatronPolicy
 
     hf = dict(TINY_QWEN2, tie_word_embeddings=args.tied)
     initialize_parallel(tp=args.tp, pp=args.pp, cp=1, seed=7)
     chunks = build_model(hf, wrap_ddp=True, transformer_impl="local",
                          use_distributed_optimizer=args.distributed_optimizer)
     load_full_state_dict(chunks[0], fixed_full_state_dict(hf))
-    policy = PolicyTrainer(chunks, build_optimizer(chunks, lr=10.0, adam_eps=1.0,
+    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=10.0, adam_eps=1.0,
                                                          use_distributed_optimizer=args.distributed_optimizer), loss_name=args.loss, hparams={},
                            temperature=0.7, micro_batch_rollouts=args.micro_batch_rollouts,
                            force_exact=args.force_exact)
     samples = fixed_samples()
     metrics = policy.forward_backward(samples)
     grads = gather_full_state_dict(chunks[0], "grad")
-    metrics.update(policy.optimizer_step(metrics["loss"]))
+    metrics.update(policy.apply_gradients(metrics["loss"]))
     weights = gather_full_state_dict(chunks[0], "param")
     initial = fixed_full_state_dict(hf)
     deltas = {k: weights[k] - initial[k] for k in weights}

@@ -8,6 +8,9 @@ drawn and verified; pass@1 is the mean of all scores and pass@k the unbiased est
 1 − C(n−c, k) / C(n, k) (Chen et al., 2021) averaged over problems. Results go to
 ``results.json`` (with each problem's correct-sample count) and ``results.md`` (one row per
 benchmark and the average over benchmarks).
+
+Every prompt plus ``--max-new-tokens`` must fit the model's context (``max_position_embeddings``):
+a prompt that does not is an error naming the file and row, before any generation (exit code 2).
 """
 from __future__ import annotations
 
@@ -61,6 +64,25 @@ def evaluate_prompts(engine, reward_pool, tokenizer, records, prompt_ids, *, sam
     return result
 
 
+def prompts_beyond_context(records, prompt_ids, max_new_tokens: int, hf_config: dict) -> str | None:
+    """None when every prompt plus ``max_new_tokens`` fits the model's context (the rule of
+    ``context_window``), else an error naming the file, the first row that does not fit, how many do
+    not, and the fix. A benchmark is scored whole or not at all: skipping rows would change its pass@k."""
+    from real_megatron.context_window import context_overflow, model_context
+
+    beyond = [(r, len(ids)) for r, ids in zip(records, prompt_ids)
+              if context_overflow(len(ids), max_new_tokens, hf_config)]
+    if not beyond:
+        return None
+    record, n_tokens = beyond[0]
+    longest = max(len(ids) for ids in prompt_ids)
+    return (f"{record.source_file}: row {record.row}: prompt of {n_tokens} tokens + --max-new-tokens "
+            f"{max_new_tokens}: {context_overflow(n_tokens, max_new_tokens, hf_config)}; {len(beyond)} of "
+            f"{len(records)} prompts in this file do not fit. Lower --max-new-tokens to <= "
+            f"{model_context(hf_config) - longest} (the file's longest prompt is {longest} tokens) or evaluate a "
+            "model with a longer context")
+
+
 def markdown_table(results: dict, ks: list[int]) -> str:
     head = "| benchmark | problems | " + " | ".join(f"pass@{k}" for k in ks) + " | mean length |"
     lines = [head, "|" + "---|" * (len(ks) + 3)]
@@ -96,6 +118,7 @@ def main(argv=None) -> int:
     from real_megatron.data import encode_prompt, load_prompts
     from real_megatron.rewards import RewardPool
     from real_megatron.rollout import SamplingParams
+    from real_megatron.megatron.model import read_hf_config
     from real_megatron.trainer import load_tokenizer, pad_id_of
 
     model = Path(args.model)
@@ -107,12 +130,18 @@ def main(argv=None) -> int:
             print(f"error: --files: {f} does not exist", flush=True)
             return 2
     tokenizer = load_tokenizer(model)
+    hf_config = read_hf_config(model)
     benchmarks = {}
     for f in args.files:
         records = load_prompts(f, max_prompt_length=args.max_prompt_length, tokenizer=tokenizer, on_bad_row="error")
         if args.max_problems:
             records = records[:args.max_problems]
-        benchmarks[Path(f).name.split(".")[0]] = records
+        ids = [encode_prompt(tokenizer, r.messages) for r in records]
+        too_long = prompts_beyond_context(records, ids, args.max_new_tokens, hf_config)
+        if too_long:
+            print(f"error: {too_long}", flush=True)
+            return 2
+        benchmarks[Path(f).name.split(".")[0]] = (records, ids)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if args.engine == "embedded":
         from real_megatron.rollout.transformers_engine import TransformersEngine
@@ -130,8 +159,7 @@ def main(argv=None) -> int:
     results = {}
     with RewardPool(num_workers=args.reward_workers, answer_after_think=args.answer_after_think) as pool:
         try:
-            for name, records in benchmarks.items():
-                ids = [encode_prompt(tokenizer, r.messages) for r in records]
+            for name, (records, ids) in benchmarks.items():
                 results[name] = evaluate_prompts(engine, pool, tokenizer, records, ids, samples=args.samples,
                                                  sampling=sampling)
                 print(f"{name}: pass@1 {100 * results[name]['pass@1']:.1f} ({len(records)} problems)", flush=True)

@@ -13,7 +13,8 @@ if __name__ == "__main__":
     from real_megatron.config import load_config
     from real_megatron.demo import build_assets
     from real_megatron.sft import run_sft
-    from real_megatron.trainer import Trainer, setup_logging
+    from real_megatron.job_runner import setup_logging
+    from real_megatron.trainer import Trainer
 
     setup_logging()
     out = Path(sys.argv[1])

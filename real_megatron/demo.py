@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     from real_megatron.config import load_config
     from real_megatron.plots import plot_run
     from real_megatron.sft import run_sft
-    from real_megatron.trainer import Trainer, setup_logging
+    from real_megatron.job_runner import setup_logging
+    from real_megatron.trainer import Trainer
 
     setup_logging()
     started = time.perf_counter()

@@ -44,17 +44,16 @@ def evaluate_prompts(engine, reward_pool, tokenizer, records, prompt_ids, *, sam
     """Sample ``samples`` responses per prompt, verify them, and return pass@k and lengths."""
     if not records:
         raise ValueError("evaluation needs at least one prompt")
+    from real_megatron.rollout.collect import generate_and_score
+
     correct = [0] * len(records)
     lengths, timeouts, crashes = [], 0, 0
     for start in range(0, len(records), batch_prompts):
-        ids = prompt_ids[start:start + batch_prompts]
-        completions = engine.generate(ids, samples, sampling)
-        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-        truths = [records[start + c.prompt_index].answers for c in completions]
-        rewards, stats = reward_pool.score(texts, truths)
-        timeouts += stats.get("timeouts", 0)
-        crashes += stats.get("crashes", 0)
-        for c, reward in zip(completions, rewards):
+        scored = generate_and_score(engine, reward_pool, tokenizer, records[start:start + batch_prompts],
+                                    prompt_ids[start:start + batch_prompts], samples, sampling)
+        timeouts += scored.reward_stats.get("timeouts", 0)
+        crashes += scored.reward_stats.get("crashes", 0)
+        for c, reward in zip(scored.completions, scored.rewards):
             correct[start + c.prompt_index] += int(reward >= 1.0)
             lengths.append(len(c.token_ids))
     result = {f"pass@{k}": sum(pass_at_k(samples, c, k) for c in correct) / len(records) for k in report_ks(samples)}
@@ -112,14 +111,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="", help="directory for results.json and results.md (default: print only)")
     args = parser.parse_args(argv)
 
-    import torch
-
     from real_megatron.checkpoint import atomic_write_text
+    from real_megatron.components import load_tokenizer, make_engine
+    from real_megatron.config import RolloutConfig
     from real_megatron.data import encode_prompt, load_prompts
+    from real_megatron.megatron.model import read_hf_config
     from real_megatron.rewards import RewardPool
     from real_megatron.rollout import SamplingParams
-    from real_megatron.megatron.model import read_hf_config
-    from real_megatron.trainer import load_tokenizer, pad_id_of
 
     model = Path(args.model)
     if not (model / "config.json").exists():
@@ -142,18 +140,8 @@ def main(argv=None) -> int:
             print(f"error: {too_long}", flush=True)
             return 2
         benchmarks[Path(f).name.split(".")[0]] = (records, ids)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    if args.engine == "embedded":
-        from real_megatron.rollout.transformers_engine import TransformersEngine
-
-        engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id_of(tokenizer),
-                                    dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu",
-                                    load_weights_from=str(model))
-    else:
-        from real_megatron.rollout.sglang_engine import SGLangEngine
-
-        engine = SGLangEngine(args.sglang_url, eos_token_id=tokenizer.eos_token_id) if args.sglang_url else \
-            SGLangEngine(engine_kwargs={"model_path": str(model)}, eos_token_id=tokenizer.eos_token_id)
+    engine = make_engine(RolloutConfig(engine=args.engine, sglang_url=args.sglang_url), model, tokenizer,
+                         dtype=args.dtype, load_weights=True)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                               seed=args.seed)
     results = {}

@@ -26,9 +26,13 @@ def _run_id(run_dir) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0, wandb_mode: str = "offline",
-                 wandb_project: str = "real-megatron", config: dict | None = None, progress_bar: bool = True,
-                 enabled: bool = True):
+    """Appends one row per ``log(step, metrics)``. An existing ``metrics.jsonl`` keeps its rows up to
+    ``start_step`` (a resumed run logs the later ones again); ``fresh=True`` starts it empty (a run that
+    never resumes, such as ``sft``)."""
+
+    def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0, fresh: bool = False,
+                 wandb_mode: str = "offline", wandb_project: str = "real-megatron", config: dict | None = None,
+                 progress_bar: bool = True, enabled: bool = True):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._wandb = None
@@ -36,7 +40,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._drop_rows_after(start_step)
+        self._drop_rows_after(-1 if fresh else start_step)
         if wandb_mode != "disabled":
             import wandb
 
@@ -50,7 +54,7 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
     def _drop_rows_after(self, step: int) -> None:
-        """On resume, drop rows logged after the checkpoint (they will be produced again)."""
+        """Drop rows logged after ``step`` (on resume: after the checkpoint; they will be produced again)."""
         if not self.path.exists():
             return
         keep = []

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import time
 
-from real_megatron.config import ConfigError, config_to_dict, save_config
+from real_megatron.config import ConfigError
 from real_megatron.distributed import broadcast_object
-from real_megatron.trainer import Trainer, run_job, sync_weights
+from real_megatron.job_runner import run_job
+from real_megatron.trainer import Trainer
 
 
 def _solution(record) -> str:
@@ -32,24 +33,19 @@ def _solution(record) -> str:
 def run_sft(cfg) -> int:
     from real_megatron.megatron.batch import Sample
     from real_megatron.megatron.hook import SFT
-    from real_megatron.metrics import MetricsLogger
 
     t = Trainer(cfg, loss_name=SFT)
     t.policy.temperature = 1.0  # plain cross-entropy: the rollout temperature belongs to the RL objective only
     try:
         if t.rank == 0:
             t.run_dir.mkdir(parents=True, exist_ok=True)
-            t._setup_rank0(sampler_batch=cfg.train.mini_batch_prompts)
+            t.setup_rollout_side(sampler_batch=cfg.train.mini_batch_prompts)
             eos = t.tokenizer.eos_token_id
             targets = [t.tokenizer.encode(_solution(r), add_special_tokens=False) + [eos] for r in t.train_records]
-            save_config(cfg, t.run_dir / "config.yaml")
-            t.logger = MetricsLogger(t.run_dir, total_steps=cfg.train.steps, wandb_mode=cfg.logging.wandb_mode,
-                                     wandb_project=cfg.logging.wandb_project, config=config_to_dict(cfg),
-                                     progress_bar=cfg.logging.progress_bar)
-            t.logger._drop_rows_after(-1)  # SFT does not resume: start the metrics file afresh
+            t.open_metrics(cfg.train.steps, fresh=True)  # SFT does not resume: the metrics file starts afresh
         if t.resuming:  # SFT keeps no checkpoints: a checkpoints/ folder here belongs to something else
             raise ConfigError(f"{t.run_dir}/checkpoints exists; give SFT a fresh run_dir")
-        sync_weights(t.chunks, t.hf, t.engine, t.rank, cfg.rollout.weight_bucket_mb << 20)
+        t.sync_weights()
         if t.rank == 0 and t.eval_records:
             t.logger.log(0, t.evaluate())
         for step in range(1, cfg.train.steps + 1):
@@ -63,7 +59,7 @@ def run_sft(cfg) -> int:
             row = {"train/loss": result["loss"], "train/grad_norm": result["grad_norm"],
                    "train/skipped": result["skipped"], "time/update_s": time.perf_counter() - t0}
             if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-                row["time/sync_s"] = sync_weights(t.chunks, t.hf, t.engine, t.rank, cfg.rollout.weight_bucket_mb << 20)
+                row["time/sync_s"] = t.sync_weights()
                 if t.rank == 0 and t.eval_records:
                     row.update(t.evaluate())
             if t.rank == 0:

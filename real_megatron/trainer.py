@@ -3,13 +3,13 @@
     real-megatron train --config examples/configs/tiny_cpu.yaml [section.key=value ...]
     torchrun --nproc-per-node 2 -m real_megatron train --config FILE parallel.tp=2
 
-One rollout step:
+One rollout step (``Trainer.step``, one method per phase):
 
 1. rank 0 samples ``train.rollout_batch_prompts`` prompts and ``rollout.n`` responses each with
    the rollout engine, scores them in the reward worker pool (labels: reward ≥ threshold);
 2. the rollouts are broadcast; every rank recomputes the old log-probs with the Megatron model
-   at the sampling temperature (the authors do the same; the engine's own log-probs are only a
-   drift metric);
+   at the sampling temperature (the authors do the same, docs/method.md §3; the engine's own
+   log-probs are only a drift metric);
 3. ``rollout_batch_prompts / mini_batch_prompts`` optimizer updates through the loss hook
    (groups kept whole, or the exact mode when a group has to be split);
 4. the new weights go to the engine in HF names, bucket by bucket, without touching disk;
@@ -23,142 +23,37 @@ true totals. An evaluation before training is logged as its own row with ``step`
 
 Resume: a rerun with the same ``run_dir`` continues from ``checkpoints/latest``; SIGINT/SIGTERM
 finish the current rollout step, save, and exit with 128 + signal number.
+
+The set-up pieces (model directory, tokenizer, prompt files, the engine factory) are in
+``components.py``; the command-line wrapper shared with ``sft`` is ``job_runner.py``.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import math
-import os
 import signal
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from real_megatron.config import ConfigError, RunConfig, config_to_dict, load_config, save_config, validate_config
+from real_megatron.components import (DTYPES, check_data_files, load_initial_weights, load_prompt_files,
+                                      load_tokenizer, make_engine, pad_id_of, read_model_dir)
+from real_megatron.config import ConfigError, RunConfig, config_to_dict, save_config, validate_config
 from real_megatron.distributed import any_rank, barrier, broadcast_object, world
+from real_megatron.job_runner import JobFailed, run_job
 
 log = logging.getLogger("real_megatron")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-
-class RolloutFailed(RuntimeError):
+class RolloutFailed(JobFailed):
     """The rollout engine or the reward pool failed; the run saved what it safely could."""
-
-
-# ----------------------------------------------------------------------------- set-up pieces
-
-
-def read_model_dir(cfg: RunConfig) -> dict:
-    """The HF config of ``model.hf_dir``, checked before anything starts."""
-    from real_megatron.megatron.model import read_hf_config
-
-    if not cfg.model.hf_dir:
-        raise ConfigError("model.hf_dir is empty: point it at a HF model directory (config.json + tokenizer)")
-    path = Path(cfg.model.hf_dir)
-    if not (path / "config.json").exists():
-        raise ConfigError(f"model.hf_dir={path}: no config.json there; give a HF model directory")
-    return read_hf_config(path / "config.json")
-
-
-def check_data_files(cfg: RunConfig) -> None:
-    if not cfg.data.train_files:
-        raise ConfigError("data.train_files is empty: give one or more parquet/JSONL prompt files")
-    for field_name in ("train_files", "eval_files"):
-        for f in getattr(cfg.data, field_name):
-            if not Path(f).exists():
-                raise ConfigError(f"data.{field_name}: {f} does not exist")
-
-
-def load_prompt_files(files, *, tokenizer, max_prompt_length: int, on_bad_row: str):
-    """All records of several files as one list (indices renumbered), plus the skip counts."""
-    from real_megatron.data import load_prompts
-
-    records, skipped = [], {}
-    for f in files:
-        part = load_prompts(f, max_prompt_length=max_prompt_length, tokenizer=tokenizer, on_bad_row=on_bad_row)
-        for reason, count in part.skipped.items():
-            skipped[reason] = skipped.get(reason, 0) + count
-        records.extend(part)
-    for i, r in enumerate(records):
-        r.index = i
-    if not records:
-        raise ConfigError(f"no usable prompts in {list(files)} (skipped: {skipped})")
-    return records, skipped
-
-
-def load_tokenizer(hf_dir):
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    if tok.eos_token_id is None:
-        raise ConfigError(f"the tokenizer in {hf_dir} has no eos_token: generation could never stop")
-    return tok
-
-
-def pad_id_of(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def make_engine(cfg: RunConfig, hf_dir, tokenizer):
-    """Rank 0's rollout engine; weights arrive from the trainer right after."""
-    dtype = DTYPES[cfg.model.dtype]
-    if cfg.rollout.engine == "embedded":
-        from real_megatron.rollout.transformers_engine import TransformersEngine
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return TransformersEngine(hf_dir, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id_of(tokenizer),
-                                  dtype=dtype, device=device, batch_size=cfg.rollout.embedded_batch_size)
-    from real_megatron.rollout.sglang_engine import SGLangEngine
-
-    r = cfg.rollout
-    common = {"eos_token_id": tokenizer.eos_token_id, "weight_sync": r.sglang_weight_sync,
-              "tp_size": r.sglang_tp_size, "bucket_bytes": r.weight_bucket_mb << 20}
-    if r.sglang_url:
-        engine = SGLangEngine(r.sglang_url, **common)
-        if r.sglang_weight_sync == "distributed":  # join the {trainer rank 0 + SGLang ranks} broadcast group
-            # NCCL between GPUs; gloo when the trainer runs on the CPU (what the CPU tests exercise)
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            engine.init_weights_update_group(os.environ.get("MASTER_ADDR", "127.0.0.1"), r.sglang_master_port,
-                                             backend=backend)
-        return engine
-    return SGLangEngine(engine_kwargs={"model_path": str(hf_dir), "tp_size": r.sglang_tp_size}, **common)
-
-
-def sync_weights(chunks, hf: dict, engine, rank: int, bucket_bytes: int = 512 << 20) -> float:
-    """Push the current Megatron weights to the engine (rank 0) in HF names; every rank takes part."""
-    from real_megatron.convert import iter_hf_tensors
-
-    t0 = time.perf_counter()
-    pairs = (pair for bucket in iter_hf_tensors(chunks, hf, bucket_bytes=bucket_bytes) for pair in bucket)
-    if rank == 0:
-        engine.update_weights(pairs)
-    else:
-        for _ in pairs:  # drive the collectives
-            pass
-    return time.perf_counter() - t0
-
-
-def load_initial_weights(cfg: RunConfig, chunks) -> str:
-    from real_megatron.convert import load_hf_into, load_megatron_checkpoint_into
-
-    if cfg.model.megatron_dir:
-        load_megatron_checkpoint_into(chunks, cfg.model.megatron_dir)
-        return cfg.model.megatron_dir
-    load_hf_into(chunks, cfg.model.hf_dir)
-    return cfg.model.hf_dir
-
-
-# ----------------------------------------------------------------------------- the trainer
 
 
 class Trainer:
     """Everything a run holds; ``run()`` executes the loop. Used by ``train`` and, with the SFT loss, ``sft``."""
 
     def __init__(self, cfg: RunConfig, *, loss_name: str | None = None):
+        from real_megatron.checkpoint import CheckpointManager
         from real_megatron.megatron.cpu import enable_cpu_support
         from real_megatron.megatron.model import build_model, initialize_parallel
         from real_megatron.megatron.optimizer import build_optimizer
@@ -177,8 +72,6 @@ class Trainer:
                                   wrap_ddp=True, sequence_parallel=cfg.model.sequence_parallel,
                                   recompute_activations=cfg.model.recompute_activations,
                                   use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
-        from real_megatron.checkpoint import CheckpointManager
-
         self.ckpt = CheckpointManager(self.run_dir, rank=self.rank, world_size=self.world_size, barrier=barrier,
                                       broadcast=broadcast_object)
         # Initial weights go in BEFORE the optimizer is built: with bf16 params (and with the
@@ -212,14 +105,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     @property
-    def optimizer_step(self) -> int:
+    def optimizer_steps_done(self) -> int:
+        """Optimizer updates completed so far (the metrics' ``step``): rollout steps × updates per rollout."""
         return self.rollout_step * self.updates_per_rollout
 
     def save(self) -> Path:
         from real_megatron.megatron.optimizer import optimizer_state
 
         state = {"model": [c.state_dict() for c in self.chunks], "optimizer": optimizer_state(self.optimizer)}
-        meta = {"layout": self.layout, "rollout_step": self.rollout_step, "optimizer_step": self.optimizer_step,
+        meta = {"layout": self.layout, "rollout_step": self.rollout_step, "optimizer_step": self.optimizer_steps_done,
                 "skipped_steps": self.skipped_steps, "config": config_to_dict(self.cfg),
                 "sampler": self.sampler.state_dict() if self.sampler is not None else None}
         meta = broadcast_object(meta)  # rank 0 owns the sampler
@@ -247,20 +141,19 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ set-up on rank 0
-    def _setup_rank0(self, sampler_batch: int | None = None):
-        from real_megatron.data import PromptSampler
-        from real_megatron.metrics import MetricsLogger
+    def setup_rollout_side(self, sampler_batch: int | None = None) -> None:
+        """Rank 0: load and encode the train/eval prompts, build the prompt sampler (``sampler_batch``
+        prompts per draw, default ``train.rollout_batch_prompts``), the rollout engine and the reward pool."""
+        from real_megatron.data import PromptSampler, encode_prompt
         from real_megatron.rewards import RewardPool
 
         cfg = self.cfg
-        self.train_records, skipped = load_prompt_files(cfg.data.train_files, tokenizer=self.tokenizer,
-                                                        max_prompt_length=cfg.data.max_prompt_length,
-                                                        on_bad_row=cfg.data.on_bad_row)
+        read = {"tokenizer": self.tokenizer, "max_prompt_length": cfg.data.max_prompt_length,
+                "on_bad_row": cfg.data.on_bad_row}
+        self.train_records, skipped = load_prompt_files(cfg.data.train_files, **read)
         self.eval_records = []
         if cfg.data.eval_files:
-            self.eval_records, eval_skipped = load_prompt_files(cfg.data.eval_files, tokenizer=self.tokenizer,
-                                                                max_prompt_length=cfg.data.max_prompt_length,
-                                                                on_bad_row=cfg.data.on_bad_row)
+            self.eval_records, eval_skipped = load_prompt_files(cfg.data.eval_files, **read)
             skipped = {k: skipped.get(k, 0) + eval_skipped.get(k, 0) for k in {*skipped, *eval_skipped}}
             if cfg.eval.max_prompts:
                 self.eval_records = self.eval_records[:cfg.eval.max_prompts]
@@ -270,16 +163,25 @@ class Trainer:
         if len(self.train_records) < cfg.train.rollout_batch_prompts:
             raise ConfigError(f"train.rollout_batch_prompts={cfg.train.rollout_batch_prompts} exceeds the "
                               f"{len(self.train_records)} training prompts")
-        from real_megatron.data import encode_prompt
-
         self.train_ids = [encode_prompt(self.tokenizer, r.messages) for r in self.train_records]
         self.eval_ids = [encode_prompt(self.tokenizer, r.messages) for r in self.eval_records]
         self.sampler = PromptSampler(self.train_records, sampler_batch or cfg.train.rollout_batch_prompts, seed=cfg.seed)
-        self.engine = make_engine(cfg, cfg.model.hf_dir, self.tokenizer)
+        self.engine = make_engine(cfg.rollout, cfg.model.hf_dir, self.tokenizer, dtype=cfg.model.dtype)
         if self._colocated:  # what is released during training and resumed after the sync
             self._memory_tags = self.engine.memory_tags()
         self.reward_pool = RewardPool(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
                                       answer_after_think=cfg.data.answer_after_think)
+
+    def open_metrics(self, total_steps: int, *, start_step: int = 0, fresh: bool = False) -> None:
+        """Rank 0: write ``<run_dir>/config.yaml`` and open the metrics log (JSONL, wandb, progress bar).
+        Rows after ``start_step`` are dropped (a resume logs them again); ``fresh`` drops every row."""
+        from real_megatron.metrics import MetricsLogger
+
+        cfg = self.cfg
+        save_config(cfg, self.run_dir / "config.yaml")
+        self.logger = MetricsLogger(self.run_dir, total_steps=total_steps, start_step=start_step, fresh=fresh,
+                                    wandb_mode=cfg.logging.wandb_mode, wandb_project=cfg.logging.wandb_project,
+                                    config=config_to_dict(cfg), progress_bar=cfg.logging.progress_bar)
 
     def export_hf(self, out_dir: Path) -> Path | None:
         """Write the current weights as a HF directory in ``model.dtype``, atomically (every rank
@@ -293,6 +195,21 @@ class Trainer:
 
         return save_hf_from_model(self.chunks, out_dir, side_files_from=self.cfg.model.hf_dir, hf_config=self.hf,
                                   tokenizer=self.tokenizer, dtype=DTYPES[self.cfg.model.dtype])
+
+    def sync_weights(self) -> float:
+        """Push the current Megatron weights to the engine (on rank 0) in HF names, bucket by bucket; every
+        rank takes part (TP shards are gathered, PP stages sent). Returns the seconds it took."""
+        from real_megatron.convert import iter_hf_tensors
+
+        t0 = time.perf_counter()
+        buckets = iter_hf_tensors(self.chunks, self.hf, bucket_bytes=self.cfg.rollout.weight_bucket_mb << 20)
+        pairs = (pair for bucket in buckets for pair in bucket)
+        if self.rank == 0:
+            self.engine.update_weights(pairs)
+        else:
+            for _ in pairs:  # drive the collectives
+                pass
+        return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ evaluation (rank 0)
     def evaluate(self) -> dict:
@@ -308,10 +225,42 @@ class Trainer:
                 "eval/response_length_mean": result["response_length_mean"]}
 
     # ------------------------------------------------------------------ one rollout step
-    def _rollout(self) -> dict:
-        """Rank 0: sample, score; returns the payload every rank receives."""
+    def step(self) -> None:
+        """One rollout step: the five phases of the module docstring, then its metric rows."""
+        records, rollout_metrics = self._rollouts()
+        samples = self._old_logprobs(records, rollout_metrics)
+        rows = self._updates(records, samples, rollout_metrics)
+        rows[-1]["time/sync_s"] = self._sync_to_engine()
+        self.rollout_step += 1
+        self._evaluate_if_due(rows[-1])
+        self._log_rows(rows)
+
+    def _rollouts(self):
+        """Phase 1. Rank 0 samples and scores a batch; every rank gets ``(records, metrics)``. A failure on
+        rank 0 reaches every rank, which save the last consistent state and raise ``RolloutFailed``."""
+        payload = None
+        if self.rank == 0:
+            try:
+                payload = self._collect_rollouts()
+                if self._colocated:  # hand the GPU memory to training until the weights come back
+                    self.engine.release_memory(self._memory_tags)
+            except Exception as err:  # engine/reward failure: every rank must hear about it
+                log.exception("rollout failed")
+                payload = {"error": f"{type(err).__name__}: {err}"}
+        payload = broadcast_object(payload)
+        if "error" in payload:
+            path = self.save()  # the weights are those of the last completed step: safe to keep
+            raise RolloutFailed(f"rollout step {self.rollout_step + 1} failed: {payload['error']}. The state after "
+                                f"rollout step {self.rollout_step} was saved to {path}; fix the engine and rerun the "
+                                "same command to resume")
+        if not payload["records"]:
+            raise RolloutFailed("the rollout engine returned no non-empty response in a whole batch")
+        return payload["records"], payload["metrics"]
+
+    def _collect_rollouts(self) -> dict:
+        """Rank 0: sample the next prompts, generate ``rollout.n`` responses each, score them."""
         from real_megatron.rollout import SamplingParams
-        from real_megatron.rollouts import collect_rollouts
+        from real_megatron.rollout.collect import collect_rollouts
 
         cfg = self.cfg
         batch = self.sampler.next_batch()
@@ -324,29 +273,10 @@ class Trainer:
             first_group_id=self.rollout_step * cfg.train.rollout_batch_prompts)
         return {"records": records, "metrics": metrics}
 
-    def step(self) -> None:
+    def _old_logprobs(self, records, rollout_metrics: dict) -> list:
+        """Phase 2. The old log-probs (and entropy) of every rollout under the current weights, at the sampling
+        temperature; adds ``train/entropy``, the engine drift and ``time/logprob_s`` to ``rollout_metrics``."""
         from real_megatron.megatron.batch import Sample
-        from real_megatron.rollouts import split_mini_batches
-
-        cfg = self.cfg
-        payload = None
-        if self.rank == 0:
-            try:
-                payload = self._rollout()
-                if self._colocated:  # hand the GPU memory to training until the weights come back
-                    self.engine.release_memory(self._memory_tags)
-            except Exception as err:  # engine/reward failure: every rank must hear about it
-                log.exception("rollout failed")
-                payload = {"error": f"{type(err).__name__}: {err}"}
-        payload = broadcast_object(payload)
-        if "error" in payload:
-            path = self.save()  # the weights are those of the last completed step: safe to keep
-            raise RolloutFailed(f"rollout step {self.rollout_step + 1} failed: {payload['error']}. The state after "
-                                f"rollout step {self.rollout_step} was saved to {path}; fix the engine and rerun the "
-                                "same command to resume")
-        records, rollout_metrics = payload["records"], payload["metrics"]
-        if not records:
-            raise RolloutFailed("the rollout engine returned no non-empty response in a whole batch")
 
         t0 = time.perf_counter()
         samples = [Sample(r.prompt_ids, r.response_ids, r.reward, r.group_id) for r in records]
@@ -360,11 +290,15 @@ class Trainer:
             diff = torch.cat([torch.tensor(e, dtype=torch.float64) - lp.double() for e, lp in zip(engine_lp, logps)])
             rollout_metrics["rollout/logprob_abs_diff_mean"] = float(diff.abs().mean())
         rollout_metrics["time/logprob_s"] = time.perf_counter() - t0
+        return samples
+
+    def _updates(self, records, samples, rollout_metrics: dict) -> list[dict]:
+        """Phase 3. One optimizer update per mini-batch of whole prompts; one metrics row per update."""
+        from real_megatron.rollout.collect import split_mini_batches
 
         index_of = {id(r): i for i, r in enumerate(records)}
-        mini_batches = split_mini_batches(records, cfg.train.mini_batch_prompts)
         rows = []
-        for j, mb in enumerate(mini_batches):
+        for j, mb in enumerate(split_mini_batches(records, self.cfg.train.mini_batch_prompts)):
             t0 = time.perf_counter()
             result = self.policy.train_step([samples[index_of[id(r)]] for r in mb])
             self.skipped_steps += int(result.get("skipped", 0.0) > 0)
@@ -382,25 +316,37 @@ class Trainer:
             for key in ("time/rollout_s", "time/reward_s", "time/logprob_s"):
                 row[key] = rollout_metrics.get(key, 0.0) if j == 0 else 0.0
             rows.append(row)
+        return rows
 
+    def _sync_to_engine(self) -> float:
+        """Phase 4. The new weights to the engine (a colocated SGLang engine gets its memory back around it)."""
         t0 = time.perf_counter()
         if self.rank == 0 and self._colocated:
             self.engine.resume_memory(["weights"])  # weights first, then KV cache / CUDA graphs (SGLang's order)
-        sync_weights(self.chunks, self.hf, self.engine, self.rank, self.cfg.rollout.weight_bucket_mb << 20)
+        self.sync_weights()
         if self.rank == 0 and self._colocated:
             self.engine.resume_memory([t for t in self._memory_tags if t != "weights"])
-        rows[-1]["time/sync_s"] = time.perf_counter() - t0
-        self.rollout_step += 1
-        if self.rank == 0 and self.eval_records and cfg.train.eval_every and \
-                (self.rollout_step % cfg.train.eval_every == 0 or self.rollout_step == cfg.train.steps):
+        return time.perf_counter() - t0
+
+    def _evaluate_if_due(self, last_row: dict) -> None:
+        """Phase 5 (rank 0): an evaluation every ``train.eval_every`` rollout steps and after the last one,
+        into the step's last row. (The checkpoint half of phase 5 is ``run``'s: it also follows signals.)"""
+        cfg = self.cfg
+        due = cfg.train.eval_every and (self.rollout_step % cfg.train.eval_every == 0
+                                        or self.rollout_step == cfg.train.steps)
+        if self.rank == 0 and self.eval_records and due:
             t0 = time.perf_counter()
-            rows[-1].update(self.evaluate())
-            rows[-1]["time/eval_s"] = time.perf_counter() - t0
-        if self.rank == 0:
-            skips = {f"data/skipped_{k}": float(v) for k, v in self.data_skipped.items()}
-            first = self.optimizer_step - len(rows) + 1
-            for i, row in enumerate(rows):
-                self.logger.log(first + i, {**row, **skips})
+            last_row.update(self.evaluate())
+            last_row["time/eval_s"] = time.perf_counter() - t0
+
+    def _log_rows(self, rows: list[dict]) -> None:
+        """Rank 0: the step's rows, numbered by optimizer step, with the data-skip counts on each."""
+        if self.rank != 0:
+            return
+        skips = {f"data/skipped_{k}": float(v) for k, v in self.data_skipped.items()}
+        first = self.optimizer_steps_done - len(rows) + 1
+        for i, row in enumerate(rows):
+            self.logger.log(first + i, {**row, **skips})
 
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum, frame):
@@ -408,22 +354,16 @@ class Trainer:
         log.warning("signal %d: finishing the current rollout step, then saving and exiting", signum)
 
     def run(self) -> int:
-        from real_megatron.metrics import MetricsLogger
-
         cfg = self.cfg
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._setup_rank0()
+            self.setup_rollout_side()
         resumed = self.restore() if self.resuming else False
         if not resumed and self.rank == 0:
             log.info("initial weights from %s", self.initial_weights)
         if self.rank == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
-            self.logger = MetricsLogger(self.run_dir, total_steps=cfg.train.steps * self.updates_per_rollout,
-                                        start_step=self.optimizer_step, wandb_mode=cfg.logging.wandb_mode,
-                                        wandb_project=cfg.logging.wandb_project, config=config_to_dict(cfg),
-                                        progress_bar=cfg.logging.progress_bar)
-        sync_weights(self.chunks, self.hf, self.engine, self.rank, self.cfg.rollout.weight_bucket_mb << 20)
+            self.open_metrics(cfg.train.steps * self.updates_per_rollout, start_step=self.optimizer_steps_done)
+        self.sync_weights()
         if self.rank == 0 and not resumed and self.eval_records and cfg.train.eval_every:
             self.logger.log(0, {**self.evaluate(), "rollout_step": 0})
 
@@ -460,39 +400,6 @@ class Trainer:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
-
-
-def _parse(argv, prog: str, description: str):
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", help="YAML config file (see examples/configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.name=grpo parallel.tp=2")
-    return parser.parse_args(argv)
-
-
-def setup_logging():
-    rank, _ = world()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("megatron", "httpx", "urllib3", "wandb"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def run_job(argv, prog: str, description: str, job) -> int:
-    """The shared command-line wrapper of ``train`` and ``sft``: parse, run ``job(cfg)``, map failures
-    to exit codes (2: a config that cannot work, 1: a failed rollout), always tear down the process group."""
-    args = _parse(argv, prog, description)
-    setup_logging()
-    try:
-        return job(load_config(args.config, args.overrides))
-    except ConfigError as err:
-        print(f"config error: {err}", flush=True)
-        return 2
-    except RolloutFailed as err:
-        print(f"error: {err}", flush=True)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def main(argv=None) -> int:

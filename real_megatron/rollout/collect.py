@@ -1,4 +1,5 @@
-"""The rollout phase of a training step: prompts -> G completions each -> rewards -> labelled records.
+"""The rollout phase of a training step: prompts -> n completions each -> rewards -> labelled records;
+and the generate-and-score step it shares with evaluation.
 
 Runs on rank 0 (which owns the rollout engine and the reward workers); the records are then
 broadcast to every rank. Nothing here imports Megatron.
@@ -27,13 +28,21 @@ class RolloutRecord:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-def collect_rollouts(*, engine, reward_pool, tokenizer, prompts, prompt_ids, n: int, sampling, first_group_id: int):
-    """Generate ``n`` responses per prompt and score them.
+@dataclass
+class ScoredCompletions:
+    """``n`` completions per prompt, prompt-major, with their 0/1 rewards (same order)."""
+
+    completions: list  # rollout.Completion
+    rewards: list[float]
+    reward_stats: dict  # RewardPool.score's counts: timeouts, crashes, ...
+    generate_s: float
+    score_s: float
+
+
+def generate_and_score(engine, reward_pool, tokenizer, prompts, prompt_ids, n: int, sampling) -> ScoredCompletions:
+    """Generate ``n`` responses per prompt, decode them and verify each against its prompt's accepted answers.
 
     ``prompts``: PromptRecord list (for ground truths); ``prompt_ids``: their encoded token ids.
-    Returns ``(records, metrics)``; records are prompt-major, group ids ``first_group_id + i``.
-    Empty responses (the engine stopped at once without even an EOS) are dropped and counted:
-    a rollout needs at least one response token for s̄ to exist.
     """
     t0 = time.perf_counter()
     completions = engine.generate(prompt_ids, n, sampling)
@@ -44,10 +53,19 @@ def collect_rollouts(*, engine, reward_pool, tokenizer, prompts, prompt_ids, n: 
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
     truths = [prompts[c.prompt_index].answers for c in completions]
     rewards, reward_stats = reward_pool.score(texts, truths)
-    t2 = time.perf_counter()
+    return ScoredCompletions(completions, rewards, reward_stats, t1 - t0, time.perf_counter() - t1)
 
+
+def collect_rollouts(*, engine, reward_pool, tokenizer, prompts, prompt_ids, n: int, sampling, first_group_id: int):
+    """Generate ``n`` responses per prompt and score them.
+
+    Returns ``(records, metrics)``; records are prompt-major, group ids ``first_group_id + i``.
+    Empty responses (the engine stopped at once without even an EOS) are dropped and counted:
+    a rollout needs at least one response token for s̄ to exist.
+    """
+    scored = generate_and_score(engine, reward_pool, tokenizer, prompts, prompt_ids, n, sampling)
     records, dropped = [], 0
-    for c, reward in zip(completions, rewards):
+    for c, reward in zip(scored.completions, scored.rewards):
         if not c.token_ids:
             dropped += 1
             continue
@@ -57,11 +75,11 @@ def collect_rollouts(*, engine, reward_pool, tokenizer, prompts, prompt_ids, n: 
             engine_logprobs=list(c.logprobs) if c.logprobs is not None else None))
     metrics = rollout_metrics(records, n)
     metrics.update({
-        "time/rollout_s": t1 - t0,
-        "time/reward_s": t2 - t1,
+        "time/rollout_s": scored.generate_s,
+        "time/reward_s": scored.score_s,
         "rollout/dropped_empty": float(dropped),
-        "reward/timeouts": float(reward_stats.get("timeouts", 0)),
-        "reward/crashes": float(reward_stats.get("crashes", 0)),
+        "reward/timeouts": float(scored.reward_stats.get("timeouts", 0)),
+        "reward/crashes": float(scored.reward_stats.get("crashes", 0)),
     })
     return records, metrics
 

@@ -34,7 +34,6 @@ RECIPES = {p.stem: p for p in sorted(CONFIGS.glob("*.yaml"))}
 # --data shortcuts: the training-set file a recipe's data.train_files points at (tools/prepare_data.py
 # writes them in this schema from the copies a user has)
 TRAIN_SETS = {"dapo17k": "data/dapo-math-17k.parquet", "deepscaler": "data/deepscaler.parquet"}
-LOSSES = ("real", "real_bce", "real_no_anchor", "grpo", "dapo", "gspo")
 
 sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .`
 
@@ -50,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_argument_group("what to run")
     what.add_argument("--recipe", choices=sorted(RECIPES), help="a config in examples/configs/")
     what.add_argument("--config", help="any other YAML config file (instead of --recipe)")
-    what.add_argument("--loss", choices=LOSSES, help="policy loss (baselines: grpo, dapo, gspo); sets loss.name")
+    # the loss name is checked with the rest of the config (real_megatron.losses.LOSSES), not re-listed here
+    what.add_argument("--loss", help="policy loss: real (default) or a baseline such as grpo; sets loss.name")
     what.add_argument("--data", choices=sorted(TRAIN_SETS), help="training set shortcut; sets data.train_files")
     what.add_argument("--name", help="experiment/job name (default: recipe[-loss])")
     what.add_argument("--dryrun", action="store_true", help="print the torchrun command / sbatch script; submit nothing")
@@ -103,15 +103,14 @@ def world_size(args) -> int:
 
 def check_config(path: Path, overrides: list[str], world: int):
     """Load + validate exactly what the job will (model shapes when hf_dir is on this machine)."""
-    import json
-
     from real_megatron.config import load_config, validate_config
+    from real_megatron.hf_model import read_hf_config
 
     cfg = load_config(path, overrides)
     hf_config = None
     cfg_json = Path(cfg.model.hf_dir) / "config.json"
     if cfg.model.hf_dir and cfg_json.exists():
-        hf_config = json.loads(cfg_json.read_text())
+        hf_config = read_hf_config(cfg_json)  # the reader the trainer uses (checks the architecture too)
     validate_config(cfg, world_size=world, hf_config=hf_config)
     return cfg
 

@@ -3,21 +3,25 @@
     cfg = load_config("examples/configs/tiny_cpu.yaml", ["loss.tau=1.0", "parallel.tp=2"])
     validate_config(cfg, world_size=2, hf_config=hf_config_dict)
 
-Every field has a default (the paper's recipe, REFERENCE.md §2, where one exists); YAML and
-overrides may set any subset. Unknown keys, wrong types and layouts that cannot work are
-errors that name the field and a valid choice, raised before any process group or allocation.
+Every field has a default (the paper's recipe, docs/method.md §4, where one exists); YAML and
+overrides may set any subset. A field with a fixed set of values is annotated ``Literal[...]``;
+its values are checked from that annotation, on loading and in ``validate_config``. Unknown keys,
+wrong types, values outside a Literal and layouts that cannot work are errors that name the field
+and a valid choice, raised before any process group or allocation.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from real_megatron.context_window import context_overflow, model_context
+from real_megatron.hf_model import LayoutError, check_layout, check_world, divisors
+from real_megatron.weight_buckets import DEFAULT_BUCKET_BYTES
 
 
 class ConfigError(ValueError):
@@ -28,8 +32,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     hf_dir: str = ""  # HF checkpoint directory (config.json, tokenizer, weights)
     megatron_dir: str = ""  # optional converted Megatron checkpoint to start from instead of hf_dir's weights
-    dtype: str = "float32"  # float32 | bfloat16
-    transformer_impl: str = "auto"  # auto (TE when it imports) | local | transformer_engine
+    dtype: Literal["float32", "bfloat16"] = "float32"  # parameters and activations
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"  # auto: TE when it imports
     recompute_activations: bool = False  # full activation recomputation (saves memory at 7B+)
     sequence_parallel: bool = False  # Megatron sequence parallelism (needs tp > 1)
 
@@ -39,22 +43,23 @@ class DataConfig:
     train_files: list = field(default_factory=list)
     eval_files: list = field(default_factory=list)
     max_prompt_length: int = 1024
-    on_bad_row: str = "error"  # error | skip (skips are counted in metrics)
+    on_bad_row: Literal["error", "skip"] = "error"  # skips are counted in metrics
     answer_after_think: bool = False  # reward only the \boxed{} answer after </think>
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "embedded"  # embedded (transformers, CPU/GPU) | sglang
+    engine: Literal["embedded", "sglang"] = "embedded"  # embedded: transformers in the trainer (CPU/GPU)
     n: int = 8  # G: rollouts per prompt
     temperature: float = 0.6
     top_p: float = 1.0
     max_new_tokens: int = 8192
     sglang_url: str = ""  # a running SGLang server; empty: sglang.Engine in the trainer's rank-0 process
-    sglang_weight_sync: str = "tensor"  # tensor (colocated: update_weights_from_tensor) | distributed (NCCL broadcast)
+    # tensor: colocated, update_weights_from_tensor; distributed: a separate server, NCCL broadcast
+    sglang_weight_sync: Literal["tensor", "distributed"] = "tensor"
     sglang_tp_size: int = 1  # the SGLang server's tensor-parallel size
     sglang_master_port: int = 29600  # distributed weight sync: port of the {trainer rank 0 + SGLang} group
-    weight_bucket_mb: int = 512  # largest weight-sync bucket
+    weight_bucket_mb: int = DEFAULT_BUCKET_BYTES >> 20  # largest weight-sync bucket, MiB
     sglang_release_memory: bool = False  # colocated SGLang: release weights + KV cache while the trainer trains
     # embedded engine: sequences per transformers generate call (the prompts x n rollouts are cut into such
     # chunks, in order); 64 is what the engine used before this setting existed
@@ -92,7 +97,6 @@ class TrainConfig:
     micro_batch_rollouts: int = 8  # rollouts per forward/backward micro-batch (per data-parallel rank)
     eval_every: int = 50
     save_every: int = 50
-    log_every: int = 1
 
 
 @dataclass
@@ -113,7 +117,7 @@ class ParallelConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "real-megatron"
     progress_bar: bool = True
 
@@ -137,9 +141,19 @@ class RunConfig:
 # ----------------------------------------------------------------------------- loading
 
 
+_KINDS = {int, float, str, bool, list, dict}
+
+
+def _allowed(annotation) -> tuple | None:
+    """The values a ``Literal[...]`` annotation allows (None for a plain type)."""
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
+
+
 def _check_type(path: str, value, annotation):
-    """Coerce/validate one leaf value against its dataclass annotation."""
-    kind = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}[annotation]
+    """Coerce/validate one leaf value against its dataclass annotation (a plain type or a Literal)."""
+    allowed = _allowed(annotation)
+    kind = type(allowed[0]) if allowed else annotation
+    assert kind in _KINDS, f"{path}: unsupported annotation {annotation!r}"
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str):
@@ -150,25 +164,44 @@ def _check_type(path: str, value, annotation):
     if kind is list and isinstance(value, str):
         return [value]
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise ConfigError(f"{path}: expected {annotation}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{path}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    _check_allowed(path, value, annotation)
     return value
 
 
+def _check_allowed(path: str, value, annotation) -> None:
+    allowed = _allowed(annotation)
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"{path}={value!r} is not one of the allowed values {list(allowed)}")
+
+
 def _apply(obj, data: dict, prefix: str = "") -> None:
-    fields = {f.name: f for f in dataclasses.fields(obj)}
+    types = typing.get_type_hints(type(obj))
     for key, value in data.items():
         path = f"{prefix}{key}"
-        if key not in fields:
-            raise ConfigError(f"unknown config key {path!r}; valid keys here: {sorted(fields)}")
+        if key not in types:
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {sorted(types)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: expected a mapping of {sorted(f.name for f in dataclasses.fields(current))}")
             _apply(current, value, path + ".")
-        elif fields[key].type == "dict" and isinstance(value, dict):
+        elif types[key] is dict and isinstance(value, dict):
             getattr(obj, key).update(value)
         else:
-            setattr(obj, key, _check_type(path, value, fields[key].type))
+            setattr(obj, key, _check_type(path, value, types[key]))
+
+
+def check_allowed_values(obj, prefix: str = "") -> None:
+    """Every ``Literal``-annotated field of a config tree holds one of its allowed values (a config built
+    in code skips the check ``load_config`` does)."""
+    types = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_allowed_values(value, f"{prefix}{f.name}.")
+        else:
+            _check_allowed(f"{prefix}{f.name}", value, types[f.name])
 
 
 def parse_overrides(overrides: typing.Sequence[str]) -> dict:
@@ -217,56 +250,26 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def config_from_dict(data: dict) -> RunConfig:
-    cfg = RunConfig()
-    _apply(cfg, json.loads(json.dumps(data)))
-    return cfg
-
-
 # ----------------------------------------------------------------------------- validation
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def validate_layout(*, tp: int, pp: int, cp: int, world_size: int, num_heads: int, num_kv_heads: int,
-                    num_layers: int) -> int:
-    """Check a TP/PP/CP layout against the model and the world size; return the DP size."""
-    for name, value in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp)):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    common = [d for d in _divisors(num_heads) if num_kv_heads % d == 0]
-    if num_heads % tp or num_kv_heads % tp:
-        raise ConfigError(
-            f"parallel.tp={tp} must divide num_attention_heads={num_heads} and num_key_value_heads="
-            f"{num_kv_heads}; valid choices: {common}")
-    if num_layers % pp:
-        raise ConfigError(f"parallel.pp={pp} must divide num_hidden_layers={num_layers}; valid choices: "
-                          f"{_divisors(num_layers)}")
-    model_parallel = tp * pp * cp
-    if world_size % model_parallel:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp} = {model_parallel}; "
-            f"choose a layout whose product divides {world_size}")
-    return world_size // model_parallel
-
-
 def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | None = None) -> int:
-    """Everything that can be checked before start-up; returns the data-parallel size."""
-    from real_megatron.losses import LOSSES, _resolve_hparams
+    """Everything that can be checked before start-up; returns the data-parallel size.
 
-    if cfg.loss.name not in LOSSES:
-        raise ConfigError(f"loss.name={cfg.loss.name!r} is unknown; choose one of {sorted(LOSSES)}")
+    ``hf_config``: the model's config as ``hf_model.read_hf_config`` returns it; without it the
+    checks that need the model's shapes (layout, context) are left to the trainer, which has it.
+    """
+    from real_megatron.losses import check_loss_name, resolve_hparams
+
+    check_allowed_values(cfg)
     try:
-        _resolve_hparams(cfg.loss.name, dict(cfg.loss.hparams))
+        check_loss_name(cfg.loss.name)
+    except ValueError as err:
+        raise ConfigError(f"loss.name: {err}") from err
+    try:
+        resolve_hparams(cfg.loss.name, dict(cfg.loss.hparams))
     except ValueError as err:
         raise ConfigError(f"loss.hparams: {err}") from err
-    if cfg.rollout.engine not in ("embedded", "sglang"):
-        raise ConfigError(f"rollout.engine={cfg.rollout.engine!r}; choose 'embedded' or 'sglang'")
-    if cfg.rollout.sglang_weight_sync not in ("tensor", "distributed"):
-        raise ConfigError(f"rollout.sglang_weight_sync={cfg.rollout.sglang_weight_sync!r}; choose 'tensor' "
-                          "(colocated) or 'distributed' (separate engines, NCCL)")
     if cfg.rollout.engine == "sglang" and cfg.rollout.sglang_weight_sync == "distributed" and not cfg.rollout.sglang_url:
         raise ConfigError("rollout.sglang_weight_sync=distributed is for a separate SGLang server: set rollout.sglang_url")
     if cfg.rollout.n < 2:
@@ -285,22 +288,16 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
     if t.rollout_batch_prompts % t.mini_batch_prompts:
         raise ConfigError(
             f"train.rollout_batch_prompts={t.rollout_batch_prompts} is not divisible by train.mini_batch_prompts="
-            f"{t.mini_batch_prompts}; valid mini-batch sizes: {_divisors(t.rollout_batch_prompts)}")
-    if cfg.model.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"model.dtype={cfg.model.dtype!r}; choose float32 or bfloat16")
-    if cfg.data.on_bad_row not in ("error", "skip"):
-        raise ConfigError(f"data.on_bad_row={cfg.data.on_bad_row!r}; choose 'error' or 'skip'")
-    if cfg.logging.wandb_mode not in ("offline", "online", "disabled"):
-        raise ConfigError(f"logging.wandb_mode={cfg.logging.wandb_mode!r}; choose offline, online or disabled")
+            f"{t.mini_batch_prompts}; valid mini-batch sizes: {divisors(t.rollout_batch_prompts)}")
     if cfg.model.sequence_parallel and cfg.parallel.tp == 1:
         raise ConfigError("model.sequence_parallel=true needs parallel.tp > 1")
-    if hf_config is None:
-        return world_size // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp)
-    dp = validate_layout(
-        tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp, world_size=world_size,
-        num_heads=hf_config["num_attention_heads"],
-        num_kv_heads=hf_config.get("num_key_value_heads", hf_config["num_attention_heads"]),
-        num_layers=hf_config["num_hidden_layers"])
+    p = cfg.parallel
+    try:  # the one layout rule (hf_model.py); without the model only the world size can be checked
+        if hf_config is None:
+            return check_world(tp=p.tp, pp=p.pp, cp=p.cp, world_size=world_size)
+        dp = check_layout(hf_config, tp=p.tp, pp=p.pp, cp=p.cp, world_size=world_size)
+    except LayoutError as err:
+        raise ConfigError(str(err)) from err
     generating = {"rollout.max_new_tokens": cfg.rollout.max_new_tokens}
     if cfg.data.eval_files:  # evaluations during training generate eval.max_new_tokens after the same prompts
         generating["eval.max_new_tokens"] = cfg.eval.max_new_tokens

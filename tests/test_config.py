@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from real_megatron.config import ConfigError, load_config, validate_config, validate_layout
+from real_megatron.config import ConfigError, RunConfig, load_config, validate_config
+from real_megatron.hf_model import LayoutError, check_layout
 
-QWEN_TINY = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4,
+QWEN_TINY = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4, "intermediate_size": 64,
              "max_position_embeddings": 512}
 
 
@@ -34,23 +35,63 @@ def test_bad_overrides(override, message):
 
 
 @pytest.mark.parametrize("overrides, world, message", [
-    (["parallel.tp=3"], 3, r"parallel.tp=3 must divide num_attention_heads=4 .* valid choices: \[1, 2\]"),
-    (["parallel.pp=3"], 3, r"parallel.pp=3 must divide num_hidden_layers=4; valid choices: \[1, 2, 4\]"),
+    (["parallel.tp=3"], 3, r"parallel.tp=3 does not divide num_attention_heads=4, .* valid choices: \[1, 2\]"),
+    (["parallel.pp=3"], 3, r"parallel.pp=3 does not divide num_hidden_layers=4; valid choices: \[1, 2, 4\]"),
     (["parallel.tp=2"], 3, "world size 3 is not divisible by tp"),
+    # TP must divide the FFN width too (before, only the converters checked it: a run passed validation and failed
+    # when its weights were loaded)
+    (["parallel.tp=4"], 4, r"parallel.tp=4 does not divide intermediate_size=90 \(.*\); valid choices: \[1, 2\]"),
+    (["parallel.tp=0"], 4, r"parallel.tp=0 must be a positive integer"),
     (["train.mini_batch_prompts=5"], 1, r"not divisible by train.mini_batch_prompts=5; valid mini-batch sizes"),
     (["rollout.n=1"], 1, "G must be >= 2"),
     (["rollout.embedded_batch_size=0"], 1, r"rollout.embedded_batch_size=0 must be >= 1"),
-    (["loss.name=ppo"], 1, "loss.name='ppo' is unknown"),
+    (["loss.name=ppo"], 1, r"loss.name: unknown loss 'ppo'; choose one of \['dapo', 'grpo', 'gspo', 'real', "),
     (["loss.hparams={tau: -1}"], 1, "loss.hparams: tau must be a positive"),
     (["rollout.max_new_tokens=600", "data.max_prompt_length=64"], 1, "exceeds the model's context"),
 ])
 def test_impossible_configs_fail_before_start(overrides, world, message):
     cfg = load_config(None, overrides)
+    hf = dict(QWEN_TINY, num_attention_heads=8, num_key_value_heads=4, intermediate_size=90)
     with pytest.raises(ConfigError, match=message):
-        validate_config(cfg, world_size=world, hf_config=QWEN_TINY)
+        validate_config(cfg, world_size=world, hf_config=hf if "intermediate_size=90" in message else QWEN_TINY)
 
 
 def test_valid_layout_returns_dp():
-    assert validate_layout(tp=2, pp=2, cp=1, world_size=8, num_heads=4, num_kv_heads=2, num_layers=4) == 2
+    assert check_layout(QWEN_TINY, tp=2, pp=2, cp=1, world_size=8) == 2
+    assert check_layout(dict(QWEN_TINY, num_key_value_heads=None), tp=4, pp=1) == 1  # null KV heads: = heads
+    with pytest.raises(LayoutError, match=r"--tp 8 does not divide num_attention_heads=4"):
+        check_layout(QWEN_TINY, tp=8, pp=1, option=lambda key, value: f"--{key} {value}")
     cfg = load_config(None, ["rollout.max_new_tokens=256", "data.max_prompt_length=64", "parallel.tp=2"])
     assert validate_config(cfg, world_size=4, hf_config=QWEN_TINY) == 2
+    # without the model, the world size is still checked (before, dp was floor(world / tp*pp*cp))
+    with pytest.raises(ConfigError, match="world size 6 is not divisible by tp"):
+        validate_config(load_config(None, ["parallel.tp=4"]), world_size=6)
+
+
+@pytest.mark.parametrize("override, field, allowed", [
+    ("model.dtype=float16", "model.dtype", "['float32', 'bfloat16']"),
+    ("model.transformer_impl=te", "model.transformer_impl", "['auto', 'local', 'transformer_engine']"),
+    ("rollout.engine=vllm", "rollout.engine", "['embedded', 'sglang']"),
+    ("rollout.sglang_weight_sync=nccl", "rollout.sglang_weight_sync", "['tensor', 'distributed']"),
+    ("data.on_bad_row=ignore", "data.on_bad_row", "['error', 'skip']"),
+    ("logging.wandb_mode=silent", "logging.wandb_mode", "['offline', 'online', 'disabled']"),
+])
+def test_a_value_outside_its_literal_names_the_field_and_the_allowed_values(override, field, allowed):
+    value = override.split("=", 1)[1]
+    message = f"{field}={value!r} is not one of the allowed values {allowed}"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
+    # a config built in code is checked from the same annotation by validate_config
+    cfg = RunConfig()
+    section, key = field.split(".")
+    setattr(getattr(cfg, section), key, value)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg, world_size=1, hf_config=QWEN_TINY)
+    assert str(err.value) == message
+    with pytest.raises(ConfigError, match=rf"{field}: expected str, got int"):
+        load_config(None, [f"{field}=3"])
+
+
+def test_every_literal_default_is_allowed():
+    validate_config(RunConfig(), world_size=1)  # the defaults pass the generic check (and every other one)

@@ -153,6 +153,11 @@ def test_dtype_cast_on_conversion(hf_models, tmp_path):
     assert src.keys() == got.keys()
     for k in src:
         assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], src[k].to(torch.bfloat16)), k
+    # dtype names come from real_megatron/dtypes.py: long names cast too; an unknown one lists the choices
+    meg32 = hf_to_megatron(hf_models["qwen2"], tmp_path / "meg32", dtype="float32")
+    assert json.loads((meg32 / "meta.json").read_text())["dtype"] == "float32"
+    _expect_error(lambda: hf_to_megatron(hf_models["qwen2"], tmp_path / "bad", dtype="int8"), tmp_path / "bad",
+                  "--dtype 'int8'", "auto, fp32, bf16, fp16")
 
 
 # ----------------------------------------------------------------------------- the Megatron format
@@ -227,7 +232,8 @@ def _megatron_logits(chunks) -> torch.Tensor:
 def test_megatron_logits_match_transformers_tp1(hf_models, converted, megatron_tp1, name):
     from transformers import AutoModelForCausalLM
 
-    from real_megatron.megatron.model import build_model, read_hf_config
+    from real_megatron.hf_model import read_hf_config
+    from real_megatron.megatron.model import build_model
 
     hf = read_hf_config(hf_models[name])
     with torch.no_grad():
@@ -247,7 +253,8 @@ def test_megatron_logits_match_transformers_tp1(hf_models, converted, megatron_t
 
 @pytest.mark.parametrize("name", ["qwen2", "qwen2_tied", "llama"])
 def test_iter_hf_tensors_tp1(hf_models, megatron_tp1, name):
-    from real_megatron.megatron.model import build_model, read_hf_config
+    from real_megatron.hf_model import read_hf_config
+    from real_megatron.megatron.model import build_model
 
     hf = read_hf_config(hf_models[name])
     chunks = build_model(hf, dtype=torch.float32, transformer_impl="local")
@@ -366,7 +373,7 @@ def test_missing_tensor(hf_models, tmp_path):
 
 
 def test_layout_errors(hf_models, tmp_path):
-    from real_megatron.convert.mapping import check_layout
+    from real_megatron.convert.mapping import check_conversion_layout
 
     src, out = hf_models["qwen2_tied"], tmp_path / "out"
     _expect_error(lambda: hf_to_megatron(src, out, tp=3), out, "--tp 3", "num_attention_heads=4", "[1, 2]")
@@ -374,7 +381,7 @@ def test_layout_errors(hf_models, tmp_path):
     _expect_error(lambda: hf_to_megatron(src, out, pp=3), out, "--pp 3", "num_hidden_layers=4", "[1, 2, 4]")
     _expect_error(lambda: hf_to_megatron(src, out, tp=0), out, "--tp")
     with pytest.raises(ConversionError, match="intermediate_size=90"):
-        check_layout(dict(DIMS, num_attention_heads=8, num_key_value_heads=4, intermediate_size=90), 4, 1)
+        check_conversion_layout(dict(DIMS, num_attention_heads=8, num_key_value_heads=4, intermediate_size=90), 4, 1)
     meg = hf_to_megatron(src, tmp_path / "meg")
     with pytest.raises(ConversionError, match="num_key_value_heads"):
         load_megatron_shards(meg, 0, 4, 0, 1)
@@ -455,7 +462,8 @@ def test_bad_megatron_checkpoints(hf_models, converted, tmp_path):
 
 
 def test_model_mismatch_on_load(hf_models, converted, megatron_tp1):
-    from real_megatron.megatron.model import build_model, read_hf_config
+    from real_megatron.hf_model import read_hf_config
+    from real_megatron.megatron.model import build_model
 
     chunks = build_model(read_hf_config(hf_models["qwen2"]), dtype=torch.float32, transformer_impl="local")
     with pytest.raises(ConversionError, match="tie_word_embeddings"):

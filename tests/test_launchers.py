@@ -21,11 +21,12 @@ spec.loader.exec_module(launch)
 from real_megatron.config import ConfigError, load_config, validate_config  # noqa: E402
 
 # Public model shapes (config.json of the two checkpoints): layouts are validated against them
-QWEN_1P5B = {"num_attention_heads": 12, "num_key_value_heads": 2, "num_hidden_layers": 28,
+QWEN_1P5B = {"num_attention_heads": 12, "num_key_value_heads": 2, "num_hidden_layers": 28, "intermediate_size": 8960,
              "max_position_embeddings": 131072}
-QWEN_7B = {"num_attention_heads": 28, "num_key_value_heads": 4, "num_hidden_layers": 28,
+QWEN_7B = {"num_attention_heads": 28, "num_key_value_heads": 4, "num_hidden_layers": 28, "intermediate_size": 18944,
            "max_position_embeddings": 131072}
-TINY = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "max_position_embeddings": 128}
+TINY = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 256,
+        "max_position_embeddings": 128}
 RECIPES = {"tiny_cpu": (TINY, 1), "real_1p5b": (QWEN_1P5B, 8), "real_7b": (QWEN_7B, 16)}
 
 
@@ -64,7 +65,7 @@ def test_recipes_load_and_validate_against_model_shapes(recipe):
     dp = validate_config(cfg, world_size=world, hf_config=hf)
     assert dp >= 1
     assert cfg.loss.name == "real"
-    if recipe != "tiny_cpu":  # the paper's recipe (REFERENCE.md §2)
+    if recipe != "tiny_cpu":  # the paper's recipe (docs/method.md §4)
         assert (cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.max_new_tokens) == (8, 0.6, 8192)
         assert (cfg.train.rollout_batch_prompts, cfg.train.mini_batch_prompts) == (128, 32)
         assert cfg.data.max_prompt_length == 1024
@@ -213,9 +214,32 @@ def test_bad_override_fails_before_submission(tmp_path, capsys):
     with pytest.raises(ConfigError, match="parallel.tp=5"):
         validate_config(load_config(REPO / "examples/configs/real_1p5b.yaml", ["parallel.tp=5"]), world_size=10,
                         hf_config=QWEN_1P5B)
-    # a world size the layout cannot divide is caught without the model (tp*pp*cp must divide it)
     assert launch.main(["--recipe", "real_7b", "--gpus", "8", "--dryrun", "train.mini_batch_prompts=33"]) == 2
     assert "mini_batch_prompts" in capsys.readouterr().err
+    # a world size the layout cannot divide is caught without the model (tp*pp*cp must divide it)
+    assert launch.main(["--recipe", "real_7b", "--gpus", "6", "--dryrun", "parallel.tp=4"]) == 2
+    assert "world size 6 is not divisible by tp*pp*cp" in capsys.readouterr().err
+    # the loss name is checked by the loss library's registry, with the valid names in the message
+    assert launch.main(["--recipe", "real_7b", "--gpus", "8", "--dryrun", "--loss", "ppo"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.name: unknown loss 'ppo'" in err and "'gspo'" in err
+
+
+def test_layout_against_a_model_on_this_machine_fails_before_submission(tmp_path, capsys):
+    """With model.hf_dir present, the launcher reads it with the trainer's reader and applies the one
+    layout rule, FFN width included: tp=4 divides the heads (8) and KV heads (4) but not intermediate_size=90."""
+    import json
+
+    model = tmp_path / "model"
+    model.mkdir()
+    shapes = dict(TINY, architectures=["Qwen2ForCausalLM"], hidden_size=64, vocab_size=300,
+                  num_attention_heads=8, num_key_value_heads=4, intermediate_size=90, max_position_embeddings=4096)
+    (model / "config.json").write_text(json.dumps(shapes))
+    argv = ["--recipe", "tiny_cpu", "--gpus", "4", "--dryrun", f"model.hf_dir={model}"]
+    assert launch.main([*argv, "parallel.tp=4"]) == 2
+    err = capsys.readouterr().err
+    assert "parallel.tp=4 does not divide intermediate_size=90 (" in err and "valid choices: [1, 2]" in err
+    assert launch.main([*argv, "parallel.tp=2"]) == 0
 
 
 def test_slurm_flags_are_required(tmp_path, capsys):

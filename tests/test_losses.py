@@ -405,3 +405,22 @@ def test_ppo_hparam_validation():
         policy_loss("dapo", tau=0.5, **base_kwargs())
     with pytest.raises(ValueError, match="score_weights is for"):
         score_weights("grpo", scores=torch.zeros(3), rewards=torch.zeros(3), group_ids=torch.zeros(3, dtype=torch.long))
+
+
+def test_loss_names_and_hyperparameters_have_one_registry():
+    """config validation, the Megatron hook (with its extra 'sft') and the launcher all ask these two."""
+    from real_megatron.losses import REAL_FAMILY, PPO_FAMILY, check_loss_name, resolve_hparams
+
+    assert sorted(LOSSES) == sorted(REAL_FAMILY + PPO_FAMILY)
+    for name in LOSSES:
+        check_loss_name(name)
+        assert resolve_hparams(name, {}).keys() == LOSSES[name].keys()
+    check_loss_name("sft", extra=("sft",))
+    with pytest.raises(ValueError, match=r"unknown loss 'sft'; choose one of \['dapo', 'grpo', 'gspo', 'real', "
+                                         r"'real_bce', 'real_no_anchor'\]$"):
+        check_loss_name("sft")
+    with pytest.raises(ValueError, match=r"choose one of \[.*'real_no_anchor', 'sft'\]"):
+        check_loss_name("ppo", extra=("sft",))
+    assert resolve_hparams("grpo", {"clip_eps": 0.1})["clip_low"] == 0.1  # clip bounds default to clip_eps
+    with pytest.raises(ValueError, match="unknown loss 'ppo'"):
+        resolve_hparams("ppo", {})

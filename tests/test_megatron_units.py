@@ -11,7 +11,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent / "megatron_workers"))
 from common import TINY_QWEN2, fixed_full_state_dict, fixed_samples  # noqa: E402
 
-from real_megatron.config import ConfigError  # noqa: E402
+from real_megatron.hf_model import LayoutError  # noqa: E402
 from real_megatron.megatron.batch import (  # noqa: E402
     Sample,
     build_micro_batch,
@@ -131,11 +131,11 @@ def test_impossible_layout_fails_before_any_process_group(monkeypatch):
         dist.destroy_process_group()
     monkeypatch.setenv("WORLD_SIZE", "2")
     already = dist.is_initialized()
-    with pytest.raises(ConfigError, match=r"parallel.tp=3 must divide num_attention_heads=4.*valid choices: \[1, 2\]"):
+    with pytest.raises(LayoutError, match=r"parallel.tp=3 does not divide num_attention_heads=4.*valid choices: \[1, 2\]"):
         initialize_parallel(tp=3, hf_config=TINY_QWEN2)
-    with pytest.raises(ConfigError, match=r"parallel.pp=3 must divide num_hidden_layers=4"):
+    with pytest.raises(LayoutError, match=r"parallel.pp=3 does not divide num_hidden_layers=4"):
         initialize_parallel(pp=3, hf_config=TINY_QWEN2)
-    with pytest.raises(ConfigError, match="world size 2 is not divisible"):
+    with pytest.raises(LayoutError, match="world size 2 is not divisible"):
         initialize_parallel(tp=4, hf_config=dict(TINY_QWEN2, num_key_value_heads=4))
     assert dist.is_initialized() == already
 
@@ -203,7 +203,7 @@ def test_sft_step_lowers_cross_entropy():
 def test_rope_base_is_read_from_transformers_5_rope_parameters(tmp_path):
     import transformers
 
-    from real_megatron.megatron.model import read_hf_config
+    from real_megatron.hf_model import read_hf_config
 
     config = transformers.Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       intermediate_size=96, vocab_size=300, rope_theta=50000.0)
@@ -212,6 +212,10 @@ def test_rope_base_is_read_from_transformers_5_rope_parameters(tmp_path):
     scaled = dict(TINY_QWEN2, rope_scaling={"rope_type": "llama3", "factor": 8.0})
     with pytest.raises(ValueError, match="RoPE scaling 'llama3'"):
         read_hf_config(scaled)
+    # the one reader refuses MLP biases for every caller (before, only the converters did: the model provider
+    # built a bias-free model and the biases were never loaded)
+    with pytest.raises(ValueError, match="mlp_bias=True"):
+        read_hf_config(dict(TINY_QWEN2, architectures=["LlamaForCausalLM"], mlp_bias=True))
 
 
 def test_distributed_optimizer_state_round_trip_resumes_exactly():

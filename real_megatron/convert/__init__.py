@@ -10,6 +10,7 @@ Public API::
     iter_hf_tensors(model_chunks, hf_config=None, *, bucket_bytes=512 MiB)
         -> Iterator[list[(hf_name, full tensor)]]                 # weight sync; all ranks iterate
     save_hf_from_model(model_chunks, out_dir, *, side_files_from)  # HF export; all ranks call, rank 0 writes
+    iter_buckets(pairs, bucket_bytes=DEFAULT_BUCKET_BYTES)         # the one bucketer (real_megatron/weight_buckets.py)
 
 The Megatron checkpoint format and why it is not dist_checkpointing: ``megatron_format.py``.
 The name/tensor mapping: ``mapping.py``. CLI: ``real-megatron convert hf-to-megatron|megatron-to-hf``
@@ -18,11 +19,11 @@ and ``checkpoints_convert/*.py``.
 from real_megatron.convert.offline import hf_to_megatron, megatron_to_hf
 from real_megatron.convert.mapping import ConversionError
 from real_megatron.convert.megatron_format import FORMAT, MegatronCheckpoint, load_megatron_shards
-from real_megatron.convert.model_io import (DEFAULT_BUCKET_BYTES, iter_hf_tensors, load_hf_into,
-                                            load_megatron_checkpoint_into, save_hf_from_model)
+from real_megatron.convert.model_io import iter_hf_tensors, load_hf_into, load_megatron_checkpoint_into, save_hf_from_model
+from real_megatron.weight_buckets import DEFAULT_BUCKET_BYTES, iter_buckets
 
 __all__ = [
     "ConversionError", "FORMAT", "DEFAULT_BUCKET_BYTES", "MegatronCheckpoint", "hf_to_megatron", "megatron_to_hf",
     "load_megatron_shards", "load_megatron_checkpoint_into", "load_hf_into", "iter_hf_tensors",
-    "save_hf_from_model",
+    "save_hf_from_model", "iter_buckets",
 ]

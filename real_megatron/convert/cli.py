@@ -24,8 +24,8 @@ def hf_to_megatron_parser(prog: str = "real-megatron convert hf-to-megatron") ->
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the saved shards (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the saved shards (default 1)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="auto keeps the checkpoint's dtypes (default)")
+    p.add_argument("--dtype", default="auto",  # checked by hf_to_megatron (offline.CONVERSION_DTYPES)
+                   help="auto (default) keeps the checkpoint's dtypes; bf16, fp16 or fp32 cast every tensor")
     _add_common(p)
     return p
 

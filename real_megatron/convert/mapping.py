@@ -30,14 +30,12 @@ those to the local-spec names used here, ``spec_name`` maps back.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+from real_megatron.hf_model import LayoutError, check_layout, head_dim, num_kv_heads, read_hf_config
+from real_megatron.megatron.sharding import LAYER_NAME, full_parameter_shapes
 
 # per-layer names without the layer prefix: megatron suffix -> HF suffixes (in concatenation order)
 _LAYER_MAP: dict[str, tuple[str, ...]] = {
@@ -67,32 +65,16 @@ class ConversionError(ValueError):
     """Bad input for a conversion: the message names the file / tensor / field and the fix."""
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def check_layout(hf: dict, tp: int, pp: int, where: str = "config.json") -> None:
-    """TP must divide the attention heads, the KV heads (query groups) and the FFN width; PP the layers."""
-    for flag, value in (("--tp", tp), ("--pp", pp)):
-        if not isinstance(value, int) or value < 1:
-            raise ConversionError(f"{flag} must be a positive integer, got {value!r}")
-    heads = hf["num_attention_heads"]
-    groups = hf.get("num_key_value_heads") or heads
-    ffn, layers = hf["intermediate_size"], hf["num_hidden_layers"]
-    valid_tp = [d for d in _divisors(heads) if groups % d == 0 and ffn % d == 0]
-    for field, value in (("num_attention_heads", heads), ("num_key_value_heads", groups), ("intermediate_size", ffn)):
-        if value % tp:
-            raise ConversionError(f"--tp {tp} does not divide {field}={value} ({where}); valid --tp values for "
-                                  f"this model: {valid_tp}")
-    if layers % pp:
-        raise ConversionError(f"--pp {pp} does not divide num_hidden_layers={layers} ({where}); valid --pp values: "
-                              f"{_divisors(layers)}")
+def check_conversion_layout(hf: dict, tp: int, pp: int, where: str = "config.json") -> None:
+    """``hf_model.check_layout`` (the one layout rule) with the converters' flags and error type."""
+    try:
+        check_layout(hf, tp=tp, pp=pp, where=where, option=lambda key, value: f"--{key} {value}")
+    except LayoutError as err:
+        raise ConversionError(str(err)) from err
 
 
 def read_config(path) -> dict:
-    """A HF config (dict, config.json or its directory) checked for a supported architecture."""
-    from real_megatron.megatron.model import read_hf_config
-
+    """``hf_model.read_hf_config`` (dict, config.json or its directory) with the converters' error type and hints."""
     try:
         hf = read_hf_config(path)
     except FileNotFoundError as err:
@@ -104,18 +86,14 @@ def read_config(path) -> dict:
             where = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
         hint = " (convert only Qwen2 / Llama checkpoints)" if "architecture" in str(err) else ""
         raise ConversionError(f"{where}: {err}{hint}") from err
-    if hf.get("mlp_bias"):
-        raise ConversionError(f"{path}: mlp_bias=True (MLP biases) is not supported by the Megatron model provider")
     return hf
 
 
 def model_dims(hf: dict) -> dict:
-    heads = hf["num_attention_heads"]
-    groups = hf.get("num_key_value_heads") or heads
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    heads, groups = hf["num_attention_heads"], num_kv_heads(hf)
     if heads % groups:
         raise ConversionError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}")
-    return {"heads": heads, "groups": groups, "head_dim": head_dim, "hidden": hf["hidden_size"]}
+    return {"heads": heads, "groups": groups, "head_dim": head_dim(hf), "hidden": hf["hidden_size"]}
 
 
 def canonical_name(name: str) -> str:
@@ -131,7 +109,7 @@ def hf_names(meg_name: str) -> tuple[str, ...]:
     meg_name = canonical_name(meg_name)
     if meg_name in _GLOBAL_MAP:
         return _GLOBAL_MAP[meg_name]
-    m = _LAYER.match(meg_name)
+    m = LAYER_NAME.match(meg_name)
     if m and m.group(2) in _LAYER_MAP:
         return tuple(f"model.layers.{m.group(1)}.{s}" for s in _LAYER_MAP[m.group(2)])
     raise ConversionError(f"no HF counterpart for Megatron tensor {meg_name!r}")
@@ -197,20 +175,11 @@ def megatron_to_hf_tensors(meg_name: str, tensor: torch.Tensor, hf: dict) -> lis
             for name, blocks in megatron_to_hf_blocks(meg_name, tensor, hf)]
 
 
-def full_megatron_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
-    """Ordered names and shapes of the full Megatron state dict (embedding, layers, norm, output)."""
-    from real_megatron.megatron.sharding import full_parameter_shapes
-
-    if hf.get("mlp_bias"):
-        raise ConversionError("mlp_bias=True (Llama variant with MLP biases) is not supported")
-    return full_parameter_shapes(hf)
-
-
 def hf_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
     """Ordered names and shapes of the HF state dict the mapping expects (tied: no lm_head)."""
     dims = model_dims(hf)
     out: dict[str, tuple[int, ...]] = {}
-    for meg, shape in full_megatron_shapes(hf).items():
+    for meg, shape in full_parameter_shapes(hf).items():
         names = hf_names(meg)
         if meg.endswith(("linear_qkv.weight", "linear_qkv.bias")):
             rest = tuple(shape[1:])
@@ -222,37 +191,3 @@ def hf_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
         else:
             out[names[0]] = tuple(shape)
     return out
-
-
-def stage_layers(hf: dict, pp: int, stage: int) -> range:
-    layers = hf["num_hidden_layers"]
-    per = layers // pp
-    return range(stage * per, (stage + 1) * per)
-
-
-def stage_of(meg_name: str, hf: dict, pp: int) -> int:
-    """Pipeline stage that owns a full Megatron tensor (the tied embedding belongs to stage 0)."""
-    m = _LAYER.match(meg_name)
-    if m:
-        return int(m.group(1)) // (hf["num_hidden_layers"] // pp)
-    return 0 if meg_name.startswith("embedding.") else pp - 1
-
-
-def layer_index(name: str) -> int | None:
-    m = _LAYER.match(name) or _HF_LAYER.match(name)
-    return int(m.group(1)) if m else None
-
-
-def iter_buckets(pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group (name, tensor) pairs into lists of at most ``bucket_bytes`` (a larger tensor is alone)."""
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in pairs:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket

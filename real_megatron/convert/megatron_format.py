@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from real_megatron.convert.mapping import ConversionError, check_layout, full_megatron_shapes, read_config, stage_of
+from real_megatron.convert.mapping import ConversionError, check_conversion_layout, read_config
 from real_megatron.convert.st_io import SafetensorsReader, SafetensorsWriter
+from real_megatron.megatron.sharding import full_parameter_shapes, stage_of
 
 FORMAT = "real-megatron/v1"
 META = "meta.json"
@@ -59,7 +60,7 @@ def shard_shape(name: str, shape, tp: int, padded: int) -> tuple[int, ...]:
 
 def stored_names(hf: dict, pp: int, pp_rank: int) -> list[str]:
     """Full-Megatron names stored in stage ``pp_rank``'s files (model order)."""
-    return [n for n in full_megatron_shapes(hf) if stage_of(n, hf, pp) == pp_rank]
+    return [n for n in full_parameter_shapes(hf) if stage_of(n, hf["num_hidden_layers"], pp) == pp_rank]
 
 
 def needed_names(hf: dict, pp: int, pp_rank: int) -> list[str]:
@@ -74,9 +75,9 @@ def write_shards(out_dir: Path, hf: dict, tp: int, pp: int, full_tensors, dtypes
                  fsync: bool = True) -> None:
     """Write every rank file from ``full_tensors``: (full name, row blocks) in model order, where the
     blocks' dim-0 concatenation is the full tensor (``mapping.hf_to_megatron_blocks``)."""
-    from real_megatron.megatron.sharding import _kind, shard
+    from real_megatron.megatron.sharding import shard, split_kind
 
-    shapes = full_megatron_shapes(hf)
+    shapes = full_parameter_shapes(hf)
     padded = padded_vocab(hf, tp)
     writers: dict[tuple[int, int], SafetensorsWriter] = {}
     try:
@@ -88,13 +89,13 @@ def write_shards(out_dir: Path, hf: dict, tp: int, pp: int, full_tensors, dtypes
                     out_dir / rank_file(t, p), entries,
                     {"format": "pt", "real_megatron_format": FORMAT, "tp_rank": str(t), "pp_rank": str(p)}, fsync=fsync)
         for name, blocks in full_tensors:
-            p = stage_of(name, hf, pp)
+            p = stage_of(name, hf["num_hidden_layers"], pp)
             if tp == 1:
                 # the one shard is the full tensor, its vocabulary padded with zero rows: the blocks
                 # are written as they are, never concatenated in memory (``shard`` does the same at
                 # tp=1; test_resharding_equals_direct_conversion compares the two)
                 rows = sum(b.shape[0] for b in blocks)
-                if _kind(name) == "vocab" and rows < padded:
+                if split_kind(name) == "vocab" and rows < padded:
                     blocks = [*blocks, blocks[0].new_zeros((padded - rows, *blocks[0].shape[1:]))]
                 writers[(0, p)].write(name, blocks)
                 continue
@@ -140,7 +141,7 @@ class MegatronCheckpoint:
                 raise ConversionError(f"{meta_path}: field {key!r} is missing; the checkpoint is damaged")
         self.hf = read_config(self.meta["hf_config"])
         self.tp, self.pp = int(self.meta["tp"]), int(self.meta["pp"])
-        check_layout(self.hf, self.tp, self.pp, where=str(meta_path))
+        check_conversion_layout(self.hf, self.tp, self.pp, where=str(meta_path))
         self.padded = int(self.meta.get("padded_vocab_size") or padded_vocab(self.hf, self.tp))
         self._readers: dict[tuple[int, int], SafetensorsReader] = {}
         self.location: dict[str, dict[int, SafetensorsReader]] = {}
@@ -153,13 +154,13 @@ class MegatronCheckpoint:
 
     def validate(self) -> None:
         """Every full tensor the config implies is present once per saved TP rank with its shard shape."""
-        for name, shape in full_megatron_shapes(self.hf).items():
+        for name, shape in full_parameter_shapes(self.hf).items():
             want = shard_shape(name, shape, self.tp, self.padded)
             found = self.location.get(name, {})
             for t in range(self.tp):
                 reader = found.get(t)
                 if reader is None:
-                    p = stage_of(name, self.hf, self.pp)
+                    p = stage_of(name, self.hf["num_hidden_layers"], self.pp)
                     raise ConversionError(f"{self.dir / rank_file(t, p)}: tensor {name!r} is missing; the checkpoint "
                                           f"is incomplete")
                 if tuple(reader.shape(name)) != want:
@@ -179,12 +180,12 @@ class MegatronCheckpoint:
     def full(self, name: str) -> torch.Tensor:
         """The full tensor (unpadded vocabulary), assembled from the saved shards. At TP=1 (and for
         replicated tensors) it is a view of the file's bytes (``SafetensorsReader.view``), no copy."""
-        from real_megatron.megatron.sharding import _kind, unshard
+        from real_megatron.megatron.sharding import split_kind, unshard
 
-        if self.tp == 1 or _kind(name) == "replicated":
+        if self.tp == 1 or split_kind(name) == "replicated":
             # one shard is the full tensor (vocabulary rows beyond vocab_size are padding)
             tensor = self._reader(name, 0).view(name)
-            return tensor[: self.hf["vocab_size"]] if _kind(name) == "vocab" else tensor
+            return tensor[: self.hf["vocab_size"]] if split_kind(name) == "vocab" else tensor
         return unshard(name, [self._reader(name, t).view(name) for t in range(self.tp)], self.hf["vocab_size"])
 
     def shard(self, name: str, tp_rank: int, tp: int, padded: int) -> torch.Tensor:
@@ -212,7 +213,7 @@ def load_megatron_shards(ckpt_dir: str | Path, tp_rank: int, tp: int, pp_rank: i
     from whatever layout the checkpoint was saved at (``padded_vocab_size`` defaults to Megatron's
     multiple of 128·tp). Stage ``pp_rank`` of a tied model's last stage also gets the embedding."""
     with MegatronCheckpoint(ckpt_dir) as ckpt:
-        check_layout(ckpt.hf, tp, pp, where=f"{ckpt.dir / META}")
+        check_conversion_layout(ckpt.hf, tp, pp, where=f"{ckpt.dir / META}")
         if not (0 <= tp_rank < tp and 0 <= pp_rank < pp):
             raise ConversionError(f"rank (tp {tp_rank}, pp {pp_rank}) is outside a tp={tp} × pp={pp} layout")
         padded = padded_vocab_size or padded_vocab(ckpt.hf, tp)

@@ -15,10 +15,9 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from real_megatron.convert.mapping import (ConversionError, full_megatron_shapes, hf_to_megatron_tensor, iter_buckets,
-                                           megatron_to_hf_tensors, read_config, stage_of)
-
-DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024
+from real_megatron.convert.mapping import ConversionError, hf_to_megatron_tensor, megatron_to_hf_tensors, read_config
+from real_megatron.megatron.sharding import full_parameter_shapes, stage_of
+from real_megatron.weight_buckets import DEFAULT_BUCKET_BYTES, iter_buckets
 
 
 def _as_list(model_chunks) -> list:
@@ -56,7 +55,7 @@ def _named_global_params(chunk):
 
 
 def _check_same_model(model_hf: dict, other: dict, where: str) -> None:
-    if full_megatron_shapes(model_hf) != full_megatron_shapes(other):
+    if full_parameter_shapes(model_hf) != full_parameter_shapes(other):
         diff = [f for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                             "intermediate_size", "vocab_size", "tie_word_embeddings", "head_dim")
                 if model_hf.get(f) != other.get(f)]
@@ -129,7 +128,7 @@ def iter_hf_tensors(model_chunks, hf_config=None, *, bucket_bytes: int = DEFAULT
     """
     from megatron.core import parallel_state
 
-    from real_megatron.megatron.sharding import _kind, unshard
+    from real_megatron.megatron.sharding import split_kind, unshard
 
     chunk = _as_list(model_chunks)[0]
     hf = _model_hf(chunk, hf_config)
@@ -147,11 +146,11 @@ def iter_hf_tensors(model_chunks, hf_config=None, *, bucket_bytes: int = DEFAULT
         params.setdefault(name, param)  # a tied last stage's output_layer copy: the embedding is sent by stage 0
     some = next(iter(params.values()))
     dtype, device = some.dtype, some.device
-    shapes = full_megatron_shapes(hf)
+    shapes = full_parameter_shapes(hf)
 
     def gather(name: str) -> torch.Tensor:
         local = params[name].detach()
-        if tp > 1 and _kind(name) != "replicated":
+        if tp > 1 and split_kind(name) != "replicated":
             parts = [torch.empty_like(local) for _ in range(tp)]
             dist.all_gather(parts, local.contiguous(), group=tp_group)
             return unshard(name, parts, hf["vocab_size"]).contiguous()  # cat: a new tensor
@@ -159,7 +158,7 @@ def iter_hf_tensors(model_chunks, hf_config=None, *, bucket_bytes: int = DEFAULT
 
     def pairs():
         for name, shape in shapes.items():
-            stage = stage_of(name, hf, pp)
+            stage = stage_of(name, hf["num_hidden_layers"], pp)
             if stage == pp_rank:
                 if name not in params:
                     raise RuntimeError(f"stage {pp_rank} has no parameter for {name!r}: the model does not match "
@@ -193,7 +192,8 @@ def save_hf_from_model(model_chunks, out_dir, *, side_files_from, hf_config=None
     keeps some parameters (norms) in float32, a HF bf16 checkpoint has them in bf16.
     """
     from real_megatron.convert.atomic import atomic_dir
-    from real_megatron.convert.offline import dtype_name, hf_entries, write_hf_config, write_hf_dir
+    from real_megatron.convert.offline import hf_entries, write_hf_config, write_hf_dir
+    from real_megatron.dtypes import dtype_name
     from real_megatron.convert.hf_io import parse_size
 
     chunk = _as_list(model_chunks)[0]
@@ -209,7 +209,7 @@ def save_hf_from_model(model_chunks, out_dir, *, side_files_from, hf_config=None
         config = getattr(unwrap(chunk), "config", None)
         dtype = getattr(config, "params_dtype", None) or next(chunk.parameters()).dtype
     pairs = ((name, tensor.to(dtype)) for bucket in buckets for name, tensor in bucket)
-    entries = hf_entries(hf, {name: dtype for name in full_megatron_shapes(hf)})
+    entries = hf_entries(hf, {name: dtype for name in full_parameter_shapes(hf)})
     with atomic_dir(Path(out_dir), overwrite=True, inputs=(Path(side_files_from),)) as tmp:
         write_hf_dir(tmp, entries, pairs, parse_size(max_shard_size))
         write_hf_config(tmp, hf, Path(side_files_from), dtype_name(dtype))

@@ -15,18 +15,16 @@ import torch
 
 from real_megatron.convert.atomic import atomic_dir, check_output
 from real_megatron.convert.hf_io import HFCheckpoint, HFShardedWriter, copy_side_files, parse_size
-from real_megatron.convert.mapping import (ConversionError, check_layout, full_megatron_shapes, hf_names, hf_shapes,
-                                           hf_to_megatron_blocks, megatron_to_hf_blocks, model_dims,
-                                           read_config)
+from real_megatron.convert.mapping import (ConversionError, check_conversion_layout, hf_names, hf_shapes,
+                                           hf_to_megatron_blocks, megatron_to_hf_blocks, model_dims, read_config)
 from real_megatron.convert.megatron_format import HF_SUBDIR, MegatronCheckpoint, write_meta, write_shards
 from real_megatron.convert.st_io import nbytes, prefetch
+from real_megatron.dtypes import SHORT_NAMES, dtype_name, torch_dtype
+from real_megatron.megatron.sharding import full_parameter_shapes
 
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+# hf_to_megatron's dtype choices: keep each tensor's own, or cast (float32 etc. are accepted too)
+CONVERSION_DTYPES = ("auto", *SHORT_NAMES)
 
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _dominant(dtypes: dict[str, torch.dtype], shapes: dict[str, tuple]) -> torch.dtype:
@@ -44,16 +42,17 @@ def hf_to_megatron(hf_dir, out, *, tp: int = 1, pp: int = 1, dtype: str = "auto"
     ``fsync=False`` returns before the output is on the disk (``atomic_dir``): faster, but not
     power-loss safe.
     """
-    if dtype not in DTYPES:
-        raise ConversionError(f"--dtype {dtype!r}: choose one of bf16, fp16, fp32, auto")
+    try:
+        target = None if dtype == "auto" else torch_dtype(dtype)
+    except ValueError:
+        raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(CONVERSION_DTYPES)}") from None
     hf_dir = Path(hf_dir)
     check_output(out, overwrite, (hf_dir,))  # fail fast, before reading any weights
     with HFCheckpoint(hf_dir) as src:
         hf = src.config
-        check_layout(hf, tp, pp, where=str(hf_dir / "config.json"))
+        check_conversion_layout(hf, tp, pp, where=str(hf_dir / "config.json"))
         src.validate()
-        shapes = full_megatron_shapes(hf)
-        target = DTYPES[dtype]
+        shapes = full_parameter_shapes(hf)
         dtypes: dict[str, torch.dtype] = {}
         for name in shapes:
             found = {src.dtype(n) for n in hf_names(name)}
@@ -88,7 +87,7 @@ def _same_shapes(a: dict, b: dict, where: str) -> None:
         if da[field] != db[field]:
             raise ConversionError(f"{where}: {field}={db[field]!r} but the Megatron checkpoint was made with "
                                   f"{field}={da[field]!r}; pass the config of the model that was converted")
-    if full_megatron_shapes(a) != full_megatron_shapes(b):
+    if full_parameter_shapes(a) != full_parameter_shapes(b):
         raise ConversionError(f"{where}: tensor shapes differ from the Megatron checkpoint's config (qkv bias: "
                               f"architecture {b['architectures'][0]} vs {a['architectures'][0]}); pass the config "
                               f"of the model that was converted")
@@ -97,7 +96,7 @@ def _same_shapes(a: dict, b: dict, where: str) -> None:
 def hf_entries(hf: dict, dtypes: dict[str, torch.dtype]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """(HF name, dtype, shape) of every HF tensor, in the order the Megatron tensors are walked."""
     out_shapes = hf_shapes(hf)
-    return [(n, dtypes[name], out_shapes[n]) for name in full_megatron_shapes(hf) for n in hf_names(name)]
+    return [(n, dtypes[name], out_shapes[n]) for name in full_parameter_shapes(hf) for n in hf_names(name)]
 
 
 def write_hf_dir(out_dir: Path, entries, tensors, max_shard_size: int, fsync: bool = True) -> None:
@@ -147,7 +146,7 @@ def megatron_to_hf(megatron_dir, out, *, hf_config_from=None, max_shard_size="5G
             _same_shapes(hf, read_config(side), str(side / "config.json"))
         else:
             side = megatron_dir / HF_SUBDIR
-        shapes = full_megatron_shapes(hf)
+        shapes = full_parameter_shapes(hf)
         dtypes = {name: ckpt.dtype(name) for name in shapes}
         entries = hf_entries(hf, dtypes)
 

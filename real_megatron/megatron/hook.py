@@ -39,13 +39,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from real_megatron.losses import (
-    LOSSES,
-    REAL_FAMILY,
-    SEQUENCE_LEVEL,
-    policy_loss,
-    policy_loss_from_scores,
-)
+from real_megatron.losses import SEQUENCE_LEVEL, policy_loss, policy_loss_from_scores
 from real_megatron.megatron.logprobs import vocab_parallel_logprobs
 
 
@@ -170,11 +164,3 @@ def logprob_step(ctx: LossContext, data_iterator, model):
 
 SFT = "sft"  # token cross-entropy on the responses (the demo's warm-up), through the same hook
 
-
-def known_loss(name: str) -> None:
-    if name not in LOSSES and name != SFT:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)} (or {SFT!r})")
-
-
-def uses_group_weights(name: str) -> bool:
-    return name in REAL_FAMILY

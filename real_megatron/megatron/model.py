@@ -11,47 +11,15 @@ entries never receive probability (``logprobs.py`` masks them), so results do no
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from real_megatron.distributed import world
+from real_megatron.hf_model import check_layout, has_qkv_bias, head_dim, num_kv_heads, read_hf_config
 from real_megatron.megatron.cpu import enable_cpu_support
-
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
-
-
-def read_hf_config(hf_config) -> dict:
-    """Accept a dict, a ``config.json`` path or a directory containing one."""
-    if isinstance(hf_config, dict):
-        cfg = dict(hf_config)
-    else:
-        path = Path(hf_config)
-        path = path / "config.json" if path.is_dir() else path
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist: expected a HF config.json")
-        cfg = json.loads(path.read_text())
-    archs = cfg.get("architectures") or [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}.get(cfg.get("model_type"), "?")]
-    if archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {archs[0]!r} (model_type {cfg.get('model_type')!r}); "
-                         f"supported: {SUPPORTED_ARCHITECTURES}")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-        if key not in cfg:
-            raise ValueError(f"HF config is missing {key!r}")
-    # transformers 5 writes RoPE settings under rope_parameters; older configs keep rope_theta / rope_scaling
-    rope = dict(cfg.get("rope_parameters") or {})
-    scaling = cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise ValueError(f"HF config uses RoPE scaling {rope_type!r}; only plain RoPE (rope_type 'default') is "
-                         "supported by the Megatron model provider")
-    cfg["rope_theta"] = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
-    return cfg
-
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     multiple = divisible_by * tp
@@ -62,19 +30,14 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
     """Create the default process group (from torchrun's env, or a 1-process group) and Megatron's groups.
 
     With ``hf_config`` the layout is checked against the model and the world size *before* any
-    process group exists (``config.validate_layout``: the error names the field and valid choices).
+    process group exists (``hf_model.check_layout``: a ``LayoutError`` naming the field and valid choices).
     Returns the data-parallel size.
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    from real_megatron.config import validate_layout
-
     _, world_size = world()
     if hf_config is not None:
-        hf = read_hf_config(hf_config)
-        validate_layout(tp=tp, pp=pp, cp=cp, world_size=world_size, num_heads=hf["num_attention_heads"],
-                        num_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-                        num_layers=hf["num_hidden_layers"])
+        check_layout(read_hf_config(hf_config), tp=tp, pp=pp, cp=cp, world_size=world_size)
     enable_cpu_support()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -113,21 +76,19 @@ def transformer_config(hf: dict, *, dtype=torch.float32, sequence_parallel=False
     from megatron.core.transformer import TransformerConfig
 
     heads = hf["num_attention_heads"]
-    arch = (hf.get("architectures") or ["Qwen2ForCausalLM"])[0]
-    qkv_bias = True if arch == "Qwen2ForCausalLM" else bool(hf.get("attention_bias", False))
     kwargs = dict(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
         num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads", heads),
-        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        num_query_groups=num_kv_heads(hf),
+        kv_channels=head_dim(hf),
         ffn_hidden_size=hf["intermediate_size"],
         normalization="RMSNorm",
         layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=qkv_bias,
+        add_qkv_bias=has_qkv_bias(hf),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         params_dtype=dtype,
@@ -161,8 +122,8 @@ def layer_spec(transformer_impl: str = "auto"):
         raise RuntimeError("model.transformer_impl=transformer_engine needs a GPU and `pip install -e .[gpu]` "
                            "(transformer-engine); use transformer_impl=local on the CPU")
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(), True
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"), False
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
 def build_model(hf_config, *, dtype=torch.float32, transformer_impl: str = "auto", wrap_ddp: bool = False,
@@ -175,7 +136,7 @@ def build_model(hf_config, *, dtype=torch.float32, transformer_impl: str = "auto
     hf = read_hf_config(hf_config)
     config = transformer_config(hf, dtype=dtype, sequence_parallel=sequence_parallel,
                                 recompute_activations=recompute_activations)
-    spec, use_te = layer_spec(transformer_impl)
+    spec = layer_spec(transformer_impl)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     model = GPTModel(
         config=config,
@@ -191,7 +152,6 @@ def build_model(hf_config, *, dtype=torch.float32, transformer_impl: str = "auto
         parallel_output=True,
     )
     model.hf_config = hf  # the provider's input travels with the model (weight export, checkpoints)
-    model.uses_transformer_engine = use_te
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if wrap_ddp:

@@ -19,6 +19,7 @@ from real_megatron.distributed import compute_device, world_min, world_sum
 from real_megatron.losses import (
     PPO_FAMILY,
     REAL_FAMILY,
+    check_loss_name,
     group_advantages,
     loss_normalizer,
     score_weights,
@@ -31,7 +32,7 @@ from real_megatron.megatron.batch import (
     plan_micro_batches,
     split_for_cp,
 )
-from real_megatron.megatron.hook import SFT, LossContext, forward_step, known_loss, logprob_step
+from real_megatron.megatron.hook import SFT, LossContext, forward_step, logprob_step
 from real_megatron.megatron.model import unwrap
 
 log = logging.getLogger("real_megatron")
@@ -62,7 +63,7 @@ class MegatronPolicy:
 
     def __init__(self, chunks, optimizer, *, loss_name: str, hparams: dict | None = None, temperature: float = 1.0,
                  micro_batch_rollouts: int = 8, force_exact: bool = False, pad_id: int = 0):
-        known_loss(loss_name)
+        check_loss_name(loss_name, extra=(SFT,))  # the SFT warm-up runs through the same hook
         self.chunks = chunks
         self.optimizer = optimizer
         self.loss_name = loss_name
@@ -108,7 +109,7 @@ class MegatronPolicy:
 
     # ------------------------------------------------------------------ forward only
     @torch.no_grad()
-    def compute_logprobs(self, samples: list[Sample], temperature: float | None = None):
+    def compute_logprobs(self, samples: list[Sample]):
         """Per-response-token log-probs and entropies for every sample, on every rank (lists of [r] tensors)."""
         lay = _Layout()
         for chunk in self.chunks:
@@ -117,8 +118,6 @@ class MegatronPolicy:
                                   sequence_level_groups=False)
         batches, rows, seq_len = self._micro_batches(samples, plan, lay)
         ctx = self._context(samples, normalizer=1.0, advantages=None, weights=None, scale=1.0)
-        if temperature is not None:
-            ctx.temperature = float(temperature)
         self._run(partial(logprob_step, ctx), batches, rows, seq_len, forward_only=True)
         longest = max(len(s.response_ids) for s in samples)
         out = torch.zeros(2, len(samples), longest, dtype=torch.float64)
@@ -192,25 +191,25 @@ class MegatronPolicy:
         self._run(partial(forward_step, ctx), batches, rows, seq_len, forward_only=False)
 
         # ---- reduce what the last stage saw, over all ranks
-        summary = torch.zeros(4 + n, dtype=torch.float64)  # loss, (unused), tokens, #micro-batches, scores[n]
+        summary = torch.zeros(3 + n, dtype=torch.float64)  # loss, tokens, #micro-batches, scores[n]
         ppo_keys = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "ratio_mean")
         ppo_sums = torch.zeros(len(ppo_keys), dtype=torch.float64)
         if lay.reporter:
             for rec in ctx.records:
                 summary[0] += float(rec["share"])
-                summary[2] += float(rec["tokens"])
-                summary[3] += 1
+                summary[1] += float(rec["tokens"])
+                summary[2] += 1
                 if lay.cp_rank == 0:
-                    summary[4 + rec["sample_index"].cpu()] = rec["scores"].double().cpu()
+                    summary[3 + rec["sample_index"].cpu()] = rec["scores"].double().cpu()
                 for j, key in enumerate(ppo_keys):
                     ppo_sums[j] += rec["metrics"].get(key, 0.0)
         world_sum(summary)
         world_sum(ppo_sums)
         loss = exact_loss.item() if exact_loss is not None else summary[0].item()
-        scores = summary[4:]
+        scores = summary[3:]
 
         metrics = {"loss": loss,
-                   "response_tokens": summary[2].item(), "hook/exact_mode": float(plan.mode == "exact")}
+                   "response_tokens": summary[1].item(), "hook/exact_mode": float(plan.mode == "exact")}
         if self.loss_name == SFT or not torch.isfinite(scores).all():
             pass  # no group metrics (a non-finite step is skipped by apply_gradients)
         elif self.loss_name in REAL_FAMILY:
@@ -219,7 +218,7 @@ class MegatronPolicy:
             metrics.update({f"loss/{k}": v for k, v in (exact_metrics or group_metrics).items()})
         else:
             # token-level metrics: the mean over micro-batches (and CP ranks) of each micro-batch's value
-            micro_count = max(summary[3].item(), 1.0)
+            micro_count = max(summary[2].item(), 1.0)
             metrics.update({f"loss/{key}": (ppo_sums[j] / micro_count).item() for j, key in enumerate(ppo_keys)})
             metrics["loss/score_mean"] = scores.mean().item()
         return metrics

@@ -20,12 +20,16 @@ import re
 import torch
 import torch.distributed as dist
 
+from real_megatron.hf_model import has_qkv_bias, head_dim, num_kv_heads
 from real_megatron.megatron.model import unwrap
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+# a per-layer Megatron parameter: ``decoder.layers.<layer number>.<rest>``
+LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-def _kind(name: str) -> str:
+def split_kind(name: str) -> str:
+    """How TP splits a full tensor: "column" (dim 0), "glu" ([gate; up], each on dim 0), "row" (dim 1),
+    "vocab" (dim 0 after padding the vocabulary) or "replicated"."""
     if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
         return "column"
     if name.endswith("linear_fc1.weight"):
@@ -40,19 +44,16 @@ def _kind(name: str) -> str:
 def full_parameter_shapes(hf: dict) -> dict[str, tuple]:
     """Names and shapes of the full Megatron state dict of a Qwen2/Llama HF config."""
     hidden, layers, heads = hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"]
-    groups = hf.get("num_key_value_heads", heads)
-    head_dim = hf.get("head_dim") or hidden // heads
+    groups, dim = num_kv_heads(hf), head_dim(hf)
     ffn, vocab = hf["intermediate_size"], hf["vocab_size"]
-    arch = (hf.get("architectures") or ["Qwen2ForCausalLM"])[0]
-    qkv_bias = arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False))
     shapes = {"embedding.word_embeddings.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"decoder.layers.{i}."
         shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "self_attention.linear_qkv.weight"] = ((heads + 2 * groups) * head_dim, hidden)
-        if qkv_bias:
-            shapes[p + "self_attention.linear_qkv.bias"] = ((heads + 2 * groups) * head_dim,)
-        shapes[p + "self_attention.linear_proj.weight"] = (hidden, heads * head_dim)
+        shapes[p + "self_attention.linear_qkv.weight"] = ((heads + 2 * groups) * dim, hidden)
+        if has_qkv_bias(hf):
+            shapes[p + "self_attention.linear_qkv.bias"] = ((heads + 2 * groups) * dim,)
+        shapes[p + "self_attention.linear_proj.weight"] = (hidden, heads * dim)
         shapes[p + "pre_mlp_layernorm.weight"] = (hidden,)
         shapes[p + "mlp.linear_fc1.weight"] = (2 * ffn, hidden)
         shapes[p + "mlp.linear_fc2.weight"] = (hidden, ffn)
@@ -62,7 +63,17 @@ def full_parameter_shapes(hf: dict) -> dict[str, tuple]:
     return shapes
 
 
+def stage_of(name: str, num_layers: int, pp: int) -> int:
+    """Pipeline stage that owns a full tensor: its layer's stage; the embedding (also when tied) stage 0,
+    the final norm and output layer the last stage."""
+    m = LAYER_NAME.match(name)
+    if m:
+        return int(m.group(1)) // (num_layers // pp)
+    return 0 if name.startswith("embedding.") else pp - 1
+
+
 def layer_offset(model) -> int:
+    """Global number of this stage's first layer."""
     from megatron.core import parallel_state
 
     gpt = unwrap(model)
@@ -71,12 +82,12 @@ def layer_offset(model) -> int:
 
 
 def global_name(local: str, offset: int) -> str:
-    m = _LAYER.match(local)
+    m = LAYER_NAME.match(local)
     return f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}" if m else local
 
 
 def shard(name: str, full: torch.Tensor, tp_rank: int, tp: int, padded_vocab: int) -> torch.Tensor:
-    kind = _kind(name)
+    kind = split_kind(name)
     if kind == "replicated" or tp == 1 and kind != "vocab":
         return full
     if kind == "vocab":
@@ -93,7 +104,7 @@ def shard(name: str, full: torch.Tensor, tp_rank: int, tp: int, padded_vocab: in
 
 
 def unshard(name: str, shards: list[torch.Tensor], vocab_size: int) -> torch.Tensor:
-    kind = _kind(name)
+    kind = split_kind(name)
     if kind == "replicated":
         return shards[0]
     if kind == "vocab":
@@ -155,7 +166,7 @@ def gather_full_state_dict(model, which: str = "param") -> dict[str, torch.Tenso
             tensor = param.grad if tensor is None else tensor
             tensor = torch.zeros_like(param.data) if tensor is None else tensor
         tensor = tensor.detach().float().clone()  # a copy: the optimizer later clips grads in place
-        if tp > 1 and _kind(name) != "replicated":
+        if tp > 1 and split_kind(name) != "replicated":
             parts = [torch.empty_like(tensor) for _ in range(tp)]
             dist.all_gather(parts, tensor, group=tp_group)
         else:

@@ -29,7 +29,8 @@ def main() -> None:
     from megatron.core import parallel_state
 
     from real_megatron.convert import iter_hf_tensors, load_megatron_checkpoint_into
-    from real_megatron.megatron.model import build_model, initialize_parallel, read_hf_config
+    from real_megatron.hf_model import read_hf_config
+    from real_megatron.megatron.model import build_model, initialize_parallel
 
     results: dict = {}
     input_ids = torch.tensor([[3, 17, 250, 42, 9, 101, 77, 5, 299, 1, 64, 128]])

@@ -8,17 +8,57 @@ Sampling is ``model.generate`` with temperature / top-p / max new tokens, stoppi
 random stream of one call is seeded from ``SamplingParams.seed`` in a private generator scope,
 so a call is reproducible given the weights — which is what makes a resumed run sample exactly
 what an uninterrupted run would have sampled.
+
+The engine's per-token log-probs are recorded step by step by :class:`SampledTokenLogprobs`
+(a logits processor), so a call's memory is O(batch × new tokens) on top of the model and its
+KV cache, never O(batch × new tokens × vocabulary) as when every step's logits are kept.
 """
 from __future__ import annotations
 
-import logging
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
+import transformers
 
 from real_megatron.rollout.base import Completion, RolloutEngine, RolloutEngineError, SamplingParams
 
-log = logging.getLogger("real_megatron")
+
+class SampledTokenLogprobs:
+    """A ``generate`` logits processor recording log p(sampled token) under softmax(raw logits / T).
+
+    The semantics are the trainer's (log-probs at the sampling temperature over the full
+    vocabulary, top-p not renormalised), so ``rollout/logprob_abs_diff_mean`` compares like with
+    like; with ``top_p = 1`` this is exactly the distribution sampled from. ``generate`` runs custom
+    processors before its temperature / top-p warpers, so ``scores`` here are the raw fp32 logits.
+
+    Call t gets the logits of step t while ``input_ids`` ends with the token of step t-1, so each
+    call first gathers the previous step's token from the log-softmax it kept. Memory: one
+    [batch, vocab] step plus [batch] per step. :meth:`finish` takes the generated tokens
+    [batch, steps] (the last step's token is only known then) and returns [batch, steps] fp32.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = float(temperature)
+        self._pending: torch.Tensor | None = None  # [batch, vocab] log-softmax of the step whose token is unknown
+        self._columns: list[torch.Tensor] = []  # [batch] per step whose token is known
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._pending is not None:
+            self._columns.append(self._pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self._pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        steps = new_tokens.shape[1]
+        columns = self._columns
+        # one call per step: the pending step is the last one; a step generate ran and then undid
+        # (deferred stop checks, one call more than tokens) is pending instead, and dropped
+        if len(columns) == steps - 1:
+            columns.append(self._pending.gather(-1, new_tokens[:, -1:].to(self._pending.device)).squeeze(-1))
+        if len(columns) != steps:
+            raise RolloutEngineError(f"log-prob recorder saw {len(columns)} steps, generate returned {steps} tokens")
+        self._pending = None
+        return torch.stack(columns, dim=1).cpu()
 
 
 class TransformersEngine(RolloutEngine):
@@ -26,13 +66,15 @@ class TransformersEngine(RolloutEngine):
 
     ``hf_config``: a HF config dict or a directory with ``config.json``; ``eos_token_id`` and
     ``pad_token_id`` come from the tokenizer (the trainer's); ``batch_size``: sequences per
-    ``model.generate`` call (prompts × n are cut into such chunks).
+    ``model.generate`` call (prompts × n are cut into such chunks, in order; ``rollout.embedded_batch_size``).
+
+    The model's own ``generation_config`` (e.g. a ``generation_config.json`` with a repetition
+    penalty) is replaced by transformers' neutral defaults: sampling is temperature / top-p /
+    max new tokens / EOS only, as the trainer's log-probs assume.
     """
 
     def __init__(self, hf_config, *, eos_token_id: int, pad_token_id: int, dtype=torch.float32,
                  device: str | torch.device = "cpu", batch_size: int = 64, load_weights_from: str | None = None):
-        import transformers
-
         if isinstance(hf_config, dict):
             config = transformers.AutoConfig.for_model(**{k: v for k, v in hf_config.items()
                                                           if k not in ("architectures",)}) \
@@ -49,14 +91,16 @@ class TransformersEngine(RolloutEngine):
         else:
             self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.model.to(self.device).eval()
+        self.model.generation_config = transformers.GenerationConfig()
         self.eos_token_id = int(eos_token_id)
         self.pad_token_id = int(pad_token_id)
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size (sequences per generate call) must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         params = dict(self.model.named_parameters())
         # tied embeddings: lm_head.weight is the embedding's tensor and never arrives separately
         self._expected = {n for n in params if not (n == "lm_head.weight" and self.model.config.tie_word_embeddings)}
         self._tensors = {**params, **dict(self.model.named_buffers())}
-        self.weight_version = 0
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
@@ -76,8 +120,8 @@ class TransformersEngine(RolloutEngine):
             seen.add(name)
         missing = self._expected - seen
         if missing:
-            raise RolloutEngineError(f"weight sync: {len(missing)} parameters never arrived, e.g. {sorted(missing)[:3]}")
-        self.weight_version += 1
+            raise RolloutEngineError(f"weight sync: {len(missing)} parameters never arrived, "
+                                     f"e.g. {sorted(missing)[:3]}")
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -100,25 +144,37 @@ class TransformersEngine(RolloutEngine):
         return out
 
     def _generate_chunk(self, requests, sampling: SamplingParams) -> list[Completion]:
+        input_ids, attention = self._left_padded(requests)
+        recorder = SampledTokenLogprobs(sampling.temperature)
+        try:
+            sequences = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                **self._generate_kwargs(sampling), logits_processor=transformers.LogitsProcessorList([recorder]))
+            new_tokens = sequences[:, input_ids.shape[1]:]
+            token_logp = recorder.finish(new_tokens)
+        except Exception as err:  # surface as an engine error, with the cause attached
+            raise RolloutEngineError(f"transformers generate failed: {type(err).__name__}: {err}") from err
+        return self._completions(requests, new_tokens.cpu(), token_logp)
+
+    def _left_padded(self, requests) -> tuple[torch.Tensor, torch.Tensor]:
+        """[len(requests), longest prompt] token ids and attention mask; left padding, so every
+        prompt ends at the same position, where generation starts."""
         width = max(len(ids) for _, ids in requests)
-        # left padding: every prompt ends at the same position, where generation starts
         input_ids = torch.full((len(requests), width), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(requests), width), dtype=torch.long)
         for row, (_, ids) in enumerate(requests):
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention[row, width - len(ids):] = 1
-        try:
-            result = self.model.generate(
-                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                do_sample=True, temperature=float(sampling.temperature), top_p=float(sampling.top_p), top_k=0,
-                max_new_tokens=int(sampling.max_new_tokens), eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id, output_logits=True, return_dict_in_generate=True)
-        except Exception as err:  # surface as an engine error, with the cause attached
-            raise RolloutEngineError(f"transformers generate failed: {type(err).__name__}: {err}") from err
-        new_tokens = result.sequences[:, width:].cpu()
-        # engine-side log-probs at the sampling temperature (diagnostics: the trainer recomputes its own)
-        logits = torch.stack(result.logits, dim=1).float().cpu() / float(sampling.temperature)
-        token_logp = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens[..., None]).squeeze(-1)
+        return input_ids, attention
+
+    def _generate_kwargs(self, sampling: SamplingParams) -> dict:
+        return {"do_sample": True, "temperature": float(sampling.temperature), "top_p": float(sampling.top_p),
+                "top_k": 0, "max_new_tokens": int(sampling.max_new_tokens), "eos_token_id": self.eos_token_id,
+                "pad_token_id": self.pad_token_id}
+
+    def _completions(self, requests, new_tokens: torch.Tensor, token_logp: torch.Tensor) -> list[Completion]:
+        """Cut each row at its first EOS (kept) and drop the padding after it; ``new_tokens`` and
+        ``token_logp`` are [len(requests), steps]."""
         completions = []
         for row, (prompt_index, _) in enumerate(requests):
             tokens = new_tokens[row].tolist()

@@ -7,7 +7,8 @@ import pytest
 from real_megatron.config import ConfigError, load_config, validate_config
 from real_megatron.context_window import context_overflow, model_context
 
-HF = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "max_position_embeddings": 128}
+HF = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 256,
+      "max_position_embeddings": 128}
 
 
 def test_the_rule_is_prompt_plus_new_tokens_within_max_position_embeddings():

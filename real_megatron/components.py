@@ -12,13 +12,12 @@ from pathlib import Path
 import torch
 
 from real_megatron.config import ConfigError, RolloutConfig, RunConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # model.dtype / evaluate --dtype -> torch
+from real_megatron.dtypes import torch_dtype
 
 
 def read_model_dir(cfg: RunConfig) -> dict:
     """The HF config of ``model.hf_dir``, checked before anything starts."""
-    from real_megatron.megatron.model import read_hf_config
+    from real_megatron.hf_model import read_hf_config
 
     if not cfg.model.hf_dir:
         raise ConfigError("model.hf_dir is empty: point it at a HF model directory (config.json + tokenizer)")
@@ -95,7 +94,8 @@ def make_engine(rollout: RolloutConfig, hf_dir, tokenizer, *, dtype: str, load_w
         from real_megatron.rollout.transformers_engine import TransformersEngine
 
         return TransformersEngine(hf_dir, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id_of(tokenizer),
-                                  dtype=DTYPES[dtype], device=compute_device(), batch_size=rollout.embedded_batch_size,
+                                  dtype=torch_dtype(dtype), device=compute_device(),
+                                  batch_size=rollout.embedded_batch_size,
                                   load_weights_from=str(hf_dir) if load_weights else None)
     from real_megatron.rollout.sglang_engine import SGLangEngine
 

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     from real_megatron.components import load_tokenizer, make_engine
     from real_megatron.config import RolloutConfig
     from real_megatron.data import encode_prompt, load_prompts
-    from real_megatron.megatron.model import read_hf_config
+    from real_megatron.hf_model import read_hf_config
     from real_megatron.rewards import RewardPool
     from real_megatron.rollout import SamplingParams
 

@@ -36,10 +36,11 @@ from pathlib import Path
 
 import torch
 
-from real_megatron.components import (DTYPES, check_data_files, load_initial_weights, load_prompt_files,
-                                      load_tokenizer, make_engine, pad_id_of, read_model_dir)
+from real_megatron.components import (check_data_files, load_initial_weights, load_prompt_files, load_tokenizer,
+                                      make_engine, pad_id_of, read_model_dir)
 from real_megatron.config import ConfigError, RunConfig, config_to_dict, save_config, validate_config
 from real_megatron.distributed import any_rank, barrier, broadcast_object, world
+from real_megatron.dtypes import torch_dtype
 from real_megatron.job_runner import JobFailed, run_job
 
 log = logging.getLogger("real_megatron")
@@ -68,8 +69,8 @@ class Trainer:
         initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.seed, self.hf)
         self.rank, self.world_size = world()
         self.run_dir = Path(cfg.run_dir)
-        self.chunks = build_model(self.hf, dtype=DTYPES[cfg.model.dtype], transformer_impl=cfg.model.transformer_impl,
-                                  wrap_ddp=True, sequence_parallel=cfg.model.sequence_parallel,
+        self.chunks = build_model(self.hf, dtype=torch_dtype(cfg.model.dtype),
+                                  transformer_impl=cfg.model.transformer_impl, wrap_ddp=True, sequence_parallel=cfg.model.sequence_parallel,
                                   recompute_activations=cfg.model.recompute_activations,
                                   use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
         self.ckpt = CheckpointManager(self.run_dir, rank=self.rank, world_size=self.world_size, barrier=barrier,
@@ -165,7 +166,8 @@ class Trainer:
                               f"{len(self.train_records)} training prompts")
         self.train_ids = [encode_prompt(self.tokenizer, r.messages) for r in self.train_records]
         self.eval_ids = [encode_prompt(self.tokenizer, r.messages) for r in self.eval_records]
-        self.sampler = PromptSampler(self.train_records, sampler_batch or cfg.train.rollout_batch_prompts, seed=cfg.seed)
+        self.sampler = PromptSampler(self.train_records, sampler_batch or cfg.train.rollout_batch_prompts,
+                                     seed=cfg.seed)
         self.engine = make_engine(cfg.rollout, cfg.model.hf_dir, self.tokenizer, dtype=cfg.model.dtype)
         if self._colocated:  # what is released during training and resumed after the sync
             self._memory_tags = self.engine.memory_tags()
@@ -194,7 +196,7 @@ class Trainer:
         from real_megatron.convert import save_hf_from_model
 
         return save_hf_from_model(self.chunks, out_dir, side_files_from=self.cfg.model.hf_dir, hf_config=self.hf,
-                                  tokenizer=self.tokenizer, dtype=DTYPES[self.cfg.model.dtype])
+                                  tokenizer=self.tokenizer, dtype=torch_dtype(self.cfg.model.dtype))
 
     def sync_weights(self) -> float:
         """Push the current Megatron weights to the engine (on rank 0) in HF names, bucket by bucket; every

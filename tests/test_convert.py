@@ -283,6 +283,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # torchrun process groups
 def test_tp2_logits_and_pp2_export_under_torchrun(hf_models, converted, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -475,6 +476,7 @@ def test_model_mismatch_on_load(hf_models, converted, megatron_tp1):
 # ----------------------------------------------------------------------------- CLIs
 
 
+@pytest.mark.slow  # four CLI subprocesses
 def test_cli_scripts_round_trip(hf_models, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     meg, out = tmp_path / "meg", tmp_path / "hf2"

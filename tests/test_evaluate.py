@@ -34,6 +34,7 @@ def test_report_ks():
     assert report_ks(12) == [1, 2, 4, 8, 12]
 
 
+@pytest.mark.slow  # the evaluate command end to end, after the session's SFT warm-up
 def test_evaluate_cli_on_benchmark_shaped_files(tmp_path, warm_assets):
     import pyarrow.parquet as pq
 
@@ -85,6 +86,8 @@ def test_a_prompt_beyond_the_context_is_an_error_naming_file_and_row():
     message = prompts_beyond_context(records, ids, 29, hf)  # rows 1 and 3; the first is named
     assert message.startswith("bench.parquet: row 1: prompt of 100 tokens") and "2 of 4 prompts" in message
 
+
+@pytest.mark.slow  # the evaluate command in a subprocess
 def test_evaluate_cli_refuses_prompts_beyond_the_context_before_generating(tmp_path, assets):
     # the demo's model has 128 positions; the arithmetic prompts are ~20 tokens, so 120 new tokens cannot fit
     proc = subprocess.run([sys.executable, "-m", "real_megatron", "evaluate", "--model", str(assets["base"]),

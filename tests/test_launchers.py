@@ -129,6 +129,7 @@ def tiny_run_args(assets, run_dir, train_files):
             "logging.progress_bar=false", "train.rollout_batch_prompts=4", "train.mini_batch_prompts=4", "rollout.n=4"]
 
 
+@pytest.mark.slow  # a real torchrun launch of a training step
 def test_local_launch_runs_torchrun_for_real(assets, tmp_path, monkeypatch, capsys):
     """Not a dry run: nemo-run starts torchrun with 2 gloo processes, which train one step; a list
     override reaches the job through the resolved config; a failing job makes the launcher exit 1."""

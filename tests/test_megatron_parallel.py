@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test here starts torchrun process groups
+
 WORKER = Path(__file__).parent / "megatron_workers" / "exactness.py"
 CP_WORKER = Path(__file__).parent / "megatron_workers" / "cp_loss.py"
 RTOL = 1e-5

@@ -72,6 +72,7 @@ def test_answer_after_think():
 
 # ------------------------------------------------------------------------- the shipped ground truths
 
+@pytest.mark.slow  # ~12 s: 1,590 verifications
 def test_every_benchmark_ground_truth_rewards_itself():
     failures, checked = {}, 0
     for name in BENCHMARKS:

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here runs the real train command (and the warm-up it needs)
+
+
 @pytest.fixture(scope="module")
 def assets(warm_assets):
     """Every run here starts from the warmed-up model, so losses and gradients are not all zero."""

@@ -72,9 +72,9 @@ def head_dim(hf: dict) -> int:
 
 
 def has_qkv_bias(hf: dict) -> bool:
-    """Qwen2 always has q/k/v biases; Llama only with ``attention_bias``. An unnamed architecture counts as Qwen2."""
-    arch = (hf.get("architectures") or ["Qwen2ForCausalLM"])[0]
-    return arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False))
+    """Qwen2 always has q/k/v biases; Llama only with ``attention_bias``. A config that names neither an
+    architecture nor a model_type (a bare dict of shapes) counts as Qwen2."""
+    return architecture(hf) in ("Qwen2ForCausalLM", "?") or bool(hf.get("attention_bias", False))
 
 
 def divisors(n: int) -> list[int]:

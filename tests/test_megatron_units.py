@@ -218,6 +218,20 @@ def test_rope_base_is_read_from_transformers_5_rope_parameters(tmp_path):
         read_hf_config(dict(TINY_QWEN2, architectures=["LlamaForCausalLM"], mlp_bias=True))
 
 
+def test_qkv_bias_rule_is_read_from_the_architecture_or_model_type():
+    """One rule for the model provider and the converters' shapes (they disagreed on a Llama config that
+    names only its model_type: the reader took it as Llama, the bias rule as Qwen2)."""
+    from real_megatron.hf_model import has_qkv_bias
+    from real_megatron.megatron.sharding import full_parameter_shapes
+
+    bare = {k: v for k, v in TINY_QWEN2.items() if k not in ("architectures", "model_type")}
+    cases = [(TINY_QWEN2, True), (dict(bare, model_type="llama"), False),
+             (dict(bare, architectures=["LlamaForCausalLM"], attention_bias=True), True), (bare, True)]
+    for hf, bias in cases:
+        assert has_qkv_bias(hf) is bias, hf
+        assert ("decoder.layers.0.self_attention.linear_qkv.bias" in full_parameter_shapes(hf)) is bias
+
+
 def test_distributed_optimizer_state_round_trip_resumes_exactly():
     """Two steps in a row equal one step, a save/restore into a fresh model + optimizer, and a second
     step (DistributedOptimizer at DP=1). Megatron's load_state_dict gives every parameter the same

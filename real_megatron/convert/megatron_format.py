@@ -33,22 +33,21 @@ import torch
 
 from real_megatron.convert.mapping import ConversionError, check_conversion_layout, read_config
 from real_megatron.convert.st_io import SafetensorsReader, SafetensorsWriter
+from real_megatron.megatron.model import VOCAB_DIVISIBLE_BY, padded_vocab_size
 from real_megatron.megatron.sharding import full_parameter_shapes, stage_of
 
 FORMAT = "real-megatron/v1"
 META = "meta.json"
 HF_SUBDIR = "hf"
-VOCAB_DIVISIBLE_BY = 128
 
 
 def rank_file(tp_rank: int, pp_rank: int) -> str:
     return f"model_tp{tp_rank}_pp{pp_rank}.safetensors"
 
 
-def padded_vocab(hf: dict, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
-    from real_megatron.megatron.model import padded_vocab_size
-
-    return padded_vocab_size(hf["vocab_size"], tp, divisible_by)
+def padded_vocab(hf: dict, tp: int) -> int:
+    """The vocabulary size of the saved shards: the model provider's padding rule."""
+    return padded_vocab_size(hf["vocab_size"], tp, VOCAB_DIVISIBLE_BY)
 
 
 def shard_shape(name: str, shape, tp: int, padded: int) -> tuple[int, ...]:

@@ -28,15 +28,9 @@ def _as_list(model_chunks) -> list:
 
 
 def _model_hf(chunk, hf_config=None) -> dict:
-    from real_megatron.megatron.model import unwrap
+    from real_megatron.megatron.model import model_hf_config
 
-    hf = hf_config if hf_config is not None else getattr(unwrap(chunk), "hf_config", None)
-    if hf is None:
-        hf = getattr(chunk, "hf_config", None)
-    if hf is None:
-        raise ValueError("the model has no hf_config (build it with real_megatron.megatron.model.build_model) "
-                         "and none was passed")
-    return read_config(hf)
+    return read_config(hf_config if hf_config is not None else model_hf_config(chunk))
 
 
 def _named_global_params(chunk):

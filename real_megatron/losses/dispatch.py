@@ -126,6 +126,17 @@ def policy_loss(
     return total / denominator, metrics
 
 
+def _score_inputs(scores, rewards: torch.Tensor, group_ids: torch.Tensor, hp: dict) -> tuple[Groups, torch.Tensor]:
+    """Check per-rollout scores s̄ ``[N]`` (finite) with their rewards and groups; return the groups and positives."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
+        raise ValueError(f"scores must be a 1-D tensor [N], got {getattr(scores, 'shape', type(scores).__name__)}")
+    finite = torch.isfinite(scores.detach())
+    if not finite.all():
+        raise ValueError(f"scores[{int((~finite).nonzero()[0])}] is not finite")
+    check_rollout_tensors(scores.shape[0], rewards, group_ids)
+    return Groups.from_ids(group_ids.to(scores.device)), rewards.to(scores.device) >= hp["positive_threshold"]
+
+
 def policy_loss_from_scores(name: str, *, scores: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor,
                             **hparams):
     """A sequence-level loss (``SEQUENCE_LEVEL``) from per-rollout scores s̄ ``[N]``, differentiable in them.
@@ -136,13 +147,7 @@ def policy_loss_from_scores(name: str, *, scores: torch.Tensor, rewards: torch.T
     if name not in SEQUENCE_LEVEL:
         raise ValueError(f"{name!r} is token-level; policy_loss_from_scores takes {SEQUENCE_LEVEL}")
     hp = resolve_hparams(name, hparams)
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
-        raise ValueError(f"scores must be a 1-D tensor [N], got {getattr(scores, 'shape', type(scores).__name__)}")
-    if not torch.isfinite(scores.detach()).all():
-        raise ValueError(f"scores[{int((~torch.isfinite(scores.detach())).nonzero()[0])}] is not finite")
-    check_rollout_tensors(scores.shape[0], rewards, group_ids)
-    groups = Groups.from_ids(group_ids.to(scores.device))
-    positive = rewards.to(scores.device) >= hp["positive_threshold"]
+    groups, positive = _score_inputs(scores, rewards, group_ids, hp)
     if name in REAL_FAMILY:
         return _real_loss_from_scores(name, scores, positive, groups, hp)
     advantages = hp["advantages"]
@@ -169,13 +174,7 @@ def score_weights(name: str, *, scores: torch.Tensor, rewards: torch.Tensor, gro
             "tokens/rollouts: split it exactly with advantages= and normalizer= instead"
         )
     hp = resolve_hparams(name, hparams)
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
-        raise ValueError(f"scores must be a 1-D tensor [N], got {getattr(scores, 'shape', type(scores).__name__)}")
-    if not torch.isfinite(scores).all():
-        raise ValueError(f"scores[{int((~torch.isfinite(scores)).nonzero()[0])}] is not finite")
-    check_rollout_tensors(scores.shape[0], rewards, group_ids)
-    groups = Groups.from_ids(group_ids.to(scores.device))
-    positive = rewards.to(scores.device) >= hp["positive_threshold"]
+    groups, positive = _score_inputs(scores, rewards, group_ids, hp)
     leaf = scores.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         loss, metrics = _real_loss_from_scores(name, leaf, positive, groups, hp)

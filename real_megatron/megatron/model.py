@@ -21,7 +21,10 @@ from real_megatron.distributed import world
 from real_megatron.hf_model import check_layout, has_qkv_bias, head_dim, num_kv_heads, read_hf_config
 from real_megatron.megatron.cpu import enable_cpu_support
 
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's default: the vocabulary is padded to a multiple of this times TP
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
     multiple = divisible_by * tp
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
@@ -128,7 +131,7 @@ def layer_spec(transformer_impl: str = "auto"):
 
 def build_model(hf_config, *, dtype=torch.float32, transformer_impl: str = "auto", wrap_ddp: bool = False,
                 sequence_parallel: bool = False, recompute_activations: bool = False,
-                vocab_divisible_by: int = 128, use_distributed_optimizer: bool = False):
+                vocab_divisible_by: int = VOCAB_DIVISIBLE_BY, use_distributed_optimizer: bool = False):
     """Build this rank's model chunk(s) (a list with one chunk; virtual pipelining is not used)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -175,3 +178,11 @@ def unwrap(chunk):
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
+
+
+def model_hf_config(chunk) -> dict:
+    """The HF config a model chunk was built from (``build_model`` attaches it to the GPTModel)."""
+    hf = getattr(unwrap(chunk), "hf_config", None)
+    if hf is None:
+        raise ValueError("the model has no hf_config: build it with real_megatron.megatron.model.build_model")
+    return hf

@@ -33,7 +33,7 @@ from real_megatron.megatron.batch import (
     split_for_cp,
 )
 from real_megatron.megatron.hook import SFT, LossContext, forward_step, logprob_step
-from real_megatron.megatron.model import unwrap
+from real_megatron.megatron.model import model_hf_config, unwrap
 
 log = logging.getLogger("real_megatron")
 
@@ -76,7 +76,7 @@ class MegatronPolicy:
         if gpt.config.calculate_per_token_loss:
             raise ValueError("calculate_per_token_loss must be False: the hook's scale factor cancels "
                              "Megatron's micro-batch and data-parallel averaging itself (see hook.py)")
-        self.vocab_size = getattr(chunks[0], "hf_config", getattr(gpt, "hf_config", {})).get("vocab_size", gpt.vocab_size)
+        self.vocab_size = model_hf_config(chunks[0])["vocab_size"]  # unpadded: the padding rows are masked
         self.last_mode: str | None = None
 
     # ------------------------------------------------------------------ helpers

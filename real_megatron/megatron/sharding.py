@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from real_megatron.hf_model import has_qkv_bias, head_dim, num_kv_heads
-from real_megatron.megatron.model import unwrap
+from real_megatron.megatron.model import model_hf_config, unwrap
 
 # a per-layer Megatron parameter: ``decoder.layers.<layer number>.<rest>``
 LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -149,7 +149,7 @@ def gather_full_state_dict(model, which: str = "param") -> dict[str, torch.Tenso
     from megatron.core import parallel_state
 
     gpt = unwrap(model)
-    vocab_size = gpt.hf_config["vocab_size"] if hasattr(gpt, "hf_config") else model.hf_config["vocab_size"]
+    vocab_size = model_hf_config(model)["vocab_size"]
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     offset = layer_offset(model)

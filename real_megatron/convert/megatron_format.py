@@ -17,7 +17,7 @@ A tied embedding is stored once, in stage 0's files; the last stage's ``output_l
 Why this format and an explicit resharding step instead of ``megatron.core.dist_checkpointing``:
 the converters must run as one plain process with no process groups; dist_checkpointing's save
 needs a torch.distributed world and starts a ``multiprocessing`` writer (which re-imports the
-caller's main module, see DESIGN.md), and its files are only readable through Megatron. Here each
+caller's main module, see docs/environment.md §2), and its files are only readable through Megatron. Here each
 rank file is an ordinary safetensors file that any tool can inspect, the shard names are global
 so a file says exactly what it holds, and ``load_megatron_shards`` reshards to any TP/PP the shapes
 allow by reading, per tensor, only the saved shards it needs (one full tensor in memory at a time):

@@ -129,9 +129,9 @@ def test_bad_batch_size_is_refused():
 
 def test_trainer_builds_the_engine_with_rollout_embedded_batch_size(tmp_path):
     from real_megatron.config import load_config
-    from real_megatron.trainer import make_engine as trainer_make_engine
+    from real_megatron.components import make_engine as run_make_engine  # the factory train and evaluate use
 
     make_engine().model.config.save_pretrained(tmp_path)
     cfg = load_config(None, ["rollout.embedded_batch_size=5"])
     tokenizer = types.SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD)
-    assert trainer_make_engine(cfg, tmp_path, tokenizer).batch_size == 5
+    assert run_make_engine(cfg.rollout, tmp_path, tokenizer, dtype=cfg.model.dtype).batch_size == 5

@@ -18,7 +18,7 @@ memory endpoints answer ``null``, ``/health`` 200 or 503). The weight-update ses
 (``/begin_weight_update``, ``/end_weight_update``; ``BeginWeightUpdateReqInput`` /
 ``EndWeightUpdateReqInput``, both usable with an empty body) came with upstream PRs #28710/#28001
 (June 2026) and are absent from the 0.5.3-era snapshot we could read in full; the release that
-first enforces them is taken from REFERENCE.md (0.5.21) and can be overridden with
+first enforces them is taken from docs/environment.md §4 (0.5.21) and can be overridden with
 ``weight_update_session=True/False``.
 
 =================================  =========================================================

@@ -4,7 +4,9 @@
 
 Prints held-out pass@1 before/after, a few metric rows, times and peak GPU memory.
 """
-import json, sys, time
+import json
+import sys
+import time
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -36,8 +38,8 @@ if __name__ == "__main__":
                                       "rollout.temperature=1.0", "optim.lr=1e-4", "optim.weight_decay=0.0"])
     assert Trainer(cfg).run() == 0
     t2 = time.time()
-    rows = [json.loads(l) for l in (out / "real" / "metrics.jsonl").read_text().splitlines()]
-    sft_rows = [json.loads(l) for l in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "real" / "metrics.jsonl").read_text().splitlines()]
+    sft_rows = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
     print("SFT", [(r["step"], r.get("train/loss"), r.get("eval/pass@1")) for r in sft_rows if r["step"] in (0, 1, 300, 600)])
     from real_megatron.rewards import math_reward
     print("MATHREWARD", math_reward("\\boxed{7}", "7"))

@@ -23,10 +23,6 @@ class RolloutRecord:
     finish_reason: str
     engine_logprobs: list | None = None
 
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.response_ids)
-
 
 @dataclass
 class ScoredCompletions:

@@ -114,7 +114,7 @@ def test_recorder_drops_a_step_generate_undid():
     torch.manual_seed(0)
     logits = torch.randn(3, 2, 5)
     tokens = torch.tensor([[4, 1], [0, 3]])
-    recorder = SampledTokenLogprobs(temperature=0.5)
+    recorder = SampledTokenLogprobs(temperature=0.5, max_new_tokens=3)
     prompt = torch.zeros(2, 1, dtype=torch.long)
     for step in range(3):
         recorder(torch.cat([prompt, tokens[:, :step]], dim=1), logits[step])
@@ -127,9 +127,9 @@ def test_bad_batch_size_is_refused():
         make_engine(batch_size=0)
 
 
-def test_trainer_builds_the_engine_with_rollout_embedded_batch_size(tmp_path):
-    from real_megatron.config import load_config
+def test_the_engine_factory_uses_rollout_embedded_batch_size(tmp_path):
     from real_megatron.components import make_engine as run_make_engine  # the factory train and evaluate use
+    from real_megatron.config import load_config
 
     make_engine().model.config.save_pretrained(tmp_path)
     cfg = load_config(None, ["rollout.embedded_batch_size=5"])

@@ -33,32 +33,43 @@ class SampledTokenLogprobs:
 
     Call t gets the logits of step t while ``input_ids`` ends with the token of step t-1, so each
     call first gathers the previous step's token from the log-softmax it kept. Memory: one
-    [batch, vocab] step plus [batch] per step. :meth:`finish` takes the generated tokens
+    [batch, vocab] step plus one [batch, max_new_tokens] buffer, allocated once — per-step small
+    tensors kept alive between the big per-step ones would fragment the CPU heap (glibc) until
+    resident memory grew with the steps again. :meth:`finish` takes the generated tokens
     [batch, steps] (the last step's token is only known then) and returns [batch, steps] fp32.
     """
 
-    def __init__(self, temperature: float):
+    def __init__(self, temperature: float, max_new_tokens: int):
         self.temperature = float(temperature)
+        self.max_new_tokens = int(max_new_tokens)
         self._pending: torch.Tensor | None = None  # [batch, vocab] log-softmax of the step whose token is unknown
-        self._columns: list[torch.Tensor] = []  # [batch] per step whose token is known
+        self._logp: torch.Tensor | None = None  # [batch, max_new_tokens]; columns [0, _known) are filled
+        self._known = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self._pending is not None:
-            self._columns.append(self._pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        if self._pending is None:
+            self._logp = torch.empty(scores.shape[0], self.max_new_tokens, dtype=torch.float32, device=scores.device)
+        else:
+            self._record(input_ids[:, -1:])
         self._pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
         return scores
 
+    def _record(self, token: torch.Tensor) -> None:
+        if self._known == self.max_new_tokens:
+            raise RolloutEngineError(f"log-prob recorder: generate ran past max_new_tokens={self.max_new_tokens}")
+        self._logp[:, self._known] = self._pending.gather(-1, token).squeeze(-1)
+        self._known += 1
+
     def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
         steps = new_tokens.shape[1]
-        columns = self._columns
         # one call per step: the pending step is the last one; a step generate ran and then undid
         # (deferred stop checks, one call more than tokens) is pending instead, and dropped
-        if len(columns) == steps - 1:
-            columns.append(self._pending.gather(-1, new_tokens[:, -1:].to(self._pending.device)).squeeze(-1))
-        if len(columns) != steps:
-            raise RolloutEngineError(f"log-prob recorder saw {len(columns)} steps, generate returned {steps} tokens")
+        if self._known == steps - 1:
+            self._record(new_tokens[:, -1:].to(self._pending.device))
+        if self._known != steps:
+            raise RolloutEngineError(f"log-prob recorder saw {self._known} steps, generate returned {steps} tokens")
         self._pending = None
-        return torch.stack(columns, dim=1).cpu()
+        return self._logp[:, :steps].cpu()
 
 
 class TransformersEngine(RolloutEngine):
@@ -145,7 +156,7 @@ class TransformersEngine(RolloutEngine):
 
     def _generate_chunk(self, requests, sampling: SamplingParams) -> list[Completion]:
         input_ids, attention = self._left_padded(requests)
-        recorder = SampledTokenLogprobs(sampling.temperature)
+        recorder = SampledTokenLogprobs(sampling.temperature, sampling.max_new_tokens)
         try:
             sequences = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),

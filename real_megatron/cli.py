@@ -16,6 +16,7 @@ COMMANDS = {
     "sft": ("real_megatron.sft", "supervised warm-up on the same Megatron stack"),
     "evaluate": ("real_megatron.evaluate", "pass@k evaluation on benchmark parquet files"),
     "convert": ("real_megatron.convert.cli", "HF <-> Megatron checkpoint conversion"),
+    "make-task": ("real_megatron.make_task", "write a synthetic task's parquet files: chains --out DIR"),
     "plot": ("real_megatron.plots", "PNG curves from a run directory's metrics.jsonl"),
     "plot-weights": ("real_megatron.plots", "Figure 1 of the paper: gradient weight |W| vs s"),
 }

@@ -67,7 +67,6 @@ def write_arithmetic_task(out_dir, *, n_train: int, n_test: int, seed: int = 0, 
     """
     import numpy as np  # lazily, like pyarrow: this package is imported by the reward pool's fork server
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if n_train <= 0 or n_test <= 0:
         raise ValueError(f"n_train={n_train} and n_test={n_test} must both be positive")
@@ -79,7 +78,6 @@ def write_arithmetic_task(out_dir, *, n_train: int, n_test: int, seed: int = 0, 
     splits = {"test": [problems[i] for i in order[:n_test]],
               "train": [problems[i] for i in order[n_test:n_test + n_train]]}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, rows in splits.items():
         table = pa.table({
@@ -90,11 +88,29 @@ def write_arithmetic_task(out_dir, *, n_train: int, n_test: int, seed: int = 0, 
             "extra_info": [{"index": i, "split": split, "solution": arithmetic_solution(a, op, b, ans)}
                            for i, (a, op, b, ans) in enumerate(rows)],
         })
-        path = out / f"{split}.parquet"
-        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # readers never see a half-written file
-        paths[split] = path
+        paths[split] = write_table_atomic(table, out / f"{split}.parquet")
     return paths["train"], paths["test"]
+
+
+def write_table_atomic(table, path) -> Path:
+    """Write a pyarrow ``table`` to the parquet file ``path`` atomically; returns the path.
+
+    The bytes go to a temporary sibling, are fsynced and renamed into place, so a reader (or a rerun
+    after a crash) sees the old file or the whole new one, never half a file. The same table gives
+    the same bytes (parquet stores no timestamp).
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")  # opened normally: the file gets the umask's mode
+    try:
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -8,12 +8,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean lock
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# the machine's pip config lists local mirrors; drop their "Location ... is ignored" chatter
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,6 +24,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+# requirements.lock pins every package exactly (setup.py keeps the direct requirements); after a
+# change to setup.py, rebuild it from a fresh venv.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --disable-pip-version-check -e ".[test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+	{ echo "# Exact versions of every package the project venv installs (pip constraints: make install passes -c)."; \
+	  echo "# Regenerate after changing setup.py: make lock (a fresh venv, then pip freeze)."; \
+	  .venv-lock/bin/pip freeze --exclude-editable; } > requirements.lock
+	rm -rf .venv-lock
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,0 +1,124 @@
+"""Model + optimizer training state as a layout-independent Megatron-Core ``dist_checkpointing`` directory.
+
+    save_training_state(chunks, optimizer, directory)      # every rank calls; collective
+    load_training_state(chunks, optimizer, directory)      # at any TP/PP/DP the model's shapes allow
+
+Each tensor is stored once under its global Megatron name and global shape (the model's
+``sharded_state_dict``: TP shards, PP stages' layer numbers and DP replicas mapped to one global
+tensor), so a run loads the pieces its own layout needs. The optimizer state (Adam ``exp_avg`` /
+``exp_avg_sq`` and, with fp32 masters, ``fp32_param``) is stored per model parameter in the same
+global layout: Megatron's ``fully_reshardable`` format for the distributed optimizer (gathered over
+DP on save, sliced by each rank on load), the model-space format for the plain optimizers. The
+Adam step count lives in the common (replicated) part.
+
+Vocabulary padding depends on TP (``padded_vocab_size``); Megatron marks the embedding and output
+layer ``allow_shape_mismatch``, so a different padding loads the real rows and zero-fills the rest
+(padded rows never receive probability; their Adam moments are zero either way).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from real_megatron.megatron.model import unwrap
+
+# the optimizer metadata Megatron-LM passes for a fully reshardable checkpoint
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+# the writer's threads per rank; each is a forked process on save (fewer files, less start-up on 2 cores)
+WRITE_THREADS = 1
+
+
+def _model_key(index: int, count: int) -> str:
+    return "model" if count == 1 else f"model{index}"
+
+
+def sharded_training_state(chunks, optimizer, *, is_loading: bool) -> dict:
+    """The sharded state dict of the model chunks and the optimizer (the request on load)."""
+    models = {_model_key(i, len(chunks)): unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    merged = {}
+    for sd in models.values():
+        merged.update(sd)
+    state = dict(models)
+    state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading, metadata=dict(OPTIMIZER_METADATA))
+    return state
+
+
+def save_training_state(chunks, optimizer, directory: str | Path) -> None:
+    """Write model + optimizer into ``directory`` (must exist and be empty); collective, synchronous."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    state = sharded_training_state(chunks, optimizer, is_loading=False)
+    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=WRITE_THREADS)
+    dist_checkpointing.save(state, str(directory), sharded_strategy=strategy)
+
+
+def load_training_state(chunks, optimizer, directory: str | Path) -> None:
+    """Load model + optimizer from ``directory`` into this rank's shards, whatever layout wrote it."""
+    from megatron.core import dist_checkpointing
+
+    _allocate_adam_state(optimizer)
+    request = sharded_training_state(chunks, optimizer, is_loading=True)
+    loaded = dist_checkpointing.load(request, str(directory), strict="raise_all")
+    for i, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
+    with _step_kept_by_state_setter(optimizer):
+        optimizer.load_state_dict(loaded["optimizer"])
+    own_step_tensors(optimizer)
+
+
+@contextlib.contextmanager
+def _step_kept_by_state_setter(optimizer):
+    """Megatron 0.16.1's distributed optimizer, without Apex/TE, keeps a ``step`` in each parameter's
+    state, which its fully-reshardable loader leaves out (the step travels in ``param_groups``) and
+    its state setter then requires (KeyError 'step'). Feed the setter the step it already has."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = [p for p in (getattr(optimizer, "chained_optimizers", None) or [optimizer])
+             if isinstance(p, DistributedOptimizer)]
+    for part in parts:
+        def setter(model_param, tensors, _part=part, _set=part._set_main_param_and_optimizer_states):
+            current = _part._get_main_param_and_optimizer_states(model_param)
+            _set(model_param, {**{k: v for k, v in current.items() if k not in tensors}, **tensors})
+
+        part._set_main_param_and_optimizer_states = setter
+    try:
+        yield
+    finally:
+        for part in parts:
+            del part._set_main_param_and_optimizer_states
+
+
+def _inner_optimizers(optimizer) -> list:
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [part.optimizer for part in parts if getattr(part, "optimizer", None) is not None]
+
+
+def _allocate_adam_state(optimizer) -> None:
+    """Give a fresh optimizer Adam's state (zeros, step 0), as its first step would.
+
+    Megatron's distributed optimizer reads the step count from the existing state to build the
+    load request; without Apex/TE (the CPU) a never-stepped optimizer has none and it fails.
+    """
+    for inner in _inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param.data),
+                                              exp_avg_sq=torch.zeros_like(param.data))
+
+
+def own_step_tensors(optimizer) -> None:
+    """Give every parameter its own Adam ``step`` tensor.
+
+    Megatron's load paths (distributed optimizer without Apex/TE) hand every parameter the SAME
+    ``step`` tensor; torch's Adam increments each parameter's step in place, so a shared one would
+    advance once per parameter per update and corrupt the bias correction after a resume.
+    """
+    for inner in _inner_optimizers(optimizer):
+        for param_state in inner.state.values():
+            step = param_state.get("step")
+            if isinstance(step, torch.Tensor):
+                param_state["step"] = step.clone()

@@ -1,27 +1,33 @@
-"""Training checkpoints: atomic, multi-rank, with a `latest` pointer.
+"""Training checkpoints: atomic, multi-rank, reshardable, with a `latest` pointer.
 
 Layout of ``<run_dir>/checkpoints/``::
 
     step_000012/            one finished checkpoint
-        meta.json           step, config, layout (tp/pp/cp/dp, world size), sampler state, time
-        rank_00000.pt       per-rank: model + optimizer + RNG states (python, numpy, torch)
-        ...
+        meta.json           format, step, layout (tp/pp/cp/dp, world size, optimizer kind, dtype),
+                            sampler state, config, and every file's size (checked on load)
+        state/              model + optimizer: a Megatron-Core dist_checkpointing directory, each
+                            tensor under its global name and shape, loadable at any TP/PP/DP
+        rng/rank_00000.pt   each rank's RNG streams (python, numpy, torch, CUDA, Megatron's tracker)
     latest                  text file: "step_000012"
     .tmp-step_000016-<id>/  a save in progress (ignored on load, removed on the next save)
 
-A save writes every rank's file into a temp directory, fsyncs each file, waits for all ranks,
-then rank 0 writes ``meta.json``, renames the directory to its final name and only then replaces
-``latest`` (write a temp file, fsync, rename). A crash at any point leaves ``latest`` pointing at
-the previous complete checkpoint. Per-rank files hold the rank's own shards, so a run resumes at
-the layout it was saved with (the layout is checked on load); to change TP/PP, convert the
-weights with ``real-megatron convert`` and start a new run from them.
+A save writes into a temp directory, waits for all ranks, then rank 0 fsyncs every file, writes
+``meta.json``, renames the directory to its final name and only then replaces ``latest`` (temp
+file, fsync, rename). A crash at any point leaves ``latest`` pointing at the previous complete
+checkpoint. Re-saving an existing step moves the old directory aside first and ``latest``
+falls back to it if the crash came between the two renames.
+
+Format ``real-megatron/per-rank-v1`` (before reshardable checkpoints: ``rank_00000.pt`` files, no
+``format`` in ``meta.json``) still loads, at the layout that wrote it (``load_per_rank``).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -30,11 +36,16 @@ import numpy as np
 import torch
 
 LATEST = "latest"
+FORMAT = "real-megatron/dist-v1"
+PER_RANK_FORMAT = "real-megatron/per-rank-v1"
+STATE_DIR = "state"
+RNG_DIR = "rng"
+
+log = logging.getLogger("real_megatron")
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as it is; the message names the file and the fix."""
 
 
 def fsync_path(path: Path) -> None:
@@ -58,12 +69,16 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict:
-    return {
+    state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
+    tracker = sys.modules.get("megatron.core.tensor_parallel.random")  # only if Megatron is in use
+    if tracker is not None:
+        state["megatron_tracker"] = tracker.get_cuda_rng_tracker().get_states()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -72,10 +87,43 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("megatron_tracker") is not None:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(state["megatron_tracker"])
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
+
+
+def _files_with_sizes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def read_meta(path: Path) -> dict:
+    meta_file = Path(path) / "meta.json"
+    try:
+        return json.loads(meta_file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{meta_file} cannot be read ({err}): the checkpoint is corrupt; point "
+                              f"{Path(path).parent / LATEST} at an earlier step_* directory or delete {path}") from err
+
+
+def check_complete(path: Path, meta: dict) -> None:
+    """Every file the save recorded exists with its recorded size (a truncated or missing file is named)."""
+    for rel, size in meta.get("files", {}).items():
+        file = Path(path) / rel
+        actual = file.stat().st_size if file.exists() else None
+        if actual != size:
+            found = "is missing" if actual is None else f"has {actual} bytes, the save wrote {size}"
+            raise CheckpointError(f"{file} {found}: the checkpoint is incomplete or corrupt; point "
+                                  f"{Path(path).parent / LATEST} at an earlier step_* directory or delete {path}")
+
+
+def layout_changes(saved: dict, current: dict) -> dict:
+    """{key: (saved, current)} for every layout entry that differs."""
+    return {k: (saved.get(k), current.get(k)) for k in sorted({*saved, *current}) if saved.get(k) != current.get(k)}
 
 
 class CheckpointManager:
@@ -90,30 +138,41 @@ class CheckpointManager:
         self._broadcast = broadcast or (lambda obj: obj)
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, rank_state: dict, meta: dict) -> Path:
-        """Write this rank's ``rank_state`` (torch-saveable) and, on rank 0, ``meta``; atomic for the set."""
+    def save(self, step: int, meta: dict, write_state) -> Path:
+        """Every rank calls: ``write_state(directory)`` writes the sharded model + optimizer state
+        (collectively), each rank adds its RNG streams, rank 0 adds ``meta``; atomic for the set."""
         token = self._broadcast(uuid.uuid4().hex[:8] if self.rank == 0 else None)
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{final.name}-{token}"
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-*"):  # debris of a save that crashed
+            for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".old-*")]:  # debris of a crashed save
                 shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
+            (tmp / STATE_DIR).mkdir(parents=True)
+            (tmp / RNG_DIR).mkdir()
         self._barrier()
-        rank_file = tmp / f"rank_{self.rank:05d}.pt"
-        torch.save({**rank_state, "rng": rng_state()}, rank_file)
-        _fsync_file(rank_file)
+        write_state(tmp / STATE_DIR)
+        torch.save(rng_state(), tmp / RNG_DIR / f"rank_{self.rank:05d}.pt")
         self._barrier()
         if self.rank == 0:
-            meta = {**meta, "step": step, "world_size": self.world_size, "saved_at": time.time()}
+            files = _files_with_sizes(tmp)
+            for rel in files:  # the shard writers fsync theirs already; this covers the rest
+                fsync_path(tmp / rel)
+            for directory in (tmp / STATE_DIR, tmp / RNG_DIR):
+                fsync_path(directory)
+            meta = {**meta, "format": FORMAT, "step": step, "world_size": self.world_size,
+                    "saved_at": time.time(), "files": files}
             atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
             fsync_path(tmp)
-            if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-                shutil.rmtree(final)
+            old = None
+            if final.exists():  # re-saving a step (a final save right after a periodic one, an upgrade)
+                old = self.root / f".old-{final.name}-{token}"
+                os.replace(final, old)
             os.replace(tmp, final)
             fsync_path(self.root)
             atomic_write_text(self.root / LATEST, final.name)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         self._barrier()
         return final
 
@@ -126,22 +185,71 @@ class CheckpointManager:
         name = pointer.read_text().strip()
         path = self.root / name
         if not (path / "meta.json").exists():
-            raise RuntimeError(f"{pointer} names {name!r}, but {path}/meta.json is missing: the checkpoint directory "
-                               "was modified by hand; point `latest` at a complete step_* directory or delete it")
+            moved = sorted(self.root.glob(f".old-{name}-*"))  # a re-save crashed between its two renames
+            if moved and (moved[-1] / "meta.json").exists():
+                return moved[-1]
+            raise CheckpointError(f"{pointer} names {name!r}, but {path}/meta.json is missing: the checkpoint "
+                                  "directory was modified by hand; point `latest` at a complete step_* directory "
+                                  "or delete it")
         return path
 
-    def load(self, path: Path, *, expect_layout: dict | None = None) -> tuple[dict, dict]:
-        """Return ``(meta, this rank's state)``; RNG states are restored as a side effect."""
-        meta = json.loads((path / "meta.json").read_text())
-        if meta.get("world_size") != self.world_size:
-            raise RuntimeError(f"{path} was saved with world size {meta.get('world_size')}, this run has "
-                               f"{self.world_size}; resume with the same number of processes")
-        if expect_layout is not None and meta.get("layout") not in (None, expect_layout):
-            raise RuntimeError(f"{path} was saved with layout {meta['layout']}, this run uses {expect_layout}; "
-                               "resume with the same parallel.* settings")
+    def format_of(self, path: Path) -> str:
+        return read_meta(path).get("format", PER_RANK_FORMAT)
+
+    def load(self, path: Path, *, layout: dict, read_state) -> dict:
+        """Load a reshardable checkpoint at this run's ``layout``; returns its meta.
+
+        ``read_state(directory)`` loads the model + optimizer (collectively). Each rank's RNG streams
+        are restored only when the layout is unchanged: they belong to a rank's place in the layout
+        (Megatron's tracker seeds by TP/PP rank), which a different layout does not have.
+        """
+        meta = read_meta(path)
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path}/meta.json has format {meta.get('format', PER_RANK_FORMAT)!r}, this "
+                                  f"loader reads {FORMAT!r}")
+        saved = meta.get("layout", {})
+        for key in ("distributed_optimizer", "dtype"):
+            if key in saved and key in layout and saved[key] != layout[key]:
+                name = {"distributed_optimizer": "optim.use_distributed_optimizer", "dtype": "model.dtype"}[key]
+                raise CheckpointError(f"{path} was saved with {name}={saved[key]}, this run has {layout[key]}: "
+                                      f"the optimizer state is kept per kind; resume with {name}={saved[key]}")
+        check_complete(path, meta)
+        try:
+            read_state(path / STATE_DIR)
+        except Exception as err:
+            raise CheckpointError(f"{path / STATE_DIR} could not be loaded: {type(err).__name__}: {err}") from err
+        changes = layout_changes(saved, layout)
+        if not changes:
+            rng_file = path / RNG_DIR / f"rank_{self.rank:05d}.pt"
+            try:
+                set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+            except Exception as err:
+                raise CheckpointError(f"{rng_file} could not be read ({type(err).__name__}: {err}); "
+                                      "the checkpoint is corrupt") from err
+        elif self.rank == 0:
+            log.info("resharded resume from %s: layout %s; per-rank RNG streams start fresh from the seed",
+                     path, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
+        return meta
+
+    def load_per_rank(self, path: Path, *, layout: dict) -> tuple[dict, dict]:
+        """A ``per-rank-v1`` checkpoint: ``(meta, this rank's state)`` at the layout that wrote it;
+        RNG states are restored as a side effect."""
+        meta = read_meta(path)
+        saved = meta.get("layout") or {}
+        changes = {k: v for k, v in layout_changes(saved, layout).items() if k in saved}
+        if meta.get("world_size") != self.world_size or changes:
+            raise CheckpointError(
+                f"{path} is a per-rank checkpoint (format {PER_RANK_FORMAT}, written before checkpoints were "
+                f"reshardable) saved with layout {saved} and world size {meta.get('world_size')}; it loads only "
+                "there. Resume once with that layout (e.g. train.steps=<its step>): the resume rewrites it in the "
+                f"reshardable format ({FORMAT}), which then loads at any layout")
         rank_file = path / f"rank_{self.rank:05d}.pt"
         if not rank_file.exists():
-            raise RuntimeError(f"{rank_file} is missing: the checkpoint is incomplete")
-        state = torch.load(rank_file, map_location="cpu", weights_only=False)
+            raise CheckpointError(f"{rank_file} is missing: the checkpoint is incomplete")
+        try:
+            state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise CheckpointError(f"{rank_file} could not be read ({type(err).__name__}: {err}): the checkpoint "
+                                  "is corrupt; point `latest` at an earlier step_* directory") from err
         set_rng_state(state.pop("rng"))
         return meta, state

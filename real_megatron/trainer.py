@@ -90,8 +90,11 @@ class Trainer:
                                      hparams=cfg.loss.hparams, temperature=cfg.rollout.temperature,
                                      micro_batch_rollouts=cfg.train.micro_batch_rollouts,
                                      pad_id=pad_id_of(self.tokenizer))
+        # what a checkpoint records and a resume compares (TP/PP/CP/DP may change; the optimizer kind and dtype not)
         self.layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "cp": cfg.parallel.cp,
-                       "world_size": self.world_size}
+                       "dp": self.world_size // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp),
+                       "world_size": self.world_size, "distributed_optimizer": cfg.optim.use_distributed_optimizer,
+                       "dtype": cfg.model.dtype}
         self.updates_per_rollout = cfg.train.rollout_batch_prompts // cfg.train.mini_batch_prompts
         self.rollout_step = 0
         self.skipped_steps = 0
@@ -111,32 +114,42 @@ class Trainer:
         return self.rollout_step * self.updates_per_rollout
 
     def save(self) -> Path:
-        from real_megatron.megatron.optimizer import optimizer_state
+        from real_megatron.megatron.dist_state import save_training_state
 
-        state = {"model": [c.state_dict() for c in self.chunks], "optimizer": optimizer_state(self.optimizer)}
         meta = {"layout": self.layout, "rollout_step": self.rollout_step, "optimizer_step": self.optimizer_steps_done,
                 "skipped_steps": self.skipped_steps, "config": config_to_dict(self.cfg),
                 "sampler": self.sampler.state_dict() if self.sampler is not None else None}
         meta = broadcast_object(meta)  # rank 0 owns the sampler
-        path = self.ckpt.save(self.rollout_step, state, meta)
+        path = self.ckpt.save(self.rollout_step, meta, lambda d: save_training_state(self.chunks, self.optimizer, d))
         if self.rank == 0:
             log.info("checkpoint saved: %s", path)
         return path
 
     def restore(self) -> bool:
+        """Load ``checkpoints/latest``: a reshardable checkpoint at any layout, a per-rank one (the
+        format before) at its own layout, which is then rewritten in the reshardable format."""
+        from real_megatron.checkpoint import PER_RANK_FORMAT
+        from real_megatron.megatron.dist_state import load_training_state
         from real_megatron.megatron.optimizer import load_optimizer_state
 
         latest = self.ckpt.latest()
         if latest is None:
             return False
-        meta, state = self.ckpt.load(latest, expect_layout=self.layout)
-        for chunk, sd in zip(self.chunks, state["model"]):
-            chunk.load_state_dict(sd)
-        load_optimizer_state(self.optimizer, state["optimizer"])
+        per_rank = self.ckpt.format_of(latest) == PER_RANK_FORMAT
+        if per_rank:
+            meta, state = self.ckpt.load_per_rank(latest, layout=self.layout)
+            for chunk, sd in zip(self.chunks, state["model"]):
+                chunk.load_state_dict(sd)
+            load_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            meta = self.ckpt.load(latest, layout=self.layout,
+                                  read_state=lambda d: load_training_state(self.chunks, self.optimizer, d))
         self.rollout_step = int(meta["rollout_step"])
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         if self.sampler is not None and meta.get("sampler") is not None:
             self.sampler.load_state_dict(meta["sampler"])
+        if per_rank:
+            self.save()  # the same step in the reshardable format
         if self.rank == 0:
             log.info("resumed from %s (rollout step %d)", latest, self.rollout_step)
         return True

@@ -91,7 +91,7 @@ def _step_kept_by_state_setter(optimizer):
             del part._set_main_param_and_optimizer_states
 
 
-def _inner_optimizers(optimizer) -> list:
+def inner_optimizers(optimizer) -> list:
     parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
     return [part.optimizer for part in parts if getattr(part, "optimizer", None) is not None]
 
@@ -102,7 +102,7 @@ def _allocate_adam_state(optimizer) -> None:
     Megatron's distributed optimizer reads the step count from the existing state to build the
     load request; without Apex/TE (the CPU) a never-stepped optimizer has none and it fails.
     """
-    for inner in _inner_optimizers(optimizer):
+    for inner in inner_optimizers(optimizer):
         for group in inner.param_groups:
             for param in group["params"]:
                 if not inner.state[param]:
@@ -117,7 +117,7 @@ def own_step_tensors(optimizer) -> None:
     ``step`` tensor; torch's Adam increments each parameter's step in place, so a shared one would
     advance once per parameter per update and corrupt the bias correction after a resume.
     """
-    for inner in _inner_optimizers(optimizer):
+    for inner in inner_optimizers(optimizer):
         for param_state in inner.state.values():
             step = param_state.get("step")
             if isinstance(step, torch.Tensor):

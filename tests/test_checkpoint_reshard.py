@@ -1,0 +1,196 @@
+"""Resume on a different layout (real torchrun + gloo, tiny Qwen2, float32).
+
+Every run trains on the same fixed mini-batch per step (``megatron_workers/reshard.py``), so a
+resharded resume's steps are compared with an uninterrupted run AT THE NEW LAYOUT from the same
+initial weights: losses within 1e-5 relative, final weights within 1e-5 of each tensor's largest
+entry. Three torchrun launches serve every assertion here (a 1-process one that saves, a 2-process
+one that saves at DP 2 / TP 2 / PP 2 and resumes 1-process checkpoints, a 1-process one that
+resumes the 2-process checkpoints); each job builds its own model and optimizer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).parent / "megatron_workers" / "reshard.py"
+RTOL = 1e-5
+SAVE_AT, STEPS = 2, 4
+DURATIONS: dict[str, float] = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, jobs: list[dict], out: Path) -> dict:
+    jobs = [{"save_at": SAVE_AT, "steps": STEPS, **job} for job in jobs]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(_free_port()), str(WORKER), "--jobs", json.dumps(jobs), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    DURATIONS[out.stem] = time.perf_counter() - t0
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("reshard")
+    ck = {name: str(d / name) for name in ("one", "onedo", "dp2", "dp2do", "dp2do_pr", "pp2", "tp2")}
+    do = {"distributed_optimizer": True}
+    results = launch(1, [{"name": "one", "save": ck["one"]}, {"name": "onedo", "save": ck["onedo"], **do}],
+                     d / "one_process_saves.pt")
+    results.update(launch(2, [
+        {"name": "dp2", "save": ck["dp2"]},
+        {"name": "dp2do", "save": ck["dp2do"], **do},
+        {"name": "dp2do_from_onedo", "resume": ck["onedo"], **do},
+        {"name": "dp2do_per_rank", "save": ck["dp2do_pr"], "per_rank": True, **do},
+        {"name": "dp2do_from_per_rank", "resume": ck["dp2do_pr"], "upgrade": True, **do},
+        {"name": "pp2", "pp": 2, "save": ck["pp2"]},
+        {"name": "tp2", "tp": 2, "save": ck["tp2"]},
+        {"name": "tp2_from_one", "tp": 2, "resume": ck["one"]},
+    ], d / "two_processes.pt"))
+    results.update(launch(1, [
+        {"name": "one_from_one", "resume": ck["one"]},
+        {"name": "one_from_dp2", "resume": ck["dp2"]},
+        {"name": "one_from_pp2", "resume": ck["pp2"]},
+        {"name": "one_from_tp2", "resume": ck["tp2"]},
+        {"name": "onedo_from_dp2do", "resume": ck["dp2do"], **do},
+        {"name": "onedo_from_upgraded_per_rank", "resume": ck["dp2do_pr"], **do},
+        {"name": "one_from_dp2_without_adam_state", "resume": ck["dp2"], "fresh_optimizer": True},
+    ], d / "one_process_resumes.pt"))
+    print(f"\nreshard launches (s): { {k: round(v, 1) for k, v in DURATIONS.items()} }")
+    return {"results": results, "checkpoints": ck}
+
+
+def max_weight_error(got: dict, want: dict) -> float:
+    assert got.keys() == want.keys()
+    return max((got[k] - want[k]).abs().max().item() / want[k].abs().max().item() for k in want)
+
+
+def assert_continues(resumed: dict, reference: dict) -> None:
+    """The resumed job's steps SAVE_AT+1..STEPS equal the reference's, and so do the final weights."""
+    assert sorted(resumed["losses"]) == list(range(SAVE_AT + 1, STEPS + 1))
+    for step, loss in resumed["losses"].items():
+        want = reference["losses"][step]
+        assert abs(loss - want) <= RTOL * abs(want), f"step {step}: loss {loss} vs {want} uninterrupted"
+        assert reference["grad_norms"][step] > 0
+    err = max_weight_error(resumed["weights"], reference["weights"])
+    assert err <= RTOL, f"final weights differ by {err:.2e} of a tensor's largest entry"
+
+
+def assert_adam_steps_restored(resumed: dict) -> None:
+    steps = resumed["loaded_steps"]
+    assert steps["values"] == [float(SAVE_AT)] and steps["distinct"], steps
+
+
+def test_reshard_dp2_to_dp1(runs):
+    r = runs["results"]
+    assert_continues(r["one_from_dp2"], r["one"])
+    assert_adam_steps_restored(r["one_from_dp2"])
+
+
+def test_reshard_tp1_to_tp2_and_back(runs):
+    r = runs["results"]
+    assert_continues(r["tp2_from_one"], r["tp2"])  # vocabulary padding 384 -> 512 rows
+    assert_continues(r["one_from_tp2"], r["one"])
+
+
+def test_reshard_pp2_to_pp1(runs):
+    r = runs["results"]
+    assert_continues(r["one_from_pp2"], r["one"])
+
+
+def test_reshard_distributed_optimizer_dp2_to_dp1_and_back(runs):
+    r = runs["results"]
+    assert_continues(r["onedo_from_dp2do"], r["onedo"])
+    assert_continues(r["dp2do_from_onedo"], r["dp2do"])
+    for name in ("onedo_from_dp2do", "dp2do_from_onedo"):  # one Adam step tensor per parameter (README's bug)
+        assert_adam_steps_restored(r[name])
+
+
+def test_reshard_comparison_catches_a_resume_without_adam_state(runs):
+    """The mutation the tests above must catch: weights resumed, optimizer state started fresh."""
+    r = runs["results"]
+    err = max_weight_error(r["one_from_dp2_without_adam_state"]["weights"], r["one"]["weights"])
+    assert err > 100 * RTOL, err
+
+
+def test_reshard_per_rank_checkpoint_loads_at_its_layout_and_is_upgraded(runs):
+    """The format before (per-rank torch.save files) resumes at its own layout; the resume rewrites
+    it as a reshardable checkpoint, which then resumes at DP 1."""
+    r, ck = runs["results"], runs["checkpoints"]
+    assert_continues(r["dp2do_from_per_rank"], r["dp2do"])
+    assert_adam_steps_restored(r["dp2do_from_per_rank"])
+    step_dir = Path(ck["dp2do_pr"]) / "checkpoints" / "step_000002"
+    assert json.loads((step_dir / "meta.json").read_text())["format"] == "real-megatron/dist-v1"
+    assert not list(step_dir.glob("rank_*.pt"))
+    assert_continues(r["onedo_from_upgraded_per_rank"], r["onedo"])
+
+
+def test_reshard_rng_streams_restored_only_at_the_same_layout(runs):
+    r = runs["results"]
+    assert torch.equal(r["one_from_one"]["rng_draw"], r["one"]["rng_draw"])
+    assert_continues(r["one_from_one"], r["one"])
+    assert not torch.equal(r["one_from_dp2"]["rng_draw"], r["dp2"]["rng_draw"])
+
+
+def test_reshard_truncated_or_missing_shard_is_a_clear_error(runs, tmp_path):
+    from real_megatron.checkpoint import CheckpointError, CheckpointManager
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["checkpoints"]["dp2"], run)
+    mgr = CheckpointManager(run)
+    path = mgr.latest()
+    shard = next((path / "state").glob("*.distcp"))
+    with open(shard, "r+b") as fh:
+        fh.truncate(shard.stat().st_size // 2)
+
+    def never(_):
+        raise AssertionError("the state must not be read from an incomplete checkpoint")
+
+    layout = {"tp": 1, "pp": 1, "cp": 1, "dp": 1, "world_size": 1, "distributed_optimizer": False, "dtype": "float32"}
+    with pytest.raises(CheckpointError, match=f"{shard.name} has .* bytes, the save wrote"):
+        mgr.load(path, layout=layout, read_state=never)
+    (path / "state" / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"\.metadata is missing"):
+        mgr.load(path, layout=layout, read_state=never)
+    with pytest.raises(CheckpointError, match="optim.use_distributed_optimizer=False"):
+        mgr.load(path, layout={**layout, "distributed_optimizer": True}, read_state=never)
+
+
+def test_reshard_corrupt_state_file_is_a_clear_error(runs, tmp_path):
+    """Same size, garbage bytes (what a size check cannot see): Megatron's reader fails, and the error
+    names the state directory. In this process: a 1-process group, the tiny model."""
+    sys.path.insert(0, str(WORKER.parent))
+    from common import TINY_QWEN2
+
+    from real_megatron.checkpoint import CheckpointError, CheckpointManager
+    from real_megatron.megatron.dist_state import load_training_state
+    from real_megatron.megatron.model import build_model, initialize_parallel
+    from real_megatron.megatron.optimizer import build_optimizer
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["checkpoints"]["one"], run)
+    initialize_parallel(hf_config=TINY_QWEN2)
+    chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True)
+    optimizer = build_optimizer(chunks, lr=1e-2)
+    mgr = CheckpointManager(run)
+    path = mgr.latest()
+    common = path / "state" / "common.pt"
+    common.write_bytes(b"\0" * common.stat().st_size)
+    layout = {"tp": 1, "pp": 1, "cp": 1, "dp": 1, "world_size": 1, "distributed_optimizer": False, "dtype": "float32"}
+    with pytest.raises(CheckpointError, match=f"{path / 'state'} could not be loaded"):
+        mgr.load(path, layout=layout, read_state=lambda d: load_training_state(chunks, optimizer, d))

@@ -21,8 +21,9 @@ step trained on; ``time/rollout_s``, ``time/reward_s``, ``time/logprob_s`` are o
 of a rollout batch and ``time/sync_s`` on its last (0.0 on the others), so sums over rows are
 true totals. An evaluation before training is logged as its own row with ``step`` 0.
 
-Resume: a rerun with the same ``run_dir`` continues from ``checkpoints/latest``; SIGINT/SIGTERM
-finish the current rollout step, save, and exit with 128 + signal number.
+Resume: a rerun with the same ``run_dir`` continues from ``checkpoints/latest``, at any TP/PP/DP
+(checkpoints are resharded on load, ``checkpoint.py``); SIGINT/SIGTERM finish the current rollout
+step, save, and exit with 128 + signal number.
 
 The set-up pieces (model directory, tokenizer, prompt files, the engine factory) are in
 ``components.py``; the command-line wrapper shared with ``sft`` is ``job_runner.py``.

@@ -194,3 +194,89 @@ def test_reshard_corrupt_state_file_is_a_clear_error(runs, tmp_path):
     layout = {"tp": 1, "pp": 1, "cp": 1, "dp": 1, "world_size": 1, "distributed_optimizer": False, "dtype": "float32"}
     with pytest.raises(CheckpointError, match=f"{path / 'state'} could not be loaded"):
         mgr.load(path, layout=layout, read_state=lambda d: load_training_state(chunks, optimizer, d))
+
+
+TRAIN = {"train.steps": 3, "train.eval_every": 0}  # 3 rollout steps = 6 optimizer steps; a checkpoint each
+
+
+def train(assets, run_dir: Path, nproc: int = 1, **extra):
+    from test_trainer import overrides, run_train
+
+    t0 = time.perf_counter()
+    proc = run_train(overrides(assets, run_dir, **{**TRAIN, **extra}), nproc=nproc)
+    DURATIONS[f"train {run_dir.name} x{nproc}"] = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def train_reference(warm_assets, tmp_path_factory):
+    """An uninterrupted one-process `train` run of 3 rollout steps (the rows every resume is held to)."""
+    run_dir = tmp_path_factory.mktemp("train") / "reference"
+    train(warm_assets, run_dir)
+    return run_dir
+
+
+def assert_rows_continue(run_dir: Path, reference: Path, resumed_after: int) -> None:
+    from test_trainer import assert_learning_signal, close, deterministic, rows_of
+
+    ref_rows, res_rows = rows_of(reference), rows_of(run_dir)
+    assert [r["step"] for r in res_rows] == [r["step"] for r in ref_rows] == list(range(1, 7))
+    assert_learning_signal([r for r in ref_rows if r["rollout_step"] > resumed_after])
+    for a, b in zip(ref_rows, res_rows):
+        a, b = deterministic(a), deterministic(b)
+        assert a.keys() == b.keys()
+        rel = RTOL if a["rollout_step"] > resumed_after else 1e-4  # before the resume: maybe another layout
+        for key in a:
+            assert close(a[key], b[key], rel=rel), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
+
+
+def test_reshard_train_command_dp2_checkpoint_continues_in_one_process(warm_assets, train_reference, tmp_path):
+    """The real `train` command end to end: 1 rollout step at DP 2 (torchrun), then the same run
+    directory resumed by one process for 2 more; its metrics equal the uninterrupted one-process
+    run's, the sampler's position and every rollout included (after the resume within 1e-5)."""
+    moved = tmp_path / "moved"
+    train(warm_assets, moved, nproc=2, **{"train.steps": 1})
+    proc = train(warm_assets, moved)
+    assert "resharded resume" in proc.stderr and "dp 2 -> 1" in proc.stderr, proc.stderr[-3000:]
+    assert_rows_continue(moved, train_reference, resumed_after=1)
+    print(f"\nreshard train runs (s): { {k: round(v, 1) for k, v in DURATIONS.items() if k.startswith('train')} }")
+
+
+def test_reshard_train_command_resumes_a_per_rank_checkpoint_and_rewrites_it(warm_assets, train_reference, tmp_path):
+    """A run directory whose latest checkpoint is in the per-rank format (written here from the
+    reference's step-1 state) resumes with `train` and continues exactly; the resume rewrites that
+    step in the reshardable format."""
+    sys.path.insert(0, str(WORKER.parent))
+    from per_rank_format import write_per_rank_checkpoint
+
+    from real_megatron.checkpoint import CheckpointManager
+    from real_megatron.config import load_config
+    from real_megatron.megatron.dist_state import load_training_state
+    from real_megatron.megatron.model import build_model, initialize_parallel
+    from real_megatron.megatron.optimizer import build_optimizer
+
+    source = CheckpointManager(train_reference).root / "step_000001"
+    meta = json.loads((source / "meta.json").read_text())
+    cfg = load_config(str(train_reference / "config.yaml"), [])
+    hf = json.loads((Path(cfg.model.hf_dir) / "config.json").read_text())
+    initialize_parallel(hf_config=hf)
+    chunks = build_model(hf, transformer_impl="local", wrap_ddp=True)
+    o = cfg.optim
+    optimizer = build_optimizer(chunks, lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
+                                adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps)
+    load_training_state(chunks, optimizer, source / "state")
+    old = tmp_path / "old"
+    old.mkdir()
+    with open(old / "metrics.jsonl", "w") as fh:  # the rows the old run had logged up to its checkpoint
+        fh.writelines(line for line in (train_reference / "metrics.jsonl").read_text().splitlines(keepends=True)
+                      if json.loads(line)["rollout_step"] <= 1)
+    rng = torch.load(source / "rng" / "rank_00000.pt", weights_only=False)
+    write_per_rank_checkpoint(CheckpointManager(old), chunks, optimizer, 1, {k: v for k, v in meta.items() if k not in
+                              ("format", "files", "saved_at")}, rng)
+    assert (old / "checkpoints" / "step_000001" / "rank_00000.pt").exists()
+    train(warm_assets, old)
+    assert_rows_continue(old, train_reference, resumed_after=1)
+    rewritten = old / "checkpoints" / "step_000001"
+    assert json.loads((rewritten / "meta.json").read_text())["format"] == "real-megatron/dist-v1"
+    assert not list(rewritten.glob("rank_*.pt"))

@@ -1,8 +1,11 @@
-"""Megatron's optimizer for the policy, and its state for checkpoints.
+"""Megatron's optimizer for the policy, and its state in the per-rank checkpoint format.
 
     optimizer = build_optimizer(chunks, lr=2e-6)
-    state = optimizer_state(optimizer)          # this rank's part, for the checkpoint
-    load_optimizer_state(optimizer, state)      # after a resume, same layout
+    state = optimizer_state(optimizer)          # this rank's part (per-rank format)
+    load_optimizer_state(optimizer, state)      # same layout only
+
+Checkpoints are written reshardable now (``dist_state.py``); these two read and (for tests) write
+the per-rank format of older checkpoints, which ``Trainer.restore`` still loads.
 """
 from __future__ import annotations
 

@@ -34,26 +34,16 @@ def manager(run_dir: str):
 
 
 def save(mgr, chunks, optimizer, step: int, layout: dict, *, per_rank: bool) -> None:
-    from real_megatron.checkpoint import atomic_write_text, rng_state, step_dir_name
+    from per_rank_format import write_per_rank_checkpoint
+
+    from real_megatron.checkpoint import rng_state
     from real_megatron.megatron.dist_state import save_training_state
-    from real_megatron.megatron.optimizer import optimizer_state
 
     meta = {"layout": layout, "rollout_step": step}
-    if not per_rank:
+    if per_rank:
+        write_per_rank_checkpoint(mgr, chunks, optimizer, step, meta, rng_state())
+    else:
         mgr.save(step, meta, lambda d: save_training_state(chunks, optimizer, d))
-        return
-    # the per-rank format as real-megatron wrote it before checkpoints were reshardable
-    final = mgr.root / step_dir_name(step)
-    final.mkdir(parents=True, exist_ok=True)
-    state = {"model": [c.state_dict() for c in chunks], "optimizer": optimizer_state(optimizer), "rng": rng_state()}
-    torch.save(state, final / f"rank_{mgr.rank:05d}.pt")
-    dist.barrier()
-    if mgr.rank == 0:
-        old_layout = {k: layout[k] for k in ("tp", "pp", "cp", "world_size")}
-        atomic_write_text(final / "meta.json", json.dumps({**meta, "layout": old_layout, "step": step,
-                                                           "world_size": mgr.world_size}))
-        atomic_write_text(mgr.root / "latest", final.name)
-    dist.barrier()
 
 
 def run_job(job: dict, hf: dict) -> dict:

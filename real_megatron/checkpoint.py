@@ -14,8 +14,8 @@ Layout of ``<run_dir>/checkpoints/``::
 A save writes into a temp directory, waits for all ranks, then rank 0 fsyncs every file, writes
 ``meta.json``, renames the directory to its final name and only then replaces ``latest`` (temp
 file, fsync, rename). A crash at any point leaves ``latest`` pointing at the previous complete
-checkpoint. Re-saving an existing step moves the old directory aside first and ``latest``
-falls back to it if the crash came between the two renames.
+checkpoint. Re-saving an existing step moves the old directory aside first; if the crash came
+between the two renames, ``latest`` falls back to the moved copy and the next save moves it back.
 
 Format ``real-megatron/per-rank-v1`` (before reshardable checkpoints: ``rank_00000.pt`` files, no
 ``format`` in ``meta.json``) still loads, at the layout that wrote it (``load_per_rank``).
@@ -146,8 +146,7 @@ class CheckpointManager:
         tmp = self.root / f".tmp-{final.name}-{token}"
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".old-*")]:  # debris of a crashed save
-                shutil.rmtree(stale, ignore_errors=True)
+            self._clear_debris()
             (tmp / STATE_DIR).mkdir(parents=True)
             (tmp / RNG_DIR).mkdir()
         self._barrier()
@@ -175,6 +174,18 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
         self._barrier()
         return final
+
+    def _clear_debris(self) -> None:
+        """Remove what crashed saves left, except a moved-aside step whose replacement never arrived
+        (a re-save killed between its two renames): that one goes back to its name."""
+        for stale in self.root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for moved in self.root.glob(".old-*"):
+            name = moved.name[len(".old-"):].rsplit("-", 1)[0]
+            if not (self.root / name).exists() and (moved / "meta.json").exists():
+                os.replace(moved, self.root / name)
+            else:
+                shutil.rmtree(moved, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
     def latest(self) -> Path | None:

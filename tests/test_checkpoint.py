@@ -79,6 +79,9 @@ def test_resave_of_a_step_interrupted_between_renames_falls_back_to_the_old_copy
     box = {}
     mgr.load(mgr.latest(), layout=LAYOUT, read_state=reader(box))
     assert torch.equal(box["w"], torch.full((4,), 4.0))
+    mgr.save(5, {"layout": LAYOUT}, writer(6.0))  # the next save puts the moved-aside step back, not away
+    assert (tmp_path / "checkpoints" / "step_000004" / "meta.json").exists()
+    assert not list((tmp_path / "checkpoints").glob(".old-*"))
 
 
 def test_latest_pointing_at_missing_dir_is_a_clear_error(tmp_path):

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # torchrun process groups and the real train command
+
 WORKER = Path(__file__).parent / "megatron_workers" / "reshard.py"
 RTOL = 1e-5
 SAVE_AT, STEPS = 2, 4

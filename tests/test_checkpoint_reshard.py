@@ -282,3 +282,44 @@ def test_reshard_train_command_resumes_a_per_rank_checkpoint_and_rewrites_it(war
     rewritten = old / "checkpoints" / "step_000001"
     assert json.loads((rewritten / "meta.json").read_text())["format"] == "real-megatron/dist-v1"
     assert not list(rewritten.glob("rank_*.pt"))
+
+
+def test_reshard_bf16_state_round_trip_with_fp32_norm_weights(tmp_path):
+    """bf16 parameters with fp32 masters, and fp32 RMSNorm weights beside them (the local spec's):
+    a save, a load into a fresh model + optimizer and one more step equal two uninterrupted steps
+    (Megatron's own mixed-precision sharded state mis-numbers the Adam states of such a model)."""
+    sys.path.insert(0, str(WORKER.parent))
+    from common import TINY_QWEN2, fixed_full_state_dict, fixed_samples
+
+    from real_megatron.checkpoint import CheckpointManager
+    from real_megatron.megatron.dist_state import load_training_state, save_training_state
+    from real_megatron.megatron.model import build_model, initialize_parallel
+    from real_megatron.megatron.optimizer import build_optimizer
+    from real_megatron.megatron.policy import MegatronPolicy
+    from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
+
+    initialize_parallel(hf_config=TINY_QWEN2)
+
+    def fresh():
+        chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True, dtype=torch.bfloat16)
+        load_full_state_dict(chunks[0], fixed_full_state_dict(TINY_QWEN2))
+        optimizer = build_optimizer(chunks, lr=1e-2)
+        return chunks, optimizer, MegatronPolicy(chunks, optimizer, loss_name="real", micro_batch_rollouts=16)
+
+    chunks, optimizer, policy = fresh()
+    assert {p.dtype for p in chunks[0].parameters()} == {torch.bfloat16, torch.float32}
+    policy.train_step(fixed_samples(seed=100))
+    saved = gather_full_state_dict(chunks[0])
+    mgr = CheckpointManager(tmp_path)
+    layout = {"tp": 1, "pp": 1, "cp": 1, "dp": 1, "world_size": 1, "distributed_optimizer": False, "dtype": "bfloat16"}
+    mgr.save(1, {"layout": layout}, lambda d: save_training_state(chunks, optimizer, d))
+    policy.train_step(fixed_samples(seed=101))
+    want = gather_full_state_dict(chunks[0])
+
+    chunks, optimizer, policy = fresh()
+    mgr.load(mgr.latest(), layout=layout, read_state=lambda d: load_training_state(chunks, optimizer, d))
+    policy.train_step(fixed_samples(seed=101))
+    got = gather_full_state_dict(chunks[0])
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    assert any(not torch.equal(want[name], saved[name]) for name in want)  # the step after the load moved weights

@@ -8,8 +8,8 @@ Each tensor is stored once under its global Megatron name and global shape (the 
 tensor), so a run loads the pieces its own layout needs. The optimizer state (Adam ``exp_avg`` /
 ``exp_avg_sq`` and, with fp32 masters, ``fp32_param``) is stored per model parameter in the same
 global layout: Megatron's ``fully_reshardable`` format for the distributed optimizer (gathered over
-DP on save, sliced by each rank on load), the model-space format for the plain optimizers. The
-Adam step count lives in the common (replicated) part.
+DP on save, sliced by each rank on load), the model-space format for the plain optimizers (bf16:
+fp32 masters as ``fp32_param``). The Adam step count lives in the common (replicated) part.
 
 Vocabulary padding depends on TP (``padded_vocab_size``); Megatron marks the embedding and output
 layer ``allow_shape_mismatch``, so a different padding loads the real rows and zero-fills the rest
@@ -41,7 +41,48 @@ def sharded_training_state(chunks, optimizer, *, is_loading: bool) -> dict:
     for sd in models.values():
         merged.update(sd)
     state = dict(models)
-    state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading, metadata=dict(OPTIMIZER_METADATA))
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    if len(parts) == 1 and _is_mixed_precision(parts[0]):
+        state["optimizer"] = _mixed_precision_sharded_state(parts[0], merged, is_loading)
+    else:
+        state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading,
+                                                          metadata=dict(OPTIMIZER_METADATA))
+    return state
+
+
+def _is_mixed_precision(part) -> bool:
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    return isinstance(part, Float16OptimizerWithFloat16Params)
+
+
+def _mixed_precision_sharded_state(part, model_state: dict, is_loading: bool) -> dict:
+    """Megatron's ``Float16OptimizerWithFloat16Params.sharded_state_dict``, for a model that also has
+    fp32 parameters. Megatron numbers the optimizer's parameters by the bf16/fp16 ones alone, so
+    with any fp32 parameter in a group (the local spec's RMSNorm weights are fp32 in a bf16 model)
+    Adam states land on the wrong tensors (a shape assertion). Here the numbering follows the inner
+    optimizer's own parameter order; the stored layout is Megatron's."""
+    from itertools import chain
+
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                            make_sharded_optimizer_tensor,
+                                                            optim_state_to_sharding_state)
+
+    if is_loading:
+        part.init_state_fn(part.optimizer, part.config)
+    state = part.state_dict()
+    model_param_of = {id(p.main_param): p for p in chain.from_iterable(part.float16_groups)}
+    order = [model_param_of.get(id(p), p) for group in part.optimizer.param_groups for p in group["params"]]
+    sharded = get_param_id_to_sharded_param_map(model_state, order)
+    index = {id(p): i for i, p in enumerate(order)}
+    state["fp32_from_fp16_params"] = [
+        [make_sharded_optimizer_tensor(sharded[index[id(model_p)]], main_p, prefix="optimizer.state.fp32_param")
+         for model_p, main_p in zip(model_group, main_group)]
+        for model_group, main_group in zip(part.float16_groups, part.fp32_from_float16_groups)]
+    step = part._extract_common_per_param_step(state["optimizer"])
+    optim_state_to_sharding_state(state["optimizer"], sharded, exclude_keys="step")  # the step is shared
+    if step:
+        state["optimizer"]["state"]["common_step"] = step
     return state
 
 

@@ -100,11 +100,11 @@ def make_engine(rollout: RolloutConfig, hf_dir, tokenizer, *, dtype: str, load_w
     from real_megatron.rollout.sglang_engine import SGLangEngine
 
     common = {"eos_token_id": tokenizer.eos_token_id, "weight_sync": rollout.sglang_weight_sync,
-              "tp_size": rollout.sglang_tp_size, "bucket_bytes": rollout.weight_bucket_mb << 20}
-    if not rollout.sglang_url:
+              "tp_size": rollout.sglang_tp_size, "request_timeout_s": rollout.sglang_timeout_s}
+    if not rollout.sglang_urls:
         return SGLangEngine(engine_kwargs={"model_path": str(hf_dir), "tp_size": rollout.sglang_tp_size}, **common)
-    engine = SGLangEngine(rollout.sglang_url, **common)
-    if rollout.sglang_weight_sync == "distributed":  # join the {trainer rank 0 + SGLang ranks} broadcast group
+    engine = SGLangEngine(rollout.sglang_urls, **common)
+    if rollout.sglang_weight_sync == "distributed":  # join the {trainer rank 0 + every server's ranks} broadcast group
         # NCCL between GPUs; gloo when the trainer runs on the CPU (what the CPU tests exercise)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         engine.init_weights_update_group(os.environ.get("MASTER_ADDR", "127.0.0.1"), rollout.sglang_master_port,

@@ -54,11 +54,14 @@ class RolloutConfig:
     temperature: float = 0.6
     top_p: float = 1.0
     max_new_tokens: int = 8192
-    sglang_url: str = ""  # a running SGLang server; empty: sglang.Engine in the trainer's rank-0 process
-    # tensor: colocated, update_weights_from_tensor; distributed: a separate server, NCCL broadcast
+    # running SGLang servers, a list or one URL; empty: sglang.Engine in the trainer's rank-0 process.
+    # Several servers: each prompt's n rollouts go to one of them, every weight sync reaches all.
+    sglang_urls: list = field(default_factory=list)
+    # tensor: colocated, update_weights_from_tensor; distributed: separate servers, NCCL broadcast
     sglang_weight_sync: Literal["tensor", "distributed"] = "tensor"
-    sglang_tp_size: int = 1  # the SGLang server's tensor-parallel size
+    sglang_tp_size: int = 1  # each SGLang server's tensor-parallel size
     sglang_master_port: int = 29600  # distributed weight sync: port of the {trainer rank 0 + SGLang} group
+    sglang_timeout_s: float = 3600.0  # a server that does not answer a request within this is an error naming it
     weight_bucket_mb: int = DEFAULT_BUCKET_BYTES >> 20  # largest weight-sync bucket, MiB
     sglang_release_memory: bool = False  # colocated SGLang: release weights + KV cache while the trainer trains
     # embedded engine: sequences per transformers generate call (the prompts x n rollouts are cut into such
@@ -270,8 +273,11 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
         resolve_hparams(cfg.loss.name, dict(cfg.loss.hparams))
     except ValueError as err:
         raise ConfigError(f"loss.hparams: {err}") from err
-    if cfg.rollout.engine == "sglang" and cfg.rollout.sglang_weight_sync == "distributed" and not cfg.rollout.sglang_url:
-        raise ConfigError("rollout.sglang_weight_sync=distributed is for a separate SGLang server: set rollout.sglang_url")
+    if cfg.rollout.engine == "sglang" and cfg.rollout.sglang_weight_sync == "distributed" and not cfg.rollout.sglang_urls:
+        raise ConfigError("rollout.sglang_weight_sync=distributed is for separate SGLang servers: set rollout.sglang_urls")
+    if not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in cfg.rollout.sglang_urls):
+        raise ConfigError(f"rollout.sglang_urls={cfg.rollout.sglang_urls!r}: each entry must be a URL starting with "
+                          "http:// or https:// (e.g. [http://10.0.0.5:30000, http://10.0.0.6:30000])")
     if cfg.rollout.n < 2:
         raise ConfigError(f"rollout.n={cfg.rollout.n}: REAL classifies rollouts within a group, G must be >= 2")
     if not 0 < cfg.rollout.temperature:

@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-prompt-length", type=int, default=2048)
     parser.add_argument("--max-problems", type=int, default=0, help="first N problems per file (0: all)")
     parser.add_argument("--engine", choices=("embedded", "sglang"), default="embedded")
-    parser.add_argument("--sglang-url", default="", help="a running SGLang server (else sglang.Engine in-process)")
+    parser.add_argument("--sglang-url", default=[], action="append",
+                        help="a running SGLang server; repeat for several (else sglang.Engine in-process)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--answer-after-think", action="store_true")
     parser.add_argument("--reward-workers", type=int, default=2)
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
             print(f"error: {too_long}", flush=True)
             return 2
         benchmarks[Path(f).name.split(".")[0]] = (records, ids)
-    engine = make_engine(RolloutConfig(engine=args.engine, sglang_url=args.sglang_url), model, tokenizer,
+    engine = make_engine(RolloutConfig(engine=args.engine, sglang_urls=args.sglang_url), model, tokenizer,
                          dtype=args.dtype, load_weights=True)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                               seed=args.seed)

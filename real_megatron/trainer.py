@@ -213,17 +213,17 @@ class Trainer:
                                   tokenizer=self.tokenizer, dtype=torch_dtype(self.cfg.model.dtype))
 
     def sync_weights(self) -> float:
-        """Push the current Megatron weights to the engine (on rank 0) in HF names, bucket by bucket; every
-        rank takes part (TP shards are gathered, PP stages sent). Returns the seconds it took."""
+        """Push the current Megatron weights to the engine (on rank 0) in HF names, in the buckets
+        ``iter_hf_tensors`` makes (the engine sends each as it comes, no re-bucketing); every rank takes
+        part (TP shards are gathered, PP stages sent). Returns the seconds it took."""
         from real_megatron.convert import iter_hf_tensors
 
         t0 = time.perf_counter()
         buckets = iter_hf_tensors(self.chunks, self.hf, bucket_bytes=self.cfg.rollout.weight_bucket_mb << 20)
-        pairs = (pair for bucket in buckets for pair in bucket)
         if self.rank == 0:
-            self.engine.update_weights(pairs)
+            self.engine.update_weights(buckets)
         else:
-            for _ in pairs:  # drive the collectives
+            for _ in buckets:  # drive the collectives
                 pass
         return time.perf_counter() - t0
 

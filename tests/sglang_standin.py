@@ -165,7 +165,7 @@ class StandIn:
         self.weights: dict[str, list] = {}  # name -> flattened values (floats)
         self.weight_shapes: dict[str, list] = {}
         self.weight_version = "initial"
-        self.requests: list[dict] = []  # {"path", "fields"} in arrival order
+        self.requests: list[dict] = []  # {"path", "fields"[, "body" of /generate]} in arrival order
         self.group = None
         self.group_backend = None
         self.flushes = 0
@@ -262,10 +262,13 @@ class StandIn:
                              f"one per TP rank expected ({self.tp_size})")
         if not all(isinstance(p, str) for p in payloads):
             raise BadRequest("update_weights_from_tensor: serialized_named_tensors entries must be strings")
-        from real_megatron.rollout.sglang_engine import deserialize_named_tensors_torch
+        import base64
+        import pickle
 
-        try:
-            named = deserialize_named_tensors_torch(payloads[0])
+        import torch.multiprocessing  # noqa: F401 - torch's rebuild functions, as SGLang's unpickler uses them
+
+        try:  # the MultiprocessingSerializer format: base64 of a pickle of [(name, tensor)]
+            named = pickle.loads(base64.b64decode(payloads[0]))
         except Exception as err:  # noqa: BLE001
             raise BadRequest(f"update_weights_from_tensor: cannot deserialize payload ({err})") from err
         for name, tensor in named:
@@ -286,7 +289,7 @@ class StandIn:
         backend = body.get("backend", "nccl")
         if backend not in ("nccl", "gloo"):
             raise BadRequest(f"init_weights_update_group: backend {backend!r} unknown")
-        from real_megatron.rollout.sglang_engine import init_custom_process_group
+        from real_megatron.rollout.sglang_weights import init_custom_process_group
 
         # nccl is emulated with gloo on the CPU (the trainer side in tests asks for gloo)
         self.group = init_custom_process_group(backend="gloo", master_address=body["master_address"],
@@ -418,6 +421,8 @@ def make_handler(state: StandIn):
             except json.JSONDecodeError as err:
                 return self._send(400, {"success": False, "message": f"invalid JSON: {err}"})
             entry = {"path": self.path, "fields": sorted(body) if isinstance(body, dict) else None}
+            if self.path == "/generate":  # what each server of a pool was asked for
+                entry["body"] = body
             try:
                 if self.path in unlocked:
                     with state.lock:

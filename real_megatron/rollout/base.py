@@ -6,8 +6,9 @@ prompt-major order: completions ``[i*n, (i+1)*n)`` belong to prompt ``i``. A com
 ids include the EOS token when generation stopped on it (the loss trains on EOS too) and never
 include padding.
 
-Weights arrive as ``(hf_name, full_tensor)`` pairs, the layout
-``real_megatron.convert.iter_hf_tensors`` yields from the Megatron model in memory.
+Weights arrive as buckets (lists) of ``(hf_name, full_tensor)`` pairs, as
+``real_megatron.convert.iter_hf_tensors`` yields them from the Megatron model in memory; an engine
+that ships weights elsewhere sends each bucket as it comes, without re-bucketing.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class RolloutEngine:
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Completion]:
         raise NotImplementedError
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def update_weights(self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]]) -> None:
         raise NotImplementedError
 
     def close(self) -> None:

@@ -115,10 +115,10 @@ class TransformersEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named full tensors into the model; every parameter must arrive exactly once."""
+    def update_weights(self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]]) -> None:
+        """Copy HF-named full tensors (in buckets) into the model; every parameter must arrive exactly once."""
         seen = set()
-        for name, tensor in named_tensors:
+        for name, tensor in (pair for bucket in buckets for pair in bucket):
             target = self._tensors.get(name)
             if target is None or name not in self._expected:
                 raise RolloutEngineError(f"weight sync: the rollout model has no parameter {name!r}")

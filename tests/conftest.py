@@ -45,3 +45,26 @@ def warm_assets(random_assets, tmp_path_factory):
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {**random_assets, "base": run_dir / "hf"}
+
+
+@pytest.fixture(scope="session")
+def sglang_server(random_assets, tmp_path_factory):
+    """A REAL SGLang 0.5.23 server (tests/sglang_server.py) on the tiny random Qwen2, for the session;
+    killed at the end. ``.weights`` holds the HF weights it serves: a test that changes them records
+    the new ones there. Fails (never skips) when the pinned SGLang environment is missing."""
+    import json
+    from pathlib import Path
+
+    import sglang_server as launcher
+    from safetensors.torch import load_file
+
+    base = Path(random_assets["base"])
+    srv = launcher.Server(base, tmp_path_factory.mktemp("sglang") / "server.log")
+    print(f"\nSGLang server ready in {srv.start_s:.0f}s", flush=True)
+    srv.model_dir = base
+    srv.eos = json.loads((base / "config.json").read_text())["eos_token_id"]
+    srv.weights = load_file(base / "model.safetensors")
+    try:
+        yield srv
+    finally:
+        srv.stop()

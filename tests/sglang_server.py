@@ -80,13 +80,16 @@ class Server:
         self._log = open(self.log_path, "w")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        while not _ready(self.url):
-            if self.proc.poll() is not None or time.monotonic() - t0 > START_TIMEOUT_S:
-                tail = self.log_tail()
-                self.stop()
-                pytest.fail(f"the SGLang server did not become ready (exit code {self.proc.returncode}, "
-                            f"{time.monotonic() - t0:.0f}s); its log ({self.log_path}) ends with:\n{tail}", pytrace=False)
-            time.sleep(1.0)
+        try:
+            while not _ready(self.url):
+                if self.proc.poll() is not None or time.monotonic() - t0 > START_TIMEOUT_S:
+                    pytest.fail(f"the SGLang server did not become ready (exit code {self.proc.returncode}, "
+                                f"{time.monotonic() - t0:.0f}s); its log ({self.log_path}) ends with:\n"
+                                f"{self.log_tail()}", pytrace=False)
+                time.sleep(1.0)
+        except BaseException:  # also Ctrl-C while waiting: never leave a server behind
+            self.stop()
+            raise
         self.start_s = time.monotonic() - t0
 
     def log_tail(self, chars: int = 4000) -> str:

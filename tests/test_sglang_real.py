@@ -23,7 +23,7 @@ from real_megatron.rollout.base import SamplingParams  # noqa: E402
 from real_megatron.rollout.sglang_client import SGLangError  # noqa: E402
 from real_megatron.rollout.sglang_engine import SGLangEngine  # noqa: E402
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a real server: minutes, not seconds
 PROMPTS = [[5, 17, 42, 8], [3, 9], [11, 12, 13, 14, 15, 16], [100, 7, 7]]
 GREEDY = SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=12, seed=0)  # top_p -> only the argmax survives
 

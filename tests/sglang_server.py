@@ -65,7 +65,7 @@ def _ready(url: str) -> bool:
 class Server:
     """One ``python -m sglang.launch_server`` process on 127.0.0.1 (its own process group)."""
 
-    def __init__(self, model_dir, log_path, *, cpus: str = "0-1", max_running_requests: int = 4):
+    def __init__(self, model_dir, log_path, *, cpus: str = "0-1", max_running_requests: int = 4, wait: bool = True):
         require_env()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -78,8 +78,14 @@ class Server:
                 "--max-running-requests", str(max_running_requests), "--host", "127.0.0.1", "--port", str(self.port),
                 "--skip-server-warmup", "--log-level", "warning"]
         self._log = open(self.log_path, "w")
-        t0 = time.monotonic()
+        self._t0 = time.monotonic()
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until ``/health_generate`` answers 200 (``start_s``: seconds from launch); fail with the log tail."""
+        t0 = self._t0
         try:
             while not _ready(self.url):
                 if self.proc.poll() is not None or time.monotonic() - t0 > START_TIMEOUT_S:
@@ -91,6 +97,20 @@ class Server:
             self.stop()
             raise
         self.start_s = time.monotonic() - t0
+
+    @classmethod
+    def several(cls, model_dir, log_dir, count: int, **kw) -> list["Server"]:
+        """``count`` servers launched at once (one core each: ``cpus`` 0, 1, ...), then waited for."""
+        servers = [cls(model_dir, Path(log_dir) / f"server{k}.log", cpus=str(k % 2), wait=False, **kw)
+                   for k in range(count)]
+        try:
+            for server in servers:
+                server.wait_ready()
+        except BaseException:
+            for server in servers:
+                server.stop()
+            raise
+        return servers
 
     def log_tail(self, chars: int = 4000) -> str:
         try:

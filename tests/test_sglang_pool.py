@@ -18,11 +18,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sglang_server  # noqa: E402
 from test_sglang_real import GREEDY, PROMPTS, Reference, buckets_of, perturbed  # noqa: E402
-from test_trainer import assets, overrides, rows_of, run_train, train_cmd  # noqa: E402,F401 - assets: the warm model
+from test_trainer import overrides, rows_of, run_train, train_cmd  # noqa: E402
 
 from real_megatron.rollout.sglang_engine import SGLangEngine  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+
+@pytest.fixture(scope="module")
+def assets(warm_assets):
+    """Training runs start from the warmed-up model (mixed rewards, nonzero gradients), as in test_trainer."""
+    return warm_assets
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,15 @@ sys.path.insert(0, str(ROOT / "tests"))
 def build_model(out: Path) -> Path:
     import transformers
 
-    from real_megatron.demo import TINY_QWEN2, build_assets
+    from real_megatron.demo import build_assets
 
-    _, _, base = build_assets(out / "assets", seed=7)
+    _, _, base = build_assets(out / "assets", seed=7)  # the project's tokenizer and tiny Qwen2 config
     tokenizer = transformers.AutoTokenizer.from_pretrained(base)
-    cfg = dict(TINY_QWEN2, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+    cfg = json.loads((base / "config.json").read_text())
+    cfg.update(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
                num_key_value_heads=4)
-    config = transformers.Qwen2Config(**{k: v for k, v in cfg.items() if k != "architectures"},
-                                      vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
-    config.architectures = ["Qwen2ForCausalLM"]
+    cfg.pop("layer_types", None)  # derived from num_hidden_layers again
+    config = transformers.Qwen2Config.from_dict(cfg)
     torch.manual_seed(0)
     model_dir = out / "model"
     transformers.Qwen2ForCausalLM(config).save_pretrained(model_dir)

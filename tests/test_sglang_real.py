@@ -119,10 +119,16 @@ def test_sampled_output_is_well_formed_and_respects_limits(server):
 def test_generation_stops_at_the_stop_token_and_keeps_it(server):
     """The adapter's eos_token_id (sent as stop_token_ids): pick a token the model greedily produces
     at step k > 0 and see SGLang stop right after it, the token kept, finish_reason "stop"."""
-    ids, _ = server.reference.greedy(server.weights, PROMPTS[:1], GREEDY.max_new_tokens)[0]
-    k = next((i for i in range(1, len(ids)) if ids[i] not in ids[:i]), None)
-    assert k is not None, f"the model repeats one token ({ids}); no usable stop token"
-    out = SGLangEngine(server.url, eos_token_id=ids[k]).generate(PROMPTS[:1], 2, GREEDY)
+    new = perturbed(server.weights, seed=7)  # the random model repeats one token; these weights do not
+    engine_for(server).update_weights(buckets_of(new))
+    server.weights = new
+    for prompt in PROMPTS:
+        ids, _ = server.reference.greedy(new, [prompt], GREEDY.max_new_tokens)[0]
+        k = next((i for i in range(1, len(ids)) if ids[i] not in ids[:i]), None)
+        if k is not None:
+            break
+    assert k is not None, "every prompt's greedy continuation repeats one token; no usable stop token"
+    out = SGLangEngine(server.url, eos_token_id=ids[k]).generate([prompt], 2, GREEDY)
     assert all(c.token_ids == ids[:k + 1] and c.finish_reason == "stop" for c in out), (out, ids)
 
 

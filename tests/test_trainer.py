@@ -246,11 +246,18 @@ def test_trainer_drives_a_real_sglang_server(assets, sglang_server, tmp_path, sy
         s.bind(("127.0.0.1", 0))
         group_port = s.getsockname()[1]
     run_dir = tmp_path / "run"
-    proc = run_train(overrides(assets, run_dir, **{
+    args = overrides(assets, run_dir, **{
         "train.steps": 2, "train.eval_every": 0, "rollout.engine": "sglang", "rollout.sglang_urls": sglang_server.url,
         "rollout.sglang_weight_sync": sync, "rollout.sglang_master_port": group_port,
-        "rollout.sglang_release_memory": "true", "rollout.weight_bucket_mb": 1}), timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:] + "\nserver log:\n" + sglang_server.log_tail()
+        "rollout.sglang_release_memory": "true", "rollout.weight_bucket_mb": 1})
+    # output to a file, not a pipe: with tensor sync on the CPU the trainer starts torch's
+    # torch_shm_manager daemon, which inherits its stdout/stderr and lives while the server still
+    # maps the shared weights, so a pipe would never reach EOF
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        code = subprocess.run(train_cmd(args), stdout=out, stderr=subprocess.STDOUT, timeout=900,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}).returncode
+    assert code == 0, log.read_text()[-3000:] + "\nserver log:\n" + sglang_server.log_tail()
     final = load_file(run_dir / "hf_final" / "model.safetensors")
     sglang_server.weights = final
     base = load_file(assets["base"] / "model.safetensors")

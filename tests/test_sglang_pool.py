@@ -49,7 +49,7 @@ def serves(url, eos, reference, state):
     return all(c.token_ids == ids for c, (ids, _) in zip(got, want))
 
 
-def test_rollouts_from_both_and_one_sync_reaches_both(two_servers, random_assets, monkeypatch):
+def test_rollouts_from_both_and_every_sync_reaches_both(two_servers, random_assets, monkeypatch):
     base = Path(random_assets["base"])
     eos = json.loads((base / "config.json").read_text())["eos_token_id"]
     reference = Reference(base, eos)
@@ -75,6 +75,11 @@ def test_rollouts_from_both_and_one_sync_reaches_both(two_servers, random_assets
         assert [c.token_ids for c in out] == [ids for ids, _ in want for _ in range(3)]
     finally:
         eng.close()
+    # colocated: the same shared-memory tensors to both servers (each gets payloads of its own)
+    newer = perturbed(new, seed=12)
+    SGLangEngine([s.url for s in two_servers], eos_token_id=eos, weight_sync="tensor").update_weights(buckets_of(newer))
+    for s in two_servers:
+        assert serves(s.url, eos, reference, newer), s.url
 
 
 def test_trainer_with_two_servers_then_one_killed_mid_run(two_servers, assets, tmp_path):

@@ -8,7 +8,7 @@ server (SGLang >= 0.5.21 refuses updates outside one), then each server's prefix
 * :class:`TensorSender` (``weight_sync=tensor``, colocated): ``/update_weights_from_tensor`` with
   the bucket serialised in SGLang's ``MultiprocessingSerializer`` format (:func:`serialize_named_tensors`):
   CUDA tensors travel as CUDA IPC handles, CPU tensors as shared-memory files. The bucket is
-  serialised once and the same payload goes to every server (one copy per TP rank).
+  serialised once per receiving process (each server's TP ranks); no tensor data is copied.
 * :class:`DistributedSender` (``weight_sync=distributed``, separate engines): one process group
   spanning the trainer's rank 0 (rank 0) and every server's TP workers (ranks 1..W, server k at
   offset ``1 + sum of the TP sizes before it``), made by :meth:`DistributedSender.init_group`
@@ -84,9 +84,15 @@ class TensorSender:
             on_each(self.servers, lambda s: s.call("update_weights_from_tensor", {
                 "named_tensors": list(bucket), "load_format": None, "flush_cache": False}))
             return
-        payload = self.serializer(bucket)  # once for all servers; `bucket` stays alive until they answer
+        # one payload per receiving process (each server's TP rank): pickling a shared CPU tensor
+        # takes one reference on its shared-memory file and each unpickling gives one back, so a
+        # payload read twice frees the file under the second reader (measured: the second of two
+        # servers crashed). Pickling copies no tensor data, only handles. `bucket` stays alive
+        # until every server has answered.
+        payloads = {id(s): [self.serializer(bucket) for _ in range(self.tp_sizes[k])]
+                    for k, s in enumerate(self.servers)}
         on_each(self.servers, lambda s: s.call("update_weights_from_tensor", {
-            "serialized_named_tensors": [payload] * self.tp_sizes[self.servers.index(s)], "load_format": None,
+            "serialized_named_tensors": payloads[id(s)], "load_format": None,
             "flush_cache": False, "abort_all_requests": False, "weight_version": version}))
 
     def close(self) -> None:

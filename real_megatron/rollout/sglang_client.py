@@ -314,7 +314,21 @@ class SGLangServer:
         return tags
 
     def release_memory(self, tags: Sequence[str] | None = None) -> None:
-        """Free the engine's GPU memory before training (None: every tag the server has)."""
+        """Free the engine's GPU memory before training (None: every tag the server has).
+
+        SGLang 0.5.23 asserts that its scheduler is idle here, and the assertion kills the server;
+        right after ``/generate`` has answered it can still be finishing the batch (measured on the
+        CPU). So wait first until ``/flush_cache`` succeeds: it does exactly when the scheduler is idle."""
+        if self._http is not None:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    self._http.request("POST", "/flush_cache", {})
+                    break
+                except SGLangError as err:
+                    if "HTTP 400" not in str(err) or time.monotonic() > deadline:
+                        raise
+                time.sleep(0.2)
         self.call("release_memory_occupation", {"tags": list(tags) if tags is not None else None})
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:

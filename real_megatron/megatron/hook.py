@@ -40,7 +40,9 @@ import torch
 import torch.distributed as dist
 
 from real_megatron.losses import SEQUENCE_LEVEL, policy_loss, policy_loss_from_scores
+from real_megatron.megatron.batch import slot_rows
 from real_megatron.megatron.logprobs import vocab_parallel_logprobs
+from real_megatron.megatron.packed_forward import run_packed
 
 
 class _AllReduceSumIdentityBackward(torch.autograd.Function):
@@ -89,16 +91,19 @@ def _per_row(logp, old_logp, mask):
 
 def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
     """Compute this micro-batch's share of the mini-batch loss (see the module docstring)."""
+    idx = batch["sample_index"]
+    if idx.numel() == 0:  # an empty row (a rank without rollouts): no share, but a graph for backward
+        return logits.sum() * 0.0, {"share": torch.zeros((), device=logits.device)}
     # no entropy here: it is a metric, measured in the forward-only pass over the same rollouts
     # (compute_logprobs), and leaving it out keeps the training step as cheap as cross-entropy
     logp, _ = vocab_parallel_logprobs(logits, batch["labels"], temperature=ctx.temperature,
                                       vocab_size=ctx.vocab_size, tp_group=ctx.tp_group, with_entropy=False,
                                       overwrite_logits=True)  # the logits are read by nothing else
-    valid = batch["row_valid"]
-    idx = batch["sample_index"][valid]
-    logp = logp[valid]
-    mask = batch["loss_mask"][valid] > 0
-    old = batch["old_logp"][valid].to(logp.dtype)
+    # the loss library takes one right-padded row per rollout: gather each slot's positions
+    index, valid = slot_rows(batch["segment"], idx.numel())
+    logp = logp.reshape(-1)[index]
+    mask = (batch["loss_mask"].reshape(-1)[index] > 0) & valid
+    old = batch["old_logp"].reshape(-1)[index].to(logp.dtype)
 
     # per-rollout sums, reduced over the CP group (identity backward: see the docstring)
     num, count = _per_row(logp, old, mask)
@@ -126,7 +131,7 @@ def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
         share, metrics = policy_loss_from_scores(ctx.loss_name, scores=scores, rewards=rewards, group_ids=group_ids,
                                                  normalizer=ctx.normalizer, **hp)
     else:
-        ref = batch["ref_logp"][valid].to(logp.dtype) if "ref_logp" in batch else None
+        ref = batch["ref_logp"].reshape(-1)[index].to(logp.dtype) if "ref_logp" in batch else None
         hp["advantages"] = ctx.advantages[idx]
         share, metrics = policy_loss(ctx.loss_name, logp=logp, old_logp=old, mask=mask, rewards=rewards,
                                      group_ids=group_ids, ref_logp=ref, sequence_lengths=count,
@@ -143,14 +148,13 @@ def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
 
 def forward_step(ctx: LossContext, data_iterator, model):
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None)
-    return output, partial(loss_func, ctx, batch)
+    return run_packed(model, batch), partial(loss_func, ctx, batch)
 
 
 def logprob_step(ctx: LossContext, data_iterator, model):
     """Forward-only variant: per-token log-probs and entropy of the labels (old log-probs, scores)."""
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None)
+    output = run_packed(model, batch)
 
     def collect(logits):
         with torch.no_grad():

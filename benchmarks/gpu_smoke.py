@@ -47,7 +47,7 @@ def run(dtype, full, transformer_impl):
     chunks = build_model(HF, dtype=dtype, transformer_impl=transformer_impl, wrap_ddp=True)
     load_full_state_dict(chunks[0], full)
     optimizer = build_optimizer(chunks, lr=1e-4)
-    policy = MegatronPolicy(chunks, optimizer, loss_name="real", temperature=0.6, micro_batch_rollouts=8)
+    policy = MegatronPolicy(chunks, optimizer, loss_name="real", temperature=0.6, max_tokens_per_micro_batch=4096)
     samples = samples_for(HF["vocab_size"])
     logps, _ = policy.compute_logprobs(samples)
     for s, lp in zip(samples, logps):

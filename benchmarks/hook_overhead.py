@@ -1,7 +1,7 @@
 """Train-step time of the REAL loss hook vs plain token cross-entropy, same model and batch.
 
 One process on the CPU (gloo), a Qwen2-shaped model (hidden 256, 4 layers, vocab 32,768), a
-mini-batch of 8 groups × 4 rollouts with 96-token sequences in 4 micro-batches. Both steps run
+mini-batch of 8 groups × 4 rollouts with 96-token sequences in 4 packed micro-batches of 8 rollouts. Both steps run
 forward+backward through Megatron's schedule and one optimizer step:
 
 * ``ce``: Megatron's ``vocab_parallel_cross_entropy`` over response tokens, token-mean;
@@ -34,7 +34,8 @@ def main() -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from real_megatron.megatron.batch import Sample, build_micro_batch, padded_length
+    from real_megatron.megatron.batch import Sample, build_micro_batch
+    from real_megatron.megatron.packed_forward import run_packed
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.optimizer import build_optimizer
     from real_megatron.megatron.policy import MegatronPolicy
@@ -49,10 +50,10 @@ def main() -> None:
         for k in range(4):
             samples.append(Sample(prompt, torch.randint(0, 32768, (64,), generator=g).tolist(), float(k % 2), gid,
                                   old_logp=-torch.rand(64, generator=g) - 9.0))
-    real = MegatronPolicy(chunks, optimizer, loss_name="real", temperature=0.6, micro_batch_rollouts=8)
+    real = MegatronPolicy(chunks, optimizer, loss_name="real", temperature=0.6, max_tokens_per_micro_batch=768)
 
-    seq = padded_length(samples, 1)
-    ce_batches = [build_micro_batch(samples, list(range(i, i + 8)), rows=8, seq_len=seq) for i in range(0, 32, 8)]
+    ce_batches = [build_micro_batch(samples, list(range(i, i + 8))) for i in range(0, 32, 8)]  # the hook's rows too
+    seq = ce_batches[0]["tokens"].shape[1]
     total_tokens = float(sum(b["loss_mask"].sum() for b in ce_batches))
 
     def ce_loss(batch, logits):
@@ -61,14 +62,14 @@ def main() -> None:
 
     def ce_forward(data_iterator, model):
         batch = next(data_iterator)
-        return model(batch["tokens"], batch["position_ids"], None), partial(ce_loss, batch)
+        return run_packed(model, batch), partial(ce_loss, batch)
 
     def ce_step():
         for chunk in chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         get_forward_backward_func()(forward_step_func=ce_forward, data_iterator=iter(ce_batches), model=chunks,
-                                    num_microbatches=len(ce_batches), seq_length=seq, micro_batch_size=8,
+                                    num_microbatches=len(ce_batches), seq_length=seq, micro_batch_size=1,
                                     forward_only=False)
         optimizer.step()
 

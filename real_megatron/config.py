@@ -12,6 +12,7 @@ and a valid choice, raised before any process group or allocation.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +98,9 @@ class TrainConfig:
     steps: int = 1400  # rollout batches (each gives rollout_batch_prompts / mini_batch_prompts optimizer steps)
     rollout_batch_prompts: int = 128  # B
     mini_batch_prompts: int = 32  # prompts per optimizer step
-    micro_batch_rollouts: int = 8  # rollouts per forward/backward micro-batch (per data-parallel rank)
+    # token positions per packed micro-batch row (megatron/batch.py); must hold the longest rollout
+    max_tokens_per_micro_batch: int = 16384
+    micro_batch_rollouts: int = 0  # optional cap on rollouts per micro-batch (0: none, the token budget decides)
     eval_every: int = 50
     save_every: int = 50
 
@@ -288,9 +291,22 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
         raise ConfigError(f"rollout.embedded_batch_size={cfg.rollout.embedded_batch_size} must be >= 1 "
                           "(sequences per generate call of the embedded engine)")
     t = cfg.train
-    for name in ("steps", "rollout_batch_prompts", "mini_batch_prompts", "micro_batch_rollouts"):
+    for name in ("steps", "rollout_batch_prompts", "mini_batch_prompts", "max_tokens_per_micro_batch"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 1")
+    if t.micro_batch_rollouts < 0:
+        raise ConfigError(f"train.micro_batch_rollouts={t.micro_batch_rollouts} must be >= 0 (0: no cap)")
+    # the longest rollout, in the positions its packed slot takes (megatron/batch.py, rule 1)
+    step = 2 * cfg.parallel.cp if cfg.parallel.cp > 1 else 1
+    if cfg.model.sequence_parallel:
+        step = step * cfg.parallel.tp // math.gcd(step, cfg.parallel.tp)
+    longest = -(-(cfg.data.max_prompt_length + cfg.rollout.max_new_tokens) // step) * step
+    if t.max_tokens_per_micro_batch < longest:
+        raise ConfigError(
+            f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} cannot hold the longest rollout: "
+            f"data.max_prompt_length + rollout.max_new_tokens = {cfg.data.max_prompt_length + cfg.rollout.max_new_tokens}"
+            + (f" ({longest} positions aligned to {step})" if longest != cfg.data.max_prompt_length + cfg.rollout.max_new_tokens else "")
+            + f"; set train.max_tokens_per_micro_batch >= {longest}")
     if t.rollout_batch_prompts % t.mini_batch_prompts:
         raise ConfigError(
             f"train.rollout_batch_prompts={t.rollout_batch_prompts} is not divisible by train.mini_batch_prompts="

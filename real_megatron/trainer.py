@@ -89,7 +89,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model.hf_dir)
         self.policy = MegatronPolicy(self.chunks, self.optimizer, loss_name=loss_name or cfg.loss.name,
                                      hparams=cfg.loss.hparams, temperature=cfg.rollout.temperature,
-                                     micro_batch_rollouts=cfg.train.micro_batch_rollouts,
+                                     max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch,
+                                     max_rollouts_per_micro_batch=cfg.train.micro_batch_rollouts or None,
                                      pad_id=pad_id_of(self.tokenizer))
         # what a checkpoint records and a resume compares (TP/PP/CP/DP may change; the optimizer kind and dtype not)
         self.layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "cp": cfg.parallel.cp,
@@ -298,7 +299,7 @@ class Trainer:
         samples = [Sample(r.prompt_ids, r.response_ids, r.reward, r.group_id) for r in records]
         logps, entropies = self.policy.compute_logprobs(samples)
         for s, lp in zip(samples, logps):
-            s.old_logp = lp
+            s.old_logp, s.old_logp_version = lp, self.policy.version  # current until the next optimizer step
         tokens = sum(len(e) for e in entropies)
         rollout_metrics["train/entropy"] = float(sum(e.double().sum() for e in entropies) / max(tokens, 1))
         engine_lp = [r.engine_logprobs for r in records]
@@ -324,7 +325,7 @@ class Trainer:
                 "train/loss": result["loss"],
                 "train/grad_norm": result["grad_norm"],
                 "train/skipped_steps": float(self.skipped_steps),
-                "hook/exact_mode": result["hook/exact_mode"],
+                **{k: v for k, v in result.items() if k.startswith("hook/")},
                 **{k: v for k, v in result.items() if k.startswith("loss/")},
                 "time/update_s": time.perf_counter() - t0,
                 "time/sync_s": 0.0,

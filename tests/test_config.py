@@ -48,6 +48,12 @@ def test_bad_overrides(override, message):
     (["loss.name=ppo"], 1, r"loss.name: unknown loss 'ppo'; choose one of \['dapo', 'grpo', 'gspo', 'real', "),
     (["loss.hparams={tau: -1}"], 1, "loss.hparams: tau must be a positive"),
     (["rollout.max_new_tokens=600", "data.max_prompt_length=64"], 1, "exceeds the model's context"),
+    (["train.max_tokens_per_micro_batch=300", "rollout.max_new_tokens=256", "data.max_prompt_length=64"], 1,
+     r"train.max_tokens_per_micro_batch=300 cannot hold the longest rollout: .* = 320; set "
+     r"train.max_tokens_per_micro_batch >= 320"),
+    (["train.max_tokens_per_micro_batch=319", "rollout.max_new_tokens=255", "data.max_prompt_length=64",
+      "parallel.cp=2"], 2, r"= 319 \(320 positions aligned to 4\); set train.max_tokens_per_micro_batch >= 320"),
+    (["train.micro_batch_rollouts=-1"], 1, r"train.micro_batch_rollouts=-1 must be >= 0"),
 ])
 def test_impossible_configs_fail_before_start(overrides, world, message):
     cfg = load_config(None, overrides)

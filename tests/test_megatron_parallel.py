@@ -1,9 +1,10 @@
-"""Exactness of the REAL loss hook under every supported parallel layout (real torchrun + gloo).
+"""Exactness of the loss hook and packed micro-batches under every supported layout (real torchrun + gloo).
 
 For a fixed mini-batch (5 groups of sizes 3, 4, 2, 5, 2, different prompt and response lengths, one
 all-correct group) and fixed initial weights, the loss, every parameter's gradient (gathered to
-full shape) and the weight change of one optimizer step must match the single-process run with one
-micro-batch. Tolerance: 1e-5 of each tensor's largest entry (float32).
+full shape) and the weight change of one optimizer step must match the *unpacked* reference: each
+rollout run through the model alone and the loss library's ``policy_loss`` over all of them (no
+planner, no packing, no hook). Tolerance: 1e-5 of each tensor's largest entry (float32).
 
 The optimizer in the worker uses Adam with eps = 1 and lr = 10: with a small eps, Adam's first step
 is ≈ lr·sign(g), which turns float32 round-off in near-zero gradient entries into whole-lr
@@ -73,36 +74,44 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(workdir):
-    ref = run_layout(workdir, 1)
-    assert ref["metrics"]["hook/exact_mode"] == 0.0
-    return ref
+    """Every rollout through the model alone, the loss library on top: no planner, no packed rows."""
+    return run_layout(workdir, 1, "--unpacked")
 
 
-@pytest.mark.parametrize("micro_batch_rollouts, micro_batches", [(10, 2), (5, 4)])
-def test_micro_batch_counts(workdir, reference, micro_batch_rollouts, micro_batches):
-    result = run_layout(workdir, 1, "--micro-batch-rollouts", str(micro_batch_rollouts))
+def test_one_packed_row_equals_each_rollout_alone(workdir, reference):
+    result = run_layout(workdir, 1)  # budget 512: the whole mini-batch in one row
+    assert result["metrics"]["hook/exact_mode"] == 0.0 and result["metrics"]["hook/micro_batches"] == 1
+    assert_matches(result, reference)
+
+
+@pytest.mark.parametrize("budget, micro_batches", [(100, 2), (80, 3)])
+def test_several_packed_micro_batches_with_whole_groups(workdir, reference, budget, micro_batches):
+    result = run_layout(workdir, 1, "--budget", str(budget))
     assert result["metrics"]["hook/exact_mode"] == 0.0  # groups stayed whole
+    assert result["metrics"]["hook/micro_batches"] == micro_batches
     assert_matches(result, reference)
 
 
 def test_group_split_across_micro_batches_exact_mode(workdir, reference):
-    # micro-batches of 4 rollouts cannot hold the group of 5: exact mode (w_k = ∂L/∂s̄_k)
-    result = run_layout(workdir, 1, "--micro-batch-rollouts", "4")
-    assert result["metrics"]["hook/exact_mode"] == 1.0
+    # 40 positions cannot hold the 79-token group: exact mode (w_k = ∂L/∂s̄_k)
+    result = run_layout(workdir, 1, "--budget", "40")
+    assert result["metrics"]["hook/exact_mode"] == 1.0 and result["metrics"]["hook/extra_forward"] == 1.0
+    assert result["metrics"]["hook/micro_batches"] >= 5
     assert_matches(result, reference)
 
 
 def test_tensor_parallel_2(workdir, reference):
-    assert_matches(run_layout(workdir, 2, "--tp", "2"), reference)
+    assert_matches(run_layout(workdir, 2, "--tp", "2", "--budget", "64"), reference)
 
 
 def test_pipeline_parallel_2(workdir, reference):
-    result = run_layout(workdir, 2, "--pp", "2", "--micro-batch-rollouts", "5")  # 4 micro-batches through 2 stages
+    result = run_layout(workdir, 2, "--pp", "2", "--budget", "40")  # 5+ fixed-length rows through 2 stages
+    assert result["metrics"]["hook/micro_batches"] >= 5
     assert_matches(result, reference)
 
 
 def test_data_parallel_2_whole_groups(workdir, reference):
-    result = run_layout(workdir, 2, "--micro-batch-rollouts", "5")
+    result = run_layout(workdir, 2, "--budget", "80")
     assert result["metrics"]["hook/exact_mode"] == 0.0
     assert_matches(result, reference)
 
@@ -111,7 +120,7 @@ def test_distributed_optimizer_under_data_parallel_2(workdir, reference):
     # Megatron's distributed optimizer (optimizer state sharded over DP ranks) takes the same step.
     # Its gradients are reduce-scattered (each rank keeps only its shard's reduced gradient), so the
     # check is the loss, the grad norm and the weight change, not per-rank gradient buffers.
-    result = run_layout(workdir, 2, "--micro-batch-rollouts", "5", "--distributed-optimizer")
+    result = run_layout(workdir, 2, "--budget", "80", "--distributed-optimizer")
     ref_loss, loss = reference["metrics"]["loss"], result["metrics"]["loss"]
     assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), (loss, ref_loss)
     ref_norm, norm = reference["metrics"]["grad_norm"], result["metrics"]["grad_norm"]
@@ -121,26 +130,49 @@ def test_distributed_optimizer_under_data_parallel_2(workdir, reference):
 
 
 def test_group_split_across_data_parallel_ranks(workdir, reference):
-    result = run_layout(workdir, 2, "--force-exact")  # 8 | 8 rollouts: group 2 straddles the ranks
+    result = run_layout(workdir, 2, "--force-exact")  # rollouts balanced one by one: groups straddle the ranks
     assert result["metrics"]["hook/exact_mode"] == 1.0
     assert_matches(result, reference)
 
 
 def test_tensor_2_x_data_2(workdir, reference):
-    assert_matches(run_layout(workdir, 4, "--tp", "2", "--micro-batch-rollouts", "5"), reference)
+    assert_matches(run_layout(workdir, 4, "--tp", "2", "--budget", "80"), reference)
 
 
-@pytest.mark.parametrize("loss", ["grpo", "dapo"])
-def test_token_level_losses_under_data_parallel_with_straddling_groups(workdir, loss):
-    ref = run_layout(workdir, 1, "--loss", loss)
-    # micro-batches of 3 rollouts: groups straddle micro-batches and ranks; advantages are global
-    assert_matches(run_layout(workdir, 2, "--loss", loss, "--micro-batch-rollouts", "3"), ref)
+@pytest.mark.parametrize("loss", ["real_bce", "real_no_anchor", "gspo", "grpo", "dapo"])
+def test_every_loss_packed_across_micro_batches_and_ranks_equals_unpacked(workdir, loss):
+    ref = run_layout(workdir, 1, "--loss", loss, "--unpacked")
+    # 32-position rows: groups straddle micro-batches and ranks (REAL family: exact mode)
+    result = run_layout(workdir, 2, "--loss", loss, "--budget", "32")
+    assert result["metrics"]["hook/micro_batches"] >= 6
+    assert_matches(result, ref)
 
 
 def test_tied_embeddings_under_pipeline_parallel(workdir):
-    ref = run_layout(workdir, 1, "--tied")
+    ref = run_layout(workdir, 1, "--tied", "--unpacked")
     assert "output_layer.weight" not in ref["grads"]
-    assert_matches(run_layout(workdir, 2, "--tied", "--pp", "2"), ref)
+    assert_matches(run_layout(workdir, 2, "--tied", "--pp", "2", "--budget", "64"), ref)
+
+
+@pytest.mark.parametrize("loss", ["real", "grpo"])
+def test_skipping_zero_gradient_rollouts_changes_nothing(workdir, loss):
+    # group 2 is all-correct: REAL's uniform group and GRPO's zero-advantage group carry no gradient
+    skipped = run_layout(workdir, 2, "--loss", loss, "--budget", "40")
+    assert skipped["metrics"]["hook/trained_rollout_fraction"] == 14 / 16
+    everything = run_layout(workdir, 2, "--loss", loss, "--budget", "40", "--no-skip")
+    assert everything["metrics"]["hook/trained_rollout_fraction"] == 1.0
+    assert_matches(skipped, everything)
+    if loss == "real":  # the skipped group still counts in the denominator and the group metrics
+        assert skipped["metrics"]["loss/num_groups"] == 5.0 and skipped["metrics"]["loss/solved_all_groups"] == 1.0
+
+
+def test_skipping_the_fresh_exact_mode_forward_changes_nothing(workdir):
+    # old log-probs from this very model: s̄ = 0, w = ∂L/∂s̄ in closed form, no extra forward
+    skipped = run_layout(workdir, 1, "--fresh", "--budget", "40")
+    assert skipped["metrics"]["hook/exact_mode"] == 1.0 and skipped["metrics"]["hook/extra_forward"] == 0.0
+    paid = run_layout(workdir, 1, "--fresh", "--budget", "40", "--no-fresh-skip")
+    assert paid["metrics"]["hook/extra_forward"] == 1.0
+    assert_matches(skipped, paid)
 
 
 def test_context_parallel_2_loss_path(workdir):

@@ -1,4 +1,4 @@
-"""Megatron glue, single process: log-probs/entropy, batching plans, CP chunks, layout validation, Llama/Qwen2 build."""
+"""Megatron glue, single process: log-probs/entropy, layout validation, Llama/Qwen2 build (plans and packed rows: test_packing.py)."""
 from __future__ import annotations
 
 import sys
@@ -12,12 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent / "megatron_workers"))
 from common import TINY_QWEN2, fixed_full_state_dict, fixed_samples  # noqa: E402
 
 from real_megatron.hf_model import LayoutError  # noqa: E402
-from real_megatron.megatron.batch import (  # noqa: E402
-    Sample,
-    build_micro_batch,
-    cp_chunk_indices,
-    plan_micro_batches,
-)
+from real_megatron.megatron.batch import Sample  # noqa: E402
 from real_megatron.megatron.logprobs import vocab_parallel_logprobs  # noqa: E402
 
 
@@ -87,40 +82,6 @@ def test_logprobs_reject_bad_input():
         vocab_parallel_logprobs(torch.zeros(2, 5), torch.zeros(3, dtype=torch.long))
 
 
-def test_plans_keep_groups_whole_or_say_why():
-    samples = fixed_samples()  # groups of 3, 4, 2, 5, 2
-    plan = plan_micro_batches(samples, dp_size=2, micro_batch_rollouts=5, sequence_level_groups=True)
-    assert plan.mode == "whole_groups"
-    for rank in plan.rank_micro_batches:
-        for mb in rank:
-            assert len({samples[i].group_id for i in mb}) == len(set(samples[i].group_id for i in mb))
-            for gid in {samples[i].group_id for i in mb}:  # whole: every member of the group is here
-                assert sum(s.group_id == gid for s in samples) == sum(samples[i].group_id == gid for i in mb)
-    assert sorted(i for r in plan.rank_micro_batches for mb in r for i in mb) == list(range(16))
-    split = plan_micro_batches(samples, dp_size=1, micro_batch_rollouts=4, sequence_level_groups=True)
-    assert split.mode == "exact" and "exceeds micro_batch_rollouts=4" in split.reason
-    few = plan_micro_batches(samples[:3], dp_size=2, micro_batch_rollouts=8, sequence_level_groups=True)
-    assert few.mode == "exact" and "1 groups for 2 data-parallel ranks" in few.reason
-    with pytest.raises(ValueError, match="every rank needs at least one"):
-        plan_micro_batches(samples[:1], dp_size=2, micro_batch_rollouts=8, sequence_level_groups=True)
-
-
-def test_micro_batch_layout_aligns_labels_with_response_tokens():
-    s = Sample(prompt_ids=[5, 6, 7], response_ids=[8, 9], reward=1.0, group_id=0, old_logp=torch.tensor([-1.0, -2.0]))
-    b = build_micro_batch([s], [0], rows=2, seq_len=8)
-    assert b["tokens"][0].tolist() == [5, 6, 7, 8, 9, 0, 0, 0]
-    assert b["loss_mask"][0].tolist() == [0, 0, 1, 1, 0, 0, 0, 0]  # labels at positions 2, 3 are 8, 9
-    assert b["labels"][0, 2:4].tolist() == [8, 9] and b["old_logp"][0, 2:4].tolist() == [-1.0, -2.0]
-    assert b["row_valid"].tolist() == [True, False]
-
-
-def test_cp_chunks_are_megatrons_load_balanced_split():
-    assert cp_chunk_indices(8, 2, 0).tolist() == [0, 1, 6, 7]
-    assert cp_chunk_indices(8, 2, 1).tolist() == [2, 3, 4, 5]
-    with pytest.raises(ValueError, match="not divisible by 2\\*cp=4"):
-        cp_chunk_indices(10, 2, 0)
-
-
 def test_impossible_layout_fails_before_any_process_group(monkeypatch):
     from real_megatron.megatron.model import initialize_parallel
 
@@ -172,7 +133,7 @@ def test_non_finite_step_is_skipped_and_weights_untouched():
     full = fixed_full_state_dict(TINY_QWEN2)
     full["decoder.layers.1.mlp.linear_fc2.weight"][0, 0] = float("inf")
     load_full_state_dict(chunks[0], full)
-    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=0.1), loss_name="real", micro_batch_rollouts=16)
+    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=0.1), loss_name="real", max_tokens_per_micro_batch=128)
     result = policy.train_step(fixed_samples())
     assert result["skipped"] == 1.0
     after = gather_full_state_dict(chunks[0])
@@ -194,7 +155,7 @@ def test_sft_step_lowers_cross_entropy():
     initialize_parallel(hf_config=TINY_QWEN2)
     chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True)
     load_full_state_dict(chunks[0], fixed_full_state_dict(TINY_QWEN2))
-    sft = MegatronPolicy(chunks, build_optimizer(chunks, lr=3e-3), loss_name="sft", micro_batch_rollouts=8)
+    sft = MegatronPolicy(chunks, build_optimizer(chunks, lr=3e-3), loss_name="sft", max_tokens_per_micro_batch=128)
     samples = [Sample(s.prompt_ids, s.response_ids, 1.0, s.group_id) for s in fixed_samples()]
     losses = [sft.train_step(samples)["loss"] for _ in range(5)]
     assert losses[-1] < losses[0] - 0.5, losses
@@ -248,7 +209,7 @@ def test_distributed_optimizer_state_round_trip_resumes_exactly():
         chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True, use_distributed_optimizer=True)
         load_full_state_dict(chunks[0], full)
         optimizer = build_optimizer(chunks, lr=1e-2, use_distributed_optimizer=True)
-        return chunks, optimizer, MegatronPolicy(chunks, optimizer, loss_name="real", micro_batch_rollouts=16)
+        return chunks, optimizer, MegatronPolicy(chunks, optimizer, loss_name="real", max_tokens_per_micro_batch=128)
 
     start = fixed_full_state_dict(TINY_QWEN2)
     chunks, _, policy = fresh(start)
@@ -268,3 +229,45 @@ def test_distributed_optimizer_state_round_trip_resumes_exactly():
     got = gather_full_state_dict(chunks[0])
     for name in want:
         assert torch.allclose(got[name], want[name], rtol=1e-6, atol=1e-7), name
+
+
+def test_packed_row_logprobs_equal_each_sequence_run_alone():
+    """16 rollouts back to back in one row: block-diagonal causal mask + RoPE restarting per slot give
+    every sequence exactly what it gets alone (plain causal attention, positions 0…L−1)."""
+    from real_megatron.megatron.logprobs import vocab_parallel_logprobs
+    from real_megatron.megatron.model import build_model, initialize_parallel
+    from real_megatron.megatron.optimizer import build_optimizer
+    from real_megatron.megatron.packed_forward import run_packed
+    from real_megatron.megatron.policy import MegatronPolicy
+    from real_megatron.megatron.sharding import load_full_state_dict
+
+    initialize_parallel(hf_config=TINY_QWEN2)
+    chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True)
+    load_full_state_dict(chunks[0], fixed_full_state_dict(TINY_QWEN2))
+    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=0.1), loss_name="real", temperature=0.7,
+                            max_tokens_per_micro_batch=512)
+    samples = fixed_samples()
+    assert sum(len(rank) for rank in policy.plan(samples, sequence_level_groups=False).rank_micro_batches) == 1
+    logps, entropies = policy.compute_logprobs(samples)
+    chunks[0].eval()
+    worst = 0.0
+    with torch.no_grad():
+        for s, lp, en in zip(samples, logps, entropies):
+            ids = torch.tensor([list(s.prompt_ids) + list(s.response_ids)])
+            logits = chunks[0](ids, torch.arange(ids.shape[1])[None], None)
+            ref, ref_en = vocab_parallel_logprobs(logits, torch.roll(ids, -1, 1), temperature=0.7, vocab_size=300)
+            p, r = len(s.prompt_ids), len(s.response_ids)
+            worst = max(worst, (lp - ref[0, p - 1:p + r - 1]).abs().max().item(),
+                        (en - ref_en[0, p - 1:p + r - 1]).abs().max().item())
+    assert worst < 1e-5, worst
+    # the fused softmax kernel would ignore the block-diagonal mask: refused, not silently wrong
+    config = chunks[0].module.config if hasattr(chunks[0], "module") else chunks[0].config
+    config.masked_softmax_fusion = True
+    try:
+        from real_megatron.megatron.batch import build_micro_batch
+
+        with pytest.raises(RuntimeError, match="masked_softmax_fusion=False"):
+            run_packed(chunks[0], build_micro_batch(samples, [0, 1]))
+    finally:
+        config.masked_softmax_fusion = False
+    chunks[0].train()

@@ -31,6 +31,7 @@ REQUIRED_KEYS = {
     "step", "train/loss", "train/reward_mean", "train/solved_all_ratio", "train/solved_none_ratio", "train/entropy",
     "train/response_length_mean", "train/grad_norm", "time/rollout_s", "time/reward_s", "time/logprob_s",
     "time/update_s", "time/sync_s", "loss/contributing_group_fraction", "loss/max_score_weight",
+    "hook/exact_mode", "hook/extra_forward", "hook/trained_rollout_fraction", "hook/micro_batches",
 }
 
 
@@ -40,7 +41,10 @@ def overrides(assets, run_dir, **extra):
         "data.eval_files": f"[{assets['test']}]", "data.max_prompt_length": 64, "eval.max_prompts": 8,
         "eval.samples": 2, "eval.max_new_tokens": 8, "rollout.max_new_tokens": 8, "rollout.n": 4,
         "rollout.temperature": 1.0, "train.steps": 3, "train.rollout_batch_prompts": 4,
-        "train.mini_batch_prompts": 2, "train.micro_batch_rollouts": 8, "train.eval_every": 2,
+        "train.mini_batch_prompts": 2, "train.eval_every": 2,
+        # packed rows of 128 positions: a group of 4 rollouts (up to 72 tokens each) may not fit one,
+        # so runs use whole groups and the exact mode, several micro-batches, and both shortcuts
+        "train.max_tokens_per_micro_batch": 128,
         "train.save_every": 1, "optim.lr": 1e-3, "reward.num_workers": 1, "logging.wandb_mode": "disabled",
         "logging.progress_bar": False, "seed": 11,
     }

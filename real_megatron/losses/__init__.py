@@ -22,7 +22,13 @@ Splitting a batch (micro-batches, data-parallel ranks) exactly:
   ``(w * sequence_scores(...)).sum()`` over its own rollouts.
 """
 from real_megatron.losses.common import sequence_scores
-from real_megatron.losses.dispatch import loss_normalizer, policy_loss, policy_loss_from_scores, score_weights
+from real_megatron.losses.dispatch import (
+    loss_normalizer,
+    policy_loss,
+    policy_loss_from_scores,
+    score_weights,
+    zero_gradient_rollouts,
+)
 from real_megatron.losses.hparams import LOSSES, SEQUENCE_LEVEL, check_loss_name, resolve_hparams
 from real_megatron.losses.ppo import PPO_FAMILY, group_advantages
 from real_megatron.losses.real import REAL_FAMILY
@@ -40,4 +46,5 @@ __all__ = [
     "SEQUENCE_LEVEL",
     "REAL_FAMILY",
     "PPO_FAMILY",
+    "zero_gradient_rollouts",
 ]

@@ -199,3 +199,30 @@ def loss_normalizer(name: str, *, mask: torch.Tensor, rewards: torch.Tensor, gro
     if name == "dapo":
         return float(mask.bool().sum())
     return float(mask.shape[0])
+
+
+def zero_gradient_rollouts(name: str, *, rewards: torch.Tensor, group_ids: torch.Tensor, has_ref: bool = False,
+                           **hparams) -> torch.Tensor:
+    """``[N]`` bool: rollouts whose loss term and gradient are exactly zero *whatever their log-probs*.
+
+    REAL family: the rollouts of non-contributing groups (uniform groups unless
+    ``include_uniform_groups``; ``real_no_anchor`` never counts them). GRPO/DAPO/GSPO: rollouts
+    whose group advantage is exactly 0 (equal rewards in the group), unless GRPO's KL term is on
+    (``kl_coef`` ≠ 0 and reference log-probs given, ``has_ref``). Leaving them out of the
+    forward/backward changes neither the loss nor the gradient, as long as the denominator
+    (``loss_normalizer``) and advantages are those of the whole batch.
+    """
+    hp = resolve_hparams(name, hparams)
+    check_rollout_tensors(rewards.shape[0], rewards, group_ids)
+    groups = Groups.from_ids(group_ids)
+    if name in REAL_FAMILY:
+        positive = rewards >= hp["positive_threshold"]
+        _, contributing, _, _ = real_group_losses(name, torch.zeros(rewards.shape[0], dtype=torch.float64), positive,
+                                                  groups, hp["tau"], hp["include_uniform_groups"])
+        return ~contributing[groups.index]
+    if name == "grpo" and has_ref and hp["kl_coef"] != 0:
+        return torch.zeros(rewards.shape[0], dtype=torch.bool)
+    advantages = hp["advantages"]
+    if advantages is None:
+        advantages = group_advantages(rewards.to(torch.float64), group_ids, hp["adv_eps"])
+    return advantages == 0

@@ -1,7 +1,10 @@
 """The policy-loss hook for Megatron-Core's ``forward_backward_func``.
 
-``forward_step(data_iterator, model)`` runs the model on one micro-batch and returns
-``(logits, loss_func)``; ``loss_func`` runs on the last pipeline stage only.
+``forward_step(data_iterator, model)`` runs the model on one micro-batch — a packed row of
+rollouts (``batch.py``, ``packed_forward.py``) — and returns ``(logits, loss_func)``;
+``loss_func`` runs on the last pipeline stage only and gathers each slot's positions back into the
+loss library's right-padded ``[N, T]`` rows. A micro-batch may also be an empty row (a data-parallel
+rank without rollouts): its share is 0 with a graph, so backward and DDP's reduction still run.
 
 Cancelling Megatron's averaging — the one derivation of the scale factor
 -----------------------------------------------------------------------

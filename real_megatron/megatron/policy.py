@@ -1,12 +1,25 @@
 """The policy on Megatron-Core: old log-probs, and one optimizer update per mini-batch.
 
     policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=2e-6), loss_name="real", hparams={"tau": 0.5},
-                            temperature=0.6, micro_batch_rollouts=8)
+                            temperature=0.6, max_tokens_per_micro_batch=16384)
     logps, entropies = policy.compute_logprobs(samples)          # old log-probs at the sampling temperature
     result = policy.train_step(samples)                          # one optimizer step over a mini-batch
 
 Every rank calls both with the same ``samples`` (the trainer broadcasts rollouts); results are
-returned on every rank. The optimizer itself is built in ``optimizer.py``.
+returned on every rank. The optimizer itself is built in ``optimizer.py``; how rollouts become
+packed micro-batches is ``batch.py``'s docstring.
+
+Two shortcuts, each leaving the loss and gradient what they would be without it (tested):
+
+* rollouts whose gradient is exactly zero whatever the parameters (``losses.zero_gradient_rollouts``:
+  REAL's non-contributing groups, PPO-family rollouts with advantage 0 and no KL term) are not
+  run; the denominator, advantages and group metrics still count them
+  (``hook/trained_rollout_fraction`` = share that ran). ``loss/score_mean*`` are over the rollouts
+  that ran: the others' s̄ is never computed, which is the saving.
+* the exact mode needs every rollout's s̄ under the current parameters; when the parameters have
+  not changed since the old log-probs were computed (``Sample.old_logp_version == self.version``:
+  the first mini-batch of a rollout batch), every s̄ is 0 and the extra forward pass is skipped
+  (``hook/extra_forward`` = 0).
 """
 from __future__ import annotations
 
@@ -23,19 +36,14 @@ from real_megatron.losses import (
     group_advantages,
     loss_normalizer,
     score_weights,
+    zero_gradient_rollouts,
 )
-from real_megatron.megatron.batch import (
-    Sample,
-    build_micro_batch,
-    cp_chunk_indices,
-    padded_length,
-    plan_micro_batches,
-    split_for_cp,
-)
+from real_megatron.megatron.batch import Sample, build_micro_batch, plan_micro_batches, slot_rows, split_for_cp
 from real_megatron.megatron.hook import SFT, LossContext, forward_step, logprob_step
 from real_megatron.megatron.model import model_hf_config, unwrap
 
 log = logging.getLogger("real_megatron")
+_PPO_KEYS = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "ratio_mean")
 
 
 class _Layout:
@@ -62,40 +70,55 @@ class MegatronPolicy:
     """The model chunks and optimizer of this rank, driven through Megatron's forward/backward schedule."""
 
     def __init__(self, chunks, optimizer, *, loss_name: str, hparams: dict | None = None, temperature: float = 1.0,
-                 micro_batch_rollouts: int = 8, force_exact: bool = False, pad_id: int = 0):
+                 max_tokens_per_micro_batch: int = 16384, max_rollouts_per_micro_batch: int | None = None,
+                 force_exact: bool = False, pad_id: int = 0, skip_zero_gradient: bool = True,
+                 skip_fresh_exact_forward: bool = True):
         check_loss_name(loss_name, extra=(SFT,))  # the SFT warm-up runs through the same hook
         self.chunks = chunks
         self.optimizer = optimizer
         self.loss_name = loss_name
         self.hparams = dict(hparams or {})
         self.temperature = float(temperature)
-        self.micro_batch_rollouts = int(micro_batch_rollouts)
+        self.max_tokens_per_micro_batch = int(max_tokens_per_micro_batch)
+        self.max_rollouts_per_micro_batch = max_rollouts_per_micro_batch
         self.force_exact = force_exact
         self.pad_id = pad_id
+        self.skip_zero_gradient = skip_zero_gradient
+        self.skip_fresh_exact_forward = skip_fresh_exact_forward
+        self.version = 0  # optimizer steps taken by this object: tells whether old log-probs are still current
         gpt = unwrap(chunks[0])
         if gpt.config.calculate_per_token_loss:
             raise ValueError("calculate_per_token_loss must be False: the hook's scale factor cancels "
                              "Megatron's micro-batch and data-parallel averaging itself (see hook.py)")
         self.vocab_size = model_hf_config(chunks[0])["vocab_size"]  # unpadded: the padding rows are masked
+        # sequence parallelism scatters a row over the TP ranks: slots are padded to a multiple of tp
+        self.multiple = gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1
         self.last_mode: str | None = None
 
     # ------------------------------------------------------------------ helpers
-    def _micro_batches(self, samples, plan, lay: _Layout):
-        rows = max(len(mb) for rank in plan.rank_micro_batches for mb in rank)
-        seq_len = padded_length(samples, lay.cp)
-        mine = plan.rank_micro_batches[lay.dp_rank]
-        device = compute_device()
-        batches = [{k: v.to(device) for k, v in split_for_cp(
-            build_micro_batch(samples, mb, rows=rows, seq_len=seq_len, pad_id=self.pad_id), lay.cp, lay.cp_rank).items()}
-            for mb in mine]
-        return batches, rows, seq_len
+    def plan(self, samples, *, sequence_level_groups: bool, include=None, force_exact: bool = False):
+        lay = _Layout()
+        return plan_micro_batches(samples, dp_size=lay.dp, max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
+                                  sequence_level_groups=sequence_level_groups, force_exact=force_exact, cp=lay.cp,
+                                  multiple=self.multiple, max_rollouts_per_micro_batch=self.max_rollouts_per_micro_batch,
+                                  fixed_row_length=lay.pp > 1, include=include)
 
-    def _run(self, step_func, batches, rows, seq_len, forward_only: bool):
+    def _micro_batches(self, samples, plan, lay: _Layout):
+        """This rank's micro-batches (on the compute device, split for CP) and the row length for the schedule."""
+        device = compute_device()
+        batches = []
+        for mb in plan.rank_micro_batches[lay.dp_rank]:
+            batch = build_micro_batch(samples, mb, align=plan.align, row_length=plan.row_length, pad_id=self.pad_id)
+            batches.append({k: v.to(device) for k, v in split_for_cp(batch, lay.cp, lay.cp_rank).items()})
+        return batches, max(plan.micro_batch_length(samples, mb) for mb in plan.rank_micro_batches[lay.dp_rank])
+
+    def _run(self, step_func, batches, seq_len, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        # one packed row per micro-batch; seq_length sizes the pipeline's p2p buffers (rows share it under PP)
         get_forward_backward_func()(
             forward_step_func=step_func, data_iterator=iter(batches), model=self.chunks,
-            num_microbatches=len(batches), seq_length=seq_len, micro_batch_size=rows, forward_only=forward_only)
+            num_microbatches=len(batches), seq_length=seq_len, micro_batch_size=1, forward_only=forward_only)
 
     def _context(self, samples, **kw) -> LossContext:
         lay = _Layout()
@@ -109,31 +132,34 @@ class MegatronPolicy:
 
     # ------------------------------------------------------------------ forward only
     @torch.no_grad()
-    def compute_logprobs(self, samples: list[Sample]):
-        """Per-response-token log-probs and entropies for every sample, on every rank (lists of [r] tensors)."""
+    def compute_logprobs(self, samples: list[Sample], include=None):
+        """Per-response-token log-probs and entropies for every sample, on every rank (lists of [r] tensors).
+
+        ``include``: run only these sample indices (the others come back as zeros)."""
         lay = _Layout()
         for chunk in self.chunks:
             chunk.eval()
-        plan = plan_micro_batches(samples, dp_size=lay.dp, micro_batch_rollouts=self.micro_batch_rollouts,
-                                  sequence_level_groups=False)
-        batches, rows, seq_len = self._micro_batches(samples, plan, lay)
+        plan = self.plan(samples, sequence_level_groups=False, include=include)
+        batches, seq_len = self._micro_batches(samples, plan, lay)
         ctx = self._context(samples, normalizer=1.0, advantages=None, weights=None, scale=1.0)
-        self._run(partial(logprob_step, ctx), batches, rows, seq_len, forward_only=True)
+        self._run(partial(logprob_step, ctx), batches, seq_len, forward_only=True)
         longest = max(len(s.response_ids) for s in samples)
         out = torch.zeros(2, len(samples), longest, dtype=torch.float64)
         if lay.reporter:
-            keep = cp_chunk_indices(seq_len, lay.cp, lay.cp_rank)
             for rec in ctx.records:
                 batch = rec["batch"]
-                for row, i in enumerate(batch["sample_index"].tolist()):
-                    if i < 0:
-                        continue
+                index, valid = slot_rows(batch["segment"], batch["sample_index"].numel())
+                # each position's place in its sequence (CP ranks hold two chunks of every sequence)
+                where = batch["position_ids"].reshape(-1)[index].cpu()
+                values = [rec["logp"].reshape(-1)[index].double().cpu(), rec["entropy"].reshape(-1)[index].double().cpu()]
+                for slot, i in enumerate(batch["sample_index"].tolist()):
                     s = samples[i]
                     p, r = len(s.prompt_ids), len(s.response_ids)
-                    full = torch.zeros(2, seq_len, dtype=torch.float64)
-                    full[0, keep] = rec["logp"][row].double().cpu()
-                    full[1, keep] = rec["entropy"][row].double().cpu()
-                    out[:, i, :r] = full[:, p - 1:p + r - 1]
+                    # the label of position p-1+t is response token t
+                    t = where[slot] - (p - 1)
+                    keep = valid[slot].cpu() & (t >= 0) & (t < r)
+                    for j in range(2):
+                        out[j, i, t[keep]] = values[j][slot][keep]
         world_sum(out)  # each (sample, position) is filled by exactly one rank
         for chunk in self.chunks:
             chunk.train()
@@ -157,11 +183,6 @@ class MegatronPolicy:
                        for s in samples]
         if any(s.old_logp is None for s in samples):
             raise ValueError("every sample needs old_logp (compute_logprobs at the sampling temperature first)")
-        plan = plan_micro_batches(samples, dp_size=lay.dp, micro_batch_rollouts=self.micro_batch_rollouts,
-                                  sequence_level_groups=self.loss_name in REAL_FAMILY, force_exact=self.force_exact)
-        if plan.mode != self.last_mode:
-            log.info("loss hook: %s mode (%s)", plan.mode, plan.reason)
-            self.last_mode = plan.mode
         n = len(samples)
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
         group_ids = torch.tensor([s.group_id for s in samples], dtype=torch.long)
@@ -173,27 +194,51 @@ class MegatronPolicy:
         else:
             normalizer = loss_normalizer(self.loss_name, mask=resp_mask, rewards=rewards, group_ids=group_ids, **hp)
         advantages = group_advantages(rewards, group_ids, hp.get("adv_eps", 1e-6)) if self.loss_name in PPO_FAMILY else None
-
-        weights, exact_loss, exact_metrics = None, None, None
-        if plan.mode == "exact":
-            # w_k = ∂L/∂s̄_k from every rollout's score under the current parameters
-            logps, _ = self.compute_logprobs(samples)
-            scores = torch.stack([(lp.double() - s.old_logp.double()).mean() for lp, s in zip(logps, samples)])
-            weights, exact_loss, exact_metrics = score_weights(self.loss_name, scores=scores, rewards=rewards.double(),
-                                                               group_ids=group_ids, **hp)
-
-        batches, rows, seq_len = self._micro_batches(samples, plan, lay)
-        ctx = self._context(samples, normalizer=normalizer, advantages=advantages, weights=weights,
-                            scale=float(len(batches) * lay.dp))
+        # rollouts whose gradient is exactly zero are not run (see the module docstring)
+        idle = torch.zeros(n, dtype=torch.bool)
+        if self.skip_zero_gradient and self.loss_name != SFT:
+            extra = {"advantages": advantages} if advantages is not None else {}
+            idle = zero_gradient_rollouts(self.loss_name, rewards=rewards, group_ids=group_ids,
+                                          has_ref=any(s.ref_logp is not None for s in samples), **hp, **extra)
+        trained = (~idle).nonzero().flatten().tolist()
+        metrics = {"hook/trained_rollout_fraction": len(trained) / n, "hook/exact_mode": 0.0, "hook/extra_forward": 0.0}
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        self._run(partial(forward_step, ctx), batches, rows, seq_len, forward_only=False)
+        if not trained:  # nothing has a gradient: the loss is 0 (the step still runs: Adam's moments, decay)
+            scores = torch.zeros(n, dtype=torch.float64)
+            metrics.update({"loss": 0.0, "response_tokens": float(lengths.sum()), "hook/micro_batches": 0.0})
+            metrics.update(self._loss_metrics(scores, rewards, group_ids, hp, trained, None))
+            return metrics
+
+        plan = self.plan(samples, sequence_level_groups=self.loss_name in REAL_FAMILY, include=trained,
+                         force_exact=self.force_exact)
+        if plan.mode != self.last_mode:
+            log.info("loss hook: %s mode (%s)", plan.mode, plan.reason)
+            self.last_mode = plan.mode
+        weights = None
+        if plan.mode == "exact":
+            # w_k = ∂L/∂s̄_k from every rollout's score under the current parameters; the idle
+            # rollouts' w is 0 whatever their score, so 0 stands in for it
+            scores = torch.zeros(n, dtype=torch.float64)
+            fresh = self.skip_fresh_exact_forward and all(samples[i].old_logp_version == self.version for i in trained)
+            if not fresh:  # parameters moved since the old log-probs: one forward pass over the trained rollouts
+                logps, _ = self.compute_logprobs(samples, include=trained)
+                for i in trained:
+                    scores[i] = (logps[i].double() - samples[i].old_logp.double()).mean()
+            log.info("loss hook: exact mode, %s", "extra forward pass skipped (parameters unchanged since the old "
+                     "log-probs: every s̄ is 0)" if fresh else "extra forward pass for s̄ under the current parameters")
+            weights, _, _ = score_weights(self.loss_name, scores=scores, rewards=rewards.double(), group_ids=group_ids, **hp)
+            metrics.update({"hook/exact_mode": 1.0, "hook/extra_forward": float(not fresh)})
+
+        batches, seq_len = self._micro_batches(samples, plan, lay)
+        ctx = self._context(samples, normalizer=normalizer, advantages=advantages, weights=weights,
+                            scale=float(len(batches) * lay.dp))
+        self._run(partial(forward_step, ctx), batches, seq_len, forward_only=False)
 
         # ---- reduce what the last stage saw, over all ranks
-        summary = torch.zeros(3 + n, dtype=torch.float64)  # loss, tokens, #micro-batches, scores[n]
-        ppo_keys = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "ratio_mean")
-        ppo_sums = torch.zeros(len(ppo_keys), dtype=torch.float64)
+        summary = torch.zeros(3 + n, dtype=torch.float64)  # loss, tokens run, #micro-batches, scores[n]
+        ppo_sums = torch.zeros(len(_PPO_KEYS), dtype=torch.float64)
         if lay.reporter:
             for rec in ctx.records:
                 summary[0] += float(rec["share"])
@@ -201,26 +246,42 @@ class MegatronPolicy:
                 summary[2] += 1
                 if lay.cp_rank == 0:
                     summary[3 + rec["sample_index"].cpu()] = rec["scores"].double().cpu()
-                for j, key in enumerate(ppo_keys):
+                for j, key in enumerate(_PPO_KEYS):
                     ppo_sums[j] += rec["metrics"].get(key, 0.0)
         world_sum(summary)
         world_sum(ppo_sums)
-        loss = exact_loss.item() if exact_loss is not None else summary[0].item()
         scores = summary[3:]
-
-        metrics = {"loss": loss,
-                   "response_tokens": summary[1].item(), "hook/exact_mode": float(plan.mode == "exact")}
+        metrics.update({"loss": summary[0].item(), "response_tokens": float(lengths.sum()),
+                        "hook/micro_batches": float(sum(len(rank) for rank in plan.rank_micro_batches))})
         if self.loss_name == SFT or not torch.isfinite(scores).all():
-            pass  # no group metrics (a non-finite step is skipped by apply_gradients)
-        elif self.loss_name in REAL_FAMILY:
+            return metrics  # no group metrics (a non-finite step is skipped by apply_gradients)
+        metrics.update(self._loss_metrics(scores, rewards, group_ids, hp, trained, ppo_sums / max(summary[2].item(), 1.0)))
+        if plan.mode == "exact":  # the shares Σ w·s̄ are not the loss: the loss of the scores the update saw is
+            _, loss, _ = score_weights(self.loss_name, scores=scores, rewards=rewards.double(), group_ids=group_ids, **hp)
+            metrics["loss"] = loss.item()
+        return metrics
+
+    def _loss_metrics(self, scores, rewards, group_ids, hp, trained, ppo_means) -> dict:
+        """``loss/*`` metrics over the whole mini-batch; score means over the rollouts that ran."""
+        ran = torch.zeros(scores.shape[0], dtype=torch.bool)
+        ran[trained] = True
+        metrics = {}
+        if self.loss_name in REAL_FAMILY:
             _, _, group_metrics = score_weights(self.loss_name, scores=scores, rewards=rewards.double(),
                                                 group_ids=group_ids, **hp)
-            metrics.update({f"loss/{k}": v for k, v in (exact_metrics or group_metrics).items()})
-        else:
+            positive = rewards >= hp.get("positive_threshold", 1.0)
+            group_metrics.pop("score_mean_pos", None)
+            group_metrics.pop("score_mean_neg", None)
+            for key, sel in (("score_mean_pos", positive & ran), ("score_mean_neg", ~positive & ran)):
+                if sel.any():
+                    group_metrics[key] = scores[sel].mean().item()
+            metrics.update({f"loss/{k}": v for k, v in group_metrics.items()})
+        elif self.loss_name != SFT:
             # token-level metrics: the mean over micro-batches (and CP ranks) of each micro-batch's value
-            micro_count = max(summary[2].item(), 1.0)
-            metrics.update({f"loss/{key}": (ppo_sums[j] / micro_count).item() for j, key in enumerate(ppo_keys)})
-            metrics["loss/score_mean"] = scores.mean().item()
+            if ppo_means is not None:
+                metrics.update({f"loss/{key}": ppo_means[j].item() for j, key in enumerate(_PPO_KEYS)})
+            if ran.any():
+                metrics["loss/score_mean"] = scores[ran].mean().item()
         return metrics
 
     def apply_gradients(self, loss: float) -> dict:
@@ -240,5 +301,6 @@ class MegatronPolicy:
             log.warning("non-finite loss or gradients: optimizer step skipped, weights unchanged")
             return {"grad_norm": float("nan"), "skipped": 1.0}
         ok, grad_norm, _ = self.optimizer.step()
+        self.version += int(bool(ok))
         return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "skipped": 0.0 if ok else 1.0}
 

@@ -1,7 +1,8 @@
 """CP = 2 on the loss path (CP attention needs Transformer Engine, so the model is not run here).
 
-Each rank builds the same full-sequence logits, keeps the two chunks Megatron's CP split gives it
-(chunks r and 2cp−1−r of 2·cp), runs the hook's loss_func on them, and back-propagates. Checks,
+Each rank builds the same logits for one packed row holding the whole mini-batch, keeps the two
+chunks of every sequence that Megatron's THD CP split gives it (chunks r and 2cp−1−r of 2·cp), runs
+the hook's loss_func on them, and back-propagates. Checks,
 per loss: the share equals the unsplit share (sequence-level losses: on every CP rank; token-level:
 summed over CP ranks), and each rank's logits gradient equals the unsplit gradient at its positions.
 Writes the largest relative errors per loss."""
@@ -26,7 +27,7 @@ def main() -> None:
     from megatron.core import parallel_state as ps
 
     from real_megatron.losses import SEQUENCE_LEVEL, group_advantages, loss_normalizer
-    from real_megatron.megatron.batch import build_micro_batch, cp_chunk_indices, padded_length, split_for_cp
+    from real_megatron.megatron.batch import alignment, build_micro_batch, cp_row_indices, split_for_cp
     from real_megatron.megatron.hook import LossContext, loss_func
     from real_megatron.megatron.model import initialize_parallel
 
@@ -34,9 +35,9 @@ def main() -> None:
     cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
     samples = fixed_samples()
     n, vocab = len(samples), 300
-    seq_len = padded_length(samples, cp)
-    batch = build_micro_batch(samples, list(range(n)), rows=n, seq_len=seq_len)
-    logits_full = torch.randn(n, seq_len, vocab, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    batch = build_micro_batch(samples, list(range(n)), align=alignment(cp))
+    seq_len = batch["tokens"].shape[1]
+    logits_full = torch.randn(1, seq_len, vocab, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     rewards = torch.tensor([s.reward for s in samples])
     group_ids = torch.tensor([s.group_id for s in samples])
     lengths = torch.tensor([len(s.response_ids) for s in samples])
@@ -54,7 +55,7 @@ def main() -> None:
         ref_share, _ = loss_func(context(1, None), batch, full)
         (ref_grad,) = torch.autograd.grad(ref_share, full)
 
-        keep = cp_chunk_indices(seq_len, cp, cp_rank)
+        keep = cp_row_indices(batch["cu_seqlens"], cp, cp_rank)
         local = logits_full[:, keep].clone().requires_grad_(True)
         share, _ = loss_func(context(cp, ps.get_context_parallel_group()), split_for_cp(batch, cp, cp_rank), local)
         (grad,) = torch.autograd.grad(share, local)

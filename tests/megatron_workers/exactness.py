@@ -1,5 +1,9 @@
 """One layout of the exactness tests: loss and full gradients for the fixed mini-batch, then one
-optimizer step and the full weights after it. Run alone (`python exactness.py …`) or under torchrun."""
+optimizer step and the full weights after it. Run alone (`python exactness.py …`) or under torchrun.
+
+``--unpacked``: the reference, without the planner or packed rows — every rollout through the model
+alone (plain causal attention, positions 0…L−1), the loss library's ``policy_loss`` over all of them.
+``--fresh``: old log-probs are this model's own (``compute_logprobs``, version-stamped), so s̄ = 0."""
 from __future__ import annotations
 
 import argparse
@@ -16,10 +20,15 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--loss", default="real")
-    parser.add_argument("--micro-batch-rollouts", type=int, default=16)
+    parser.add_argument("--budget", type=int, default=512, help="max_tokens_per_micro_batch")
+    parser.add_argument("--cap", type=int, default=None, help="max_rollouts_per_micro_batch")
     parser.add_argument("--force-exact", action="store_true")
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--distributed-optimizer", action="store_true")
+    parser.add_argument("--unpacked", action="store_true")
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--no-skip", action="store_true", help="run zero-gradient rollouts too")
+    parser.add_argument("--no-fresh-skip", action="store_true", help="always pay the exact mode's extra forward")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -37,10 +46,16 @@ def main() -> None:
     load_full_state_dict(chunks[0], fixed_full_state_dict(hf))
     policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=10.0, adam_eps=1.0,
                                                          use_distributed_optimizer=args.distributed_optimizer), loss_name=args.loss, hparams={},
-                           temperature=0.7, micro_batch_rollouts=args.micro_batch_rollouts,
-                           force_exact=args.force_exact)
+                           temperature=0.7, max_tokens_per_micro_batch=args.budget,
+                           max_rollouts_per_micro_batch=args.cap,
+                           force_exact=args.force_exact, skip_zero_gradient=not args.no_skip,
+                           skip_fresh_exact_forward=not args.no_fresh_skip)
     samples = fixed_samples()
-    metrics = policy.forward_backward(samples)
+    if args.fresh:
+        logps, _ = policy.compute_logprobs(samples)
+        for s, lp in zip(samples, logps):
+            s.old_logp, s.old_logp_version = lp, policy.version
+    metrics = unpacked_forward_backward(chunks[0], samples, args.loss) if args.unpacked else policy.forward_backward(samples)
     grads = gather_full_state_dict(chunks[0], "grad")
     metrics.update(policy.apply_gradients(metrics["loss"]))
     weights = gather_full_state_dict(chunks[0], "param")
@@ -50,6 +65,30 @@ def main() -> None:
         torch.save({"metrics": metrics, "grads": grads, "deltas": deltas}, args.out)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def unpacked_forward_backward(model, samples, loss_name: str) -> dict:
+    from real_megatron.losses import policy_loss
+    from real_megatron.megatron.logprobs import vocab_parallel_logprobs
+
+    assert torch.distributed.get_world_size() == 1, "the unpacked reference runs in one process"
+    rows = []
+    for s in samples:
+        ids = torch.tensor([list(s.prompt_ids) + list(s.response_ids)])
+        logits = model(ids, torch.arange(ids.shape[1])[None], None)
+        labels = torch.roll(ids, -1, 1)
+        logp, _ = vocab_parallel_logprobs(logits, labels, temperature=0.7, vocab_size=300, with_entropy=False)
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        rows.append(logp[0, p - 1:p + r - 1])
+    width = max(r.numel() for r in rows)
+    logp = torch.stack([torch.nn.functional.pad(r, (0, width - r.numel())) for r in rows])
+    old = torch.stack([torch.nn.functional.pad(s.old_logp, (0, width - len(s.old_logp))) for s in samples])
+    mask = torch.stack([torch.arange(width) < len(s.response_ids) for s in samples])
+    loss, _ = policy_loss(loss_name, logp=logp, old_logp=old, mask=mask,
+                          rewards=torch.tensor([s.reward for s in samples]),
+                          group_ids=torch.tensor([s.group_id for s in samples]))
+    loss.backward()
+    return {"loss": loss.item(), "hook/exact_mode": 0.0}
 
 
 if __name__ == "__main__":

@@ -260,12 +260,25 @@ def test_packed_row_logprobs_equal_each_sequence_run_alone():
             worst = max(worst, (lp - ref[0, p - 1:p + r - 1]).abs().max().item(),
                         (en - ref_en[0, p - 1:p + r - 1]).abs().max().item())
     assert worst < 1e-5, worst
+    # RoPE is relative, so continuing positions would differ only by rounding: check the table the
+    # packed forward used restarts at every slot
+    from real_megatron.megatron.batch import build_micro_batch
+    from real_megatron.megatron.model import unwrap
+
+    rope = unwrap(chunks[0]).rotary_pos_emb
+    used = []
+    handle = rope.register_forward_hook(lambda module, args, out: used.append(out))
+    batch = build_micro_batch(samples, [0, 1, 2])
+    with torch.no_grad():
+        run_packed(chunks[0], batch)
+    handle.remove()
+    table = rope.get_emb(64)
+    assert len(used) == 1 and torch.equal(used[0], table[batch["position_ids"][0]])
+    assert batch["position_ids"][0].tolist().count(0) == 3
     # the fused softmax kernel would ignore the block-diagonal mask: refused, not silently wrong
-    config = chunks[0].module.config if hasattr(chunks[0], "module") else chunks[0].config
+    config = unwrap(chunks[0]).config
     config.masked_softmax_fusion = True
     try:
-        from real_megatron.megatron.batch import build_micro_batch
-
         with pytest.raises(RuntimeError, match="masked_softmax_fusion=False"):
             run_packed(chunks[0], build_micro_batch(samples, [0, 1]))
     finally:

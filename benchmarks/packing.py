@@ -136,7 +136,7 @@ def _timed(fn) -> float:
 def bench_step(args) -> int:
     from real_megatron.megatron.policy import MegatronPolicy
 
-    policy = _policy(1024, skip_zero_gradient=False)
+    policy = _policy(2048, skip_zero_gradient=False)  # groups fit: whole groups, as the padded layout had
     samples = skewed_samples(0)
     real = sum(s.length for s in samples)
 
@@ -149,7 +149,7 @@ def bench_step(args) -> int:
     plan = policy.plan(samples, sequence_level_groups=True)
     _, longest = padded_micro_batches(samples, list(range(len(samples))))
     print(f"{len(samples)} rollouts, {real} tokens (16-512, log-normal); packed: {plan.mode}, "
-          f"{sum(len(r) for r in plan.rank_micro_batches)} rows of <= 1024 positions, {plan.processed_tokens(samples)} "
+          f"{sum(len(r) for r in plan.rank_micro_batches)} rows of <= 2048 positions, {plan.processed_tokens(samples)} "
           f"positions; padded: {-(-len(samples) // 8)} micro-batches of 8 x {longest}, {len(samples) * longest} positions")
     _timed(lambda: policy.train_step(samples)), _timed(lambda: padded.train_step(samples))  # warm-up
     times = {"packed": [], "padded": []}

@@ -259,6 +259,22 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 # ----------------------------------------------------------------------------- validation
 
 
+def _check_token_budget(cfg: RunConfig) -> None:
+    """The packed micro-batch must hold the longest rollout, in the positions its slot takes (megatron/batch.py, rule 1)."""
+    t = cfg.train
+    step = 2 * cfg.parallel.cp if cfg.parallel.cp > 1 else 1
+    if cfg.model.sequence_parallel:
+        step = step * cfg.parallel.tp // math.gcd(step, cfg.parallel.tp)
+    needed = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    longest = -(-needed // step) * step
+    if t.max_tokens_per_micro_batch < longest:
+        raise ConfigError(
+            f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} cannot hold the longest rollout: "
+            f"data.max_prompt_length + rollout.max_new_tokens = {needed}"
+            + (f" ({longest} positions aligned to {step})" if longest != needed else "")
+            + f"; set train.max_tokens_per_micro_batch >= {longest}")
+
+
 def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | None = None) -> int:
     """Everything that can be checked before start-up; returns the data-parallel size.
 
@@ -296,17 +312,6 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
             raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 1")
     if t.micro_batch_rollouts < 0:
         raise ConfigError(f"train.micro_batch_rollouts={t.micro_batch_rollouts} must be >= 0 (0: no cap)")
-    # the longest rollout, in the positions its packed slot takes (megatron/batch.py, rule 1)
-    step = 2 * cfg.parallel.cp if cfg.parallel.cp > 1 else 1
-    if cfg.model.sequence_parallel:
-        step = step * cfg.parallel.tp // math.gcd(step, cfg.parallel.tp)
-    longest = -(-(cfg.data.max_prompt_length + cfg.rollout.max_new_tokens) // step) * step
-    if t.max_tokens_per_micro_batch < longest:
-        raise ConfigError(
-            f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} cannot hold the longest rollout: "
-            f"data.max_prompt_length + rollout.max_new_tokens = {cfg.data.max_prompt_length + cfg.rollout.max_new_tokens}"
-            + (f" ({longest} positions aligned to {step})" if longest != cfg.data.max_prompt_length + cfg.rollout.max_new_tokens else "")
-            + f"; set train.max_tokens_per_micro_batch >= {longest}")
     if t.rollout_batch_prompts % t.mini_batch_prompts:
         raise ConfigError(
             f"train.rollout_batch_prompts={t.rollout_batch_prompts} is not divisible by train.mini_batch_prompts="
@@ -314,6 +319,8 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
     if cfg.model.sequence_parallel and cfg.parallel.tp == 1:
         raise ConfigError("model.sequence_parallel=true needs parallel.tp > 1")
     p = cfg.parallel
+    if hf_config is None:
+        _check_token_budget(cfg)
     try:  # the one layout rule (hf_model.py); without the model only the world size can be checked
         if hf_config is None:
             return check_world(tp=p.tp, pp=p.pp, cp=p.cp, world_size=world_size)
@@ -331,4 +338,5 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
     if cfg.parallel.cp > 1 and cfg.model.transformer_impl == "local":
         raise ConfigError("parallel.cp > 1 needs Transformer Engine attention; set model.transformer_impl=auto on a GPU "
                           "machine with transformer-engine installed, or parallel.cp=1")
+    _check_token_budget(cfg)  # after the context rule: a rollout beyond the context is the first thing to fix
     return dp

@@ -171,6 +171,7 @@ def test_configs_that_cannot_work_fail_before_anything_starts(assets, tmp_path):
         ({"rollout.max_new_tokens": 4000}, "exceeds the model's context"),
         ({"data.train_files": "[missing.parquet]"}, "does not exist"),
         ({"parallel.tp": 3}, "parallel.tp=3"),
+        ({"train.max_tokens_per_micro_batch": 64}, "set train.max_tokens_per_micro_batch >= 72"),
     ]
     for extra, message in cases:
         run_dir = tmp_path / f"bad{len(message)}"

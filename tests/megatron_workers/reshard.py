@@ -61,7 +61,7 @@ def run_job(job: dict, hf: dict) -> dict:
     chunks = build_model(hf, wrap_ddp=True, transformer_impl="local", use_distributed_optimizer=dist_opt)
     load_full_state_dict(chunks[0], fixed_full_state_dict(hf))  # a resume overwrites these
     optimizer = build_optimizer(chunks, lr=LR, adam_eps=ADAM_EPS, use_distributed_optimizer=dist_opt)
-    policy = MegatronPolicy(chunks, optimizer, loss_name="real", hparams={}, temperature=0.7, micro_batch_rollouts=16)
+    policy = MegatronPolicy(chunks, optimizer, loss_name="real", hparams={}, temperature=0.7, max_tokens_per_micro_batch=128)
     layout = {"tp": job.get("tp", 1), "pp": job.get("pp", 1), "cp": 1, "world_size": dist.get_world_size(),
               "dp": dist.get_world_size() // (job.get("tp", 1) * job.get("pp", 1)),
               "distributed_optimizer": dist_opt, "dtype": "float32"}

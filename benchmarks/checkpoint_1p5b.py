@@ -15,8 +15,7 @@ parameters; each layer adds 47 M). Phases, each after an ``os.sync()`` (and, as 
 * baseline save: one ``torch.save`` of the same tensors (model parameters, each parameter's
   ``exp_avg`` and ``exp_avg_sq``) + fsync; baseline load: ``torch.load`` of that file.
 
-Prints seconds (fastest of --repeats), bytes on disk and the ratios, and the one-time start-up of
-the checkpoint writer (a spawned multiprocessing manager, once per training process). Needs
+Prints seconds (fastest of --repeats), bytes on disk and the ratios. Needs
 ~2 x 7 GB free disk and ~10 GB RAM at 2 layers (model, gradient buffer, Adam state; the baseline
 load runs after they are freed).
 """
@@ -83,10 +82,6 @@ def dist_and_plain_saves(hf: dict, args, work: Path, results: dict) -> tuple[int
     print(f"{numel / 1e9:.3f} B parameters ({args.layers} layers), model + Adam state "
           f"{3 * numel * 4 / 1e9:.2f} GB in float32", flush=True)
     layout = {"tp": 1, "pp": 1, "cp": 1, "dp": 1, "world_size": 1, "distributed_optimizer": False, "dtype": "float32"}
-    # once per process: the writer's result queue lives in a spawned multiprocessing manager
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
-
-    timed("writer start-up", _get_write_results_queue, results, False)
     mgr = CheckpointManager(work / "run")
     plain = work / "plain.pt"
 
@@ -135,11 +130,10 @@ def main() -> None:
     print(f"\nfastest of {args.repeats}{' (cold page cache)' if args.cold else ''}:")
     for label in ("save", "baseline save", "load", "baseline load"):
         print(f"  {label:<14} {best[label]:7.2f} s")
-    print(f"  (once per process, before the first save: writer start-up {best['writer start-up']:.2f} s)")
     print(f"save / baseline save: {best['save'] / best['baseline save']:.2f}x")
     print(f"load / baseline load: {best['load'] / best['baseline load']:.2f}x")
     print(f"size: {dist_bytes / 1e9:.2f} GB vs {plain_bytes / 1e9:.2f} GB ({dist_bytes / plain_bytes:.3f}x)")
 
 
-if __name__ == "__main__":  # the checkpoint writer spawns processes that re-import this module
+if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ layer ``allow_shape_mismatch``, so a different padding loads the real rows and z
 from __future__ import annotations
 
 import contextlib
+import queue
 from pathlib import Path
 
 import torch
@@ -91,9 +92,21 @@ def save_training_state(chunks, optimizer, directory: str | Path) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
+    _results_queue_in_this_process()
     state = sharded_training_state(chunks, optimizer, is_loading=False)
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=WRITE_THREADS)
     dist_checkpointing.save(state, str(directory), sharded_strategy=strategy)
+
+
+def _results_queue_in_this_process() -> None:
+    """Megatron collects its shard writers' results through a queue in a spawned multiprocessing
+    manager, which outlives a SIGKILLed trainer (an orphan process of ~260 MB per ``kill -9``, seen
+    in the kill -9 resume test) and is why a launched script needed a ``__main__`` guard. Saves here
+    are synchronous, so the results never leave this process: a plain in-process queue does."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def load_training_state(chunks, optimizer, directory: str | Path) -> None:

@@ -8,6 +8,11 @@
     python examples/launch.py --recipe real_7b --executor slurm --nodes 4 --gpus-per-node 8 \\
         --account ACC --partition batch --time 24:00:00 --container-image nvcr.io/me/real-megatron:gpu \\
         --tunnel ssh --ssh-host login.cluster --ssh-user me --job-dir /lustre/me/nemo-run
+    # from a login node, no container (the nodes share this checkout and its .venv), CPU nodes, wait
+    python examples/launch.py --recipe tiny_cpu --executor slurm --nodes 2 --gpus-per-node 0 \\
+        --account ACC --partition debug --wait
+    # two nodes without Slurm: run this on each node with its own --node-rank
+    python examples/launch.py --recipe tiny_cpu --gpus 1 --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500
 
 Every job runs the one train entry point, ``python -m real_megatron train --config FILE key=value ...``,
 under torchrun (one process per GPU). The config and the overrides are loaded and validated here,
@@ -15,10 +20,20 @@ before anything is submitted, with the same ``load_config`` / ``validate_config`
 a typo in an override fails in a second instead of after the queue wait. Layouts are checked
 against the model's real shapes when ``model.hf_dir`` exists on this machine.
 
+Multi-node jobs (Slurm ``--nodes N``, local ``--nnodes N``) run one torchrun agent per node that
+meet in a c10d rendezvous (Slurm: on the first node of the allocation, port ``--rdzv-port``).
+
+A submitted Slurm job is reported with its job id, its log file and the ``sacct`` command for its
+state; ``--wait`` waits for it and exits 0 only when it COMPLETED. ``scancel JOBID`` sends SIGTERM:
+the run finishes its rollout step, saves and exits (within the cluster's KillWait grace period), and
+the same launch command resumes it.
+
 Slurm jobs get the code as a tarball of ``real_megatron/``, ``examples/`` and ``setup.py``
 (``--packager pattern``, the default: works in any checkout, git or not), or ``git archive``
-of HEAD (``--packager git``: exactly the committed code; fails outside a git repo). The
-container image must already hold the dependencies (``pip install -e .[gpu]``).
+of HEAD (``--packager git``: exactly the committed code; fails outside a git repo). A pyxis
+container (``--container-image``) must already hold the dependencies (``pip install -e .[gpu]``);
+the container is optional: without one, the job runs in the nodes' own environment with this
+Python's bin directory first on PATH (a shared file system with the same .venv on every node).
 """
 from __future__ import annotations
 
@@ -57,19 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
     ex = p.add_argument_group("executor")
     ex.add_argument("--executor", choices=("local", "slurm"), default="local")
     ex.add_argument("--gpus", type=int, default=None, help="local: processes (GPUs) on this machine")
+    ex.add_argument("--nnodes", type=int, default=1, help="local: machines in the job (run the launch on each)")
+    ex.add_argument("--node-rank", type=int, default=0, help="local, --nnodes > 1: this machine's rank, 0..nnodes-1")
+    ex.add_argument("--rdzv-endpoint", help="local, --nnodes > 1: HOST:PORT of the c10d rendezvous (on node 0)")
     ex.add_argument("--nodes", type=int, default=1, help="slurm: number of nodes")
-    ex.add_argument("--gpus-per-node", type=int, default=8, help="slurm: GPUs (= torchrun processes) per node")
+    ex.add_argument("--gpus-per-node", type=int, default=8,
+                    help="slurm: GPUs (= torchrun processes) per node; 0: CPU nodes, one gloo process each, no GPU request")
+    ex.add_argument("--rdzv-port", type=int, default=29500, help="slurm: c10d rendezvous port on the first node")
     ex.add_argument("--account", help="slurm: account")
     ex.add_argument("--partition", help="slurm: partition")
     ex.add_argument("--time", default="04:00:00", help="slurm: wall-clock limit")
-    ex.add_argument("--container-image", help="slurm: pyxis/enroot image with the [gpu] extra installed")
-    ex.add_argument("--container-mounts", action="append", default=[], help="slurm: SRC:DST (repeatable)")
+    ex.add_argument("--container-image", help="slurm, optional: pyxis/enroot image with the [gpu] extra installed; "
+                    "without it the job runs in the nodes' own environment (this Python's bin first on PATH)")
+    ex.add_argument("--container-mounts", action="append", default=[], help="slurm with a container: SRC:DST (repeatable)")
     ex.add_argument("--tunnel", choices=("local", "ssh"), default="local",
                     help="slurm: submit from this machine (local: a login node) or through SSH")
     ex.add_argument("--ssh-host", help="slurm --tunnel ssh: login host")
     ex.add_argument("--ssh-user", default=os.environ.get("USER", ""), help="slurm --tunnel ssh: user")
     ex.add_argument("--ssh-identity", help="slurm --tunnel ssh: private key file")
-    ex.add_argument("--job-dir", help="slurm: directory (on the cluster) for code tarballs and logs")
+    ex.add_argument("--job-dir", help="slurm --tunnel ssh: directory (on the cluster) for code tarballs and logs; "
+                    "--tunnel local uses NeMo-Run's own $NEMORUN_HOME/experiments")
+    ex.add_argument("--wait", action="store_true", help="slurm: wait for the job, report its sacct state, exit 0 "
+                    "only when it COMPLETED (default: submit, print the job id and log path, return)")
     ex.add_argument("--packager", choices=("pattern", "git"), default="pattern", help="slurm: how code travels")
     ex.add_argument("--env", action="append", default=[], help="KEY=VALUE for the job's environment (repeatable)")
     return p
@@ -97,8 +121,37 @@ def config_path(args) -> Path:
 
 def world_size(args) -> int:
     if args.executor == "local":
-        return args.gpus or 1
-    return args.nodes * args.gpus_per_node
+        return (args.gpus or 1) * args.nnodes
+    return args.nodes * procs_per_node(args)
+
+
+def procs_per_node(args) -> int:
+    """Slurm: torchrun processes per node: one per GPU, or one gloo process on a CPU node (--gpus-per-node 0)."""
+    return args.gpus_per_node or 1
+
+
+def put_this_python_first_on_path():
+    """nemo-run runs the bare name "torchrun" (locally, or in a Slurm job that inherits this environment):
+    put this interpreter's bin directory first on PATH, so a launch from an unactivated venv
+    (.venv/bin/python examples/launch.py) gets the venv's torchrun and packages."""
+    bin_dir = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
+def set_local_rendezvous(args):
+    """Local multi-node: nemo-run's torchrun component reads the rendezvous from MASTER_ADDR/MASTER_PORT and
+    the rank from NODE_RANK (its LocalExecutor builds the command from the environment)."""
+    if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise LaunchError(f"--nnodes {args.nnodes} / --node-rank {args.node_rank}: need nnodes >= 1 and "
+                          "0 <= node-rank < nnodes")
+    if args.nnodes == 1:
+        return
+    host, sep, port = (args.rdzv_endpoint or "").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise LaunchError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (node 0's address and a free "
+                          f"port), got {args.rdzv_endpoint!r}")
+    os.environ.update(MASTER_ADDR=host, MASTER_PORT=port, NODE_RANK=str(args.node_rank))
 
 
 def check_config(path: Path, overrides: list[str], world: int):
@@ -127,28 +180,33 @@ def make_executor(args):
     if args.executor == "local":
         if args.gpus is not None and args.gpus < 1:
             raise LaunchError(f"--gpus {args.gpus}: need at least 1 process")
-        # torchrun on this machine, one process per GPU (gloo on the CPU for the tiny recipe). nemo-run
-        # runs the bare name "torchrun": put this interpreter's bin directory first on PATH so that a
-        # launch from an unactivated venv (.venv/bin/python examples/launch.py) gets the venv's torchrun
-        bin_dir = str(Path(sys.executable).parent)
-        if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
-            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-        return run.LocalExecutor(ntasks_per_node=args.gpus or 1, launcher="torchrun", env_vars=env)
+        # torchrun on this machine, one process per GPU (gloo on the CPU for the tiny recipe)
+        set_local_rendezvous(args)
+        put_this_python_first_on_path()
+        return run.LocalExecutor(ntasks_per_node=args.gpus or 1, nodes=args.nnodes, launcher="torchrun", env_vars=env)
 
     missing = [flag for flag, value in (("--account", args.account), ("--partition", args.partition),
-                                        ("--container-image", args.container_image), ("--job-dir", args.job_dir))
-               if not value]
+                                        ("--job-dir", args.job_dir or args.tunnel == "local")) if not value]
     if missing:
         raise LaunchError(f"--executor slurm needs {', '.join(missing)}")
-    if args.nodes < 1 or args.gpus_per_node < 1:
-        raise LaunchError(f"--nodes {args.nodes} / --gpus-per-node {args.gpus_per_node} must be >= 1")
+    if args.nodes < 1 or args.gpus_per_node < 0:
+        raise LaunchError(f"--nodes {args.nodes} must be >= 1 and --gpus-per-node {args.gpus_per_node} >= 0")
     if args.tunnel == "ssh":
         if not args.ssh_host or not args.ssh_user:
             raise LaunchError("--tunnel ssh needs --ssh-host and --ssh-user")
         tunnel = run.SSHTunnel(host=args.ssh_host, user=args.ssh_user, job_dir=args.job_dir,
                                identity=args.ssh_identity)
     else:
-        tunnel = run.LocalTunnel(job_dir=args.job_dir)
+        # a LocalTunnel copies nothing: sbatch reads the script from NeMo-Run's own experiment directory
+        from nemo_run.config import get_nemorun_home
+
+        job_dir = os.path.join(get_nemorun_home(), "experiments")
+        if args.job_dir and Path(args.job_dir).resolve() != Path(job_dir).resolve():
+            raise LaunchError(f"--job-dir {args.job_dir} with --tunnel local: the job directory is NeMo-Run's "
+                              f"{job_dir}; set NEMORUN_HOME to move it, or drop --job-dir")
+        tunnel = run.LocalTunnel(job_dir=job_dir)
+    if not args.container_image:
+        put_this_python_first_on_path()  # the job inherits this environment (sbatch --export=ALL)
     if args.packager == "git":
         packager = run.GitArchivePackager()
     else:
@@ -158,9 +216,9 @@ def make_executor(args):
         packager = run.PatternPackager(include_pattern=parts, relative_path=[str(REPO)] * len(parts))
     return run.SlurmExecutor(
         account=args.account, partition=args.partition, time=args.time, nodes=args.nodes,
-        ntasks_per_node=args.gpus_per_node, gpus_per_node=args.gpus_per_node,
+        ntasks_per_node=procs_per_node(args), gpus_per_node=args.gpus_per_node or None,
         container_image=args.container_image, container_mounts=list(args.container_mounts),
-        tunnel=tunnel, packager=packager, launcher="torchrun", env_vars=env)
+        tunnel=tunnel, packager=packager, launcher=run.Torchrun(rdzv_port=args.rdzv_port), env_vars=env)
 
 
 def resolved_config_path(cfg) -> Path:
@@ -219,6 +277,24 @@ def describe(job) -> str:
     return str(info)
 
 
+def report_slurm_job(job, waited: bool) -> int:
+    """Tell the user the job id, its log file and how to follow it; after --wait, its sacct state.
+
+    Returns the exit code: 0 when submitted (no --wait) or when the job COMPLETED, else 1.
+    """
+    job_id = str(job.handle).rstrip("/").rsplit("/", 1)[-1]
+    details = job.executor.job_details
+    log = str(details.srun_stdout).replace("%j", job_id).replace("${SLURM_RESTART_COUNT:-0}", "0")
+    print(f"launch.py: Slurm job {job_id}\n  log: {log}\n  state: sacct -j {job_id}   cancel: scancel {job_id} "
+          "(the run saves; the same launch command resumes it)", flush=True)
+    if not waited:
+        return 0
+    found = job.executor.tunnel.run(f"sacct -X -n -P -j {job_id} -o State", warn=True)
+    state = (found.stdout.split() or ["UNKNOWN"])[0]
+    print(f"launch.py: Slurm job {job_id} ended {state} (NeMo-Run: {job.state.name}); log: {log}", flush=True)
+    return 0 if state == "COMPLETED" else 1
+
+
 def launch(argv=None) -> tuple[int, str]:
     """Parse, validate, build and dry-run or submit; returns (exit code, dry-run description)."""
     args = build_parser().parse_args(argv)
@@ -238,7 +314,9 @@ def launch(argv=None) -> tuple[int, str]:
             text = describe(exp.jobs[0])
             print(text)
         else:
-            exp.run(detach=args.executor == "slurm", tail_logs=args.executor == "local")
+            exp.run(detach=args.executor == "slurm" and not args.wait, tail_logs=args.executor == "local")
+    if args.executor == "slurm" and not args.dryrun:
+        return report_slurm_job(exp.jobs[0], args.wait), text
     # a local experiment waits for its job when the `with` block exits: report the job's outcome
     if args.executor == "local" and not args.dryrun:
         from torchx.specs.api import AppState

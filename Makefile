@@ -28,6 +28,8 @@ sglang-env:
 	tests/sglang_env/build.sh
 
 test: $(STAMP)
+	@# the real-Slurm tests' packages (Debian's Slurm 22.05, munge, MariaDB): installed when root, at once when present
+	tools/install_slurm.sh
 	$(VENV)/bin/ruff check .
 	tests/sglang_env/build.sh || echo "SGLang test environment NOT built (see above): the real-SGLang tests will fail"
 	$(PY) -m pytest -q tests

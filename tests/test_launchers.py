@@ -51,8 +51,11 @@ def dry(argv):
 
 def slurm_flags(tmp_path, nodes=2, gpn=8, extra=()):
     return ["--executor", "slurm", "--nodes", str(nodes), "--gpus-per-node", str(gpn), "--account", "acct",
-            "--partition", "batch", "--container-image", "nvcr.io/me/real-megatron:gpu", "--job-dir",
-            str(tmp_path / "jobs"), "--time", "12:00:00", *extra]
+            "--partition", "batch", "--container-image", "nvcr.io/me/real-megatron:gpu", "--time", "12:00:00", *extra]
+
+
+def ssh_flags(tmp_path):
+    return ["--tunnel", "ssh", "--ssh-host", "login.example", "--ssh-user", "me", "--job-dir", str(tmp_path / "jobs")]
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -192,16 +195,15 @@ def test_slurm_pattern_packager_ships_code_and_configs(tmp_path):
 def test_slurm_ssh_tunnel_is_configured_from_flags(tmp_path):
     import nemo_run as run
 
-    args = launch.build_parser().parse_args(["--recipe", "real_7b", *slurm_flags(tmp_path), "--tunnel", "ssh",
-                                             "--ssh-host", "login.example", "--ssh-user", "me", "--packager", "git"])
+    args = launch.build_parser().parse_args(["--recipe", "real_7b", *slurm_flags(tmp_path), *ssh_flags(tmp_path),
+                                             "--packager", "git"])
     executor = launch.make_executor(args)
     assert isinstance(executor.tunnel, run.SSHTunnel)
     assert (executor.tunnel.host, executor.tunnel.user, executor.tunnel.job_dir) == ("login.example", "me",
                                                                                     str(tmp_path / "jobs"))
     assert isinstance(executor.packager, run.GitArchivePackager)
     # the dry run builds the script without connecting to the host
-    text = dry(["--recipe", "real_7b", *slurm_flags(tmp_path), "--tunnel", "ssh", "--ssh-host", "login.example",
-                "--ssh-user", "me"])
+    text = dry(["--recipe", "real_7b", *slurm_flags(tmp_path), *ssh_flags(tmp_path)])
     assert "#SBATCH --nodes=2" in text
 
 
@@ -246,8 +248,40 @@ def test_layout_against_a_model_on_this_machine_fails_before_submission(tmp_path
 def test_slurm_flags_are_required(tmp_path, capsys):
     assert launch.main(["--recipe", "real_7b", "--executor", "slurm", "--dryrun"]) == 2
     err = capsys.readouterr().err
-    assert "--account" in err and "--container-image" in err and "--job-dir" in err
+    assert "--account" in err and "--partition" in err
+    assert "--container-image" not in err and "--job-dir" not in err  # optional: no container; NeMo-Run's own dir
     assert launch.main(["--recipe", "real_7b", *slurm_flags(tmp_path), "--tunnel", "ssh", "--dryrun"]) == 2
+    assert "--job-dir" in capsys.readouterr().err  # where the cluster keeps code and logs
+    assert launch.main(["--recipe", "real_7b", *slurm_flags(tmp_path), "--tunnel", "ssh", "--job-dir", "/j",
+                        "--dryrun"]) == 2
     assert "--ssh-host" in capsys.readouterr().err
+    # a LocalTunnel copies nothing: sbatch finds the script only in NeMo-Run's experiment directory
+    assert launch.main(["--recipe", "real_7b", *slurm_flags(tmp_path), "--job-dir", str(tmp_path / "x"), "--dryrun"]) == 2
+    assert "NEMORUN_HOME" in capsys.readouterr().err
     assert launch.main(["--dryrun"]) == 2
     assert "--recipe" in capsys.readouterr().err
+
+
+def test_slurm_dryrun_cpu_nodes_without_container(tmp_path):
+    """--gpus-per-node 0 and no --container-image: no GPU request, no pyxis flags, the job runs in the
+    unpacked code directory, one torchrun agent per node meeting at the first node on --rdzv-port."""
+    flags = ["--executor", "slurm", "--nodes", "2", "--gpus-per-node", "0", "--account", "acct", "--partition", "debug",
+             "--rdzv-port", "31234"]
+    text = dry(["--recipe", "tiny_cpu", *flags])
+    lines = text.splitlines()
+    assert "#SBATCH --nodes=2" in lines and "#SBATCH --ntasks-per-node=1" in lines
+    assert not any("gpus" in line or "gres" in line for line in lines if line.startswith("#SBATCH")), text
+    srun = next(line for line in lines if line.startswith("srun ") and "torchrun" in line)
+    argv = shlex.split(srun.replace("$", "DOLLAR"))
+    assert "--container-image" not in argv and argv[argv.index("--chdir") + 1].endswith("/code")
+    torchrun = argv[argv.index("torchrun"):]
+    assert torchrun[torchrun.index("--rdzv-endpoint") + 1] == "DOLLARhead_node_ip:31234"
+    assert (torchrun[torchrun.index("--nnodes") + 1], torchrun[torchrun.index("--nproc-per-node") + 1]) == ("2", "1")
+
+
+def test_local_multi_node_needs_a_rendezvous_endpoint(capsys):
+    assert launch.main(["--recipe", "tiny_cpu", "--gpus", "1", "--nnodes", "2", "--dryrun"]) == 2
+    assert "--rdzv-endpoint HOST:PORT" in capsys.readouterr().err
+    assert launch.main(["--recipe", "tiny_cpu", "--gpus", "1", "--nnodes", "2", "--node-rank", "2",
+                        "--rdzv-endpoint", "h:1", "--dryrun"]) == 2
+    assert "--node-rank 2" in capsys.readouterr().err

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import slurm_cluster as cluster_module
 from slurm_cluster import KILL_WAIT_S, free_ports, slurm_cluster  # noqa: F401  (slurm_cluster is a fixture)
 from test_trainer import assert_learning_signal, close, deterministic, overrides, rows_of
 
@@ -78,9 +79,26 @@ def single_node_dp2(assets, tmp_path_factory):
     return tmp / "run"
 
 
+# ----------------------------------------------------------------------------- the fixture's own rules
+
+
+def test_slurm_missing_pieces_skip_with_a_reason_or_fail_under_ci(monkeypatch, tmp_path):
+    monkeypatch.setattr(cluster_module, "SEARCH_PATH", str(tmp_path))  # no binary anywhere
+    missing = cluster_module.missing_pieces()
+    assert "slurmctld" in missing[0] and "mariadb-server" in missing[0] and "munge" in missing[0]
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="real-Slurm tests need packages"):
+        cluster_module.skip_or_fail_if_missing(missing)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        cluster_module.skip_or_fail_if_missing(missing)
+    cluster_module.skip_or_fail_if_missing([])  # nothing missing: the tests run
+
+
 # ----------------------------------------------------------------------------- rendezvous (no Slurm)
 
 
+@pytest.mark.slow
 def test_rendezvous_two_torchrun_nodes_equal_single_node_dp2(assets, tmp_path, single_node_dp2):
     port = free_ports(1)[0]
     run_dir = tmp_path / "run"
@@ -126,6 +144,7 @@ def reported(out: str) -> tuple[str, Path]:
     return job.group(1), Path(job.group(2))
 
 
+@pytest.mark.slow
 def test_slurm_two_node_job_equals_torchrun(assets, tmp_path, slurm_cluster, single_node_dp2):  # noqa: F811
     run_dir = tmp_path / "run"
     env = launcher_env(tmp_path, **slurm_cluster.env)
@@ -144,6 +163,7 @@ def test_slurm_two_node_job_equals_torchrun(assets, tmp_path, slurm_cluster, sin
     assert_same_training(single_node_dp2, run_dir, "Slurm 2 nodes")
 
 
+@pytest.mark.slow
 def test_slurm_scancel_saves_then_resubmission_resumes(assets, tmp_path, slurm_cluster, single_node_dp2):  # noqa: F811
     run_dir = tmp_path / "run"
     env = launcher_env(tmp_path, **slurm_cluster.env)

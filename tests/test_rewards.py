@@ -217,6 +217,32 @@ def test_close_stops_every_worker():
     p.close()  # idempotent
 
 
+def test_sigterm_to_the_whole_job_leaves_the_pool_working():
+    """scancel / Ctrl-C signal every process of a job; the trainer still scores its last rollout step
+    before saving, so the workers and the fork server they are replaced from must survive SIGTERM."""
+    import multiprocessing.forkserver
+    import os
+    import signal
+
+    with RewardPool(num_workers=2, timeout_s=5.0, verify=crash_on_marker) as p:
+        assert p.score(["\\boxed{1}"], ["1"])[0] == [1.0]
+        forkserver_pid = multiprocessing.forkserver._forkserver._forkserver_pid
+        workers = [w.process for w in p._workers]
+        for pid in [w.pid for w in workers] + [forkserver_pid]:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        # the same processes, still alive (a killed worker would be replaced silently, and one killed
+        # mid-answer would score that answer 0.0; a dead fork server made the Slurm job's last step fail)
+        assert all(w.is_alive() for w in workers) and [w.process for w in p._workers] == workers
+        assert multiprocessing.forkserver._forkserver._forkserver_pid == forkserver_pid
+        os.kill(forkserver_pid, 0)  # raises ProcessLookupError if it is gone
+        rewards, stats = p.score(["\\boxed{7}", "\\boxed{8}"], ["7", "7"])
+        assert rewards == [1.0, 0.0] and stats["crashes"] == stats["restarts"] == 0
+        # a replacement still comes from the (still running) fork server
+        rewards, stats = p.score(["\\boxed{CRASH-HERE}", "\\boxed{7}", "\\boxed{7}"], ["7"] * 3)
+        assert rewards == [0.0, 1.0, 1.0] and stats["restarts"] == 1
+
+
 def test_bad_pool_arguments():
     with pytest.raises(ValueError, match="num_workers"):
         RewardPool(num_workers=0)

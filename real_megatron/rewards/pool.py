@@ -39,8 +39,11 @@ Design
   hostile object cannot run code (``__str__``, ``__reduce__``) in the trainer or the worker.
 - Workers cap their address space (``max_memory_mb``, Linux ``RLIMIT_AS``) so a memory bomb
   ends as a MemoryError (0.0, ``errors``) or a crash instead of an out-of-memory kill of the host,
-  and they ignore SIGINT: Ctrl-C is the trainer's to handle, which then closes the pool.
-- Workers are daemonic and exit on EOF of their pipe, so they never outlive the trainer.
+  and they (and the fork server) ignore SIGINT and SIGTERM: Ctrl-C and ``scancel`` signal every
+  process of the job, and the trainer's contract is to score and train its current rollout step,
+  save and exit, which it could not do with its reward workers dead (found by the Slurm test).
+- Workers are daemonic and exit on EOF of their pipe, so they never outlive the trainer; the pool
+  closes (SIGKILL) at interpreter exit before multiprocessing's own clean-up, whose SIGTERM they ignore.
 
 Fault injection: ``RewardPool(verify=...)`` replaces the function the workers run (default
 ``math_reward.verify_answer``). The tests pass one that crashes (``os._exit``, as a segfault in a C
@@ -49,9 +52,11 @@ because workers are forked from the fork server and receive it by reference.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import time
+import weakref
 from collections import deque
 from multiprocessing.connection import wait
 from typing import Callable, Sequence
@@ -89,6 +94,7 @@ def _worker_main(conn, verify, max_memory_mb: int | None) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if max_memory_mb:
         try:
             import resource
@@ -164,6 +170,12 @@ class _Worker:
             pass
 
 
+def _close_if_alive(pool_ref) -> None:
+    pool = pool_ref()
+    if pool is not None:
+        pool.close()
+
+
 # ----------------------------------------------------------------------------------------------- pool
 
 class RewardPool:
@@ -197,6 +209,8 @@ class RewardPool:
         self._start_failures = 0  # consecutive workers that died before saying ready
         # started now, ready in the background: construction does not wait for imports
         self._workers = [_Worker(self._ctx, self._args) for _ in range(self.num_workers)]
+        # runs before multiprocessing's exit hook (registered earlier), which would SIGTERM and join them
+        atexit.register(_close_if_alive, weakref.ref(self))
 
     # -------------------------------------------------------------------------- public
     def score(self, responses: Sequence, ground_truths: Sequence) -> tuple[list[float], dict]:

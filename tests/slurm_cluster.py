@@ -18,6 +18,7 @@ a reason naming what is missing; under ``CI=true`` they fail instead.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -55,12 +56,27 @@ def missing_pieces() -> list[str]:
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports free right now (held open together, so they differ)."""
-    held = []
+    """``count`` distinct ports free right now, below the kernel's ephemeral range.
+
+    Why not port 0: the kernel hands out ephemeral ports to every port-0 bind and outgoing connection
+    on the host (other tests' torchrun --standalone among them), so a port picked that way and used
+    seconds later by a rendezvous was seen taken by someone else; ports below the range are only
+    ever used by name.
+    """
     try:
-        for _ in range(count):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    held: list[socket.socket] = []
+    try:
+        while len(held) < count:
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", rng.randrange(max(1024, low - 12000), low)))
+            except OSError:
+                s.close()
+                continue
             held.append(s)
         return [s.getsockname()[1] for s in held]
     finally:

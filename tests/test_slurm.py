@@ -123,8 +123,9 @@ def test_rendezvous_two_torchrun_nodes_equal_single_node_dp2(assets, tmp_path, s
         for node in nodes:
             if node.poll() is None:
                 node.kill()
-    for rank, (node, out) in enumerate(zip(nodes, outputs)):
-        assert node.returncode == 0, f"node {rank}:\n{out[-4000:]}"
+    codes = [node.returncode for node in nodes]
+    assert codes == [0, 0], "\n".join(f"node {rank} exited {code}:\n{out[-3000:]}"
+                                      for rank, (code, out) in enumerate(zip(codes, outputs)))
     print(f"two-node rendezvous run: {time.monotonic() - t0:.1f} s")
     assert_same_training(single_node_dp2, run_dir, "2 torchrun nodes x 1 process")
 

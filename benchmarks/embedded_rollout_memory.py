@@ -31,19 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from proc_memory import reset_peak, rss_kib  # benchmarks/proc_memory.py
+
 VOCAB = 151_936
 EOS = 151_643  # Qwen2's <|endoftext|>
 MODEL = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": VOCAB, "hidden_size": 64,
          "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
          "max_position_embeddings": 4096, "tie_word_embeddings": True}
-
-
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def stacked_logits_chunk(self, requests, sampling):
@@ -75,9 +69,7 @@ def child(variant: str, batch: int, new_tokens: int, repeats: int, out_path: str
                for n in torch.randint(8, 33, (batch // 4,), generator=generator)]
     sampling = SamplingParams(temperature=0.6, top_p=1.0, max_new_tokens=new_tokens, seed=5)
     engine.generate(prompts[:1], 2, SamplingParams(temperature=0.6, max_new_tokens=4))  # warm-up
-    with open("/proc/self/clear_refs", "w") as fh:  # reset VmHWM to the current RSS
-        fh.write("5")
-    base = rss_kib("VmRSS")
+    base = reset_peak()
     seconds = []
     for _ in range(repeats):
         t0 = time.perf_counter()

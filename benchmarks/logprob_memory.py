@@ -20,15 +20,9 @@ import json
 import subprocess
 import sys
 
+from proc_memory import reset_peak, rss_kib  # benchmarks/proc_memory.py
+
 VOCAB = 151_936
-
-
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def child(variant: str, seq: int, backward: bool) -> None:
@@ -40,9 +34,7 @@ def child(variant: str, seq: int, backward: bool) -> None:
     logits = torch.randn(seq, VOCAB, dtype=torch.float32, requires_grad=backward)
     target = torch.randint(0, VOCAB, (seq,))
     logits_bytes = logits.numel() * 4
-    with open("/proc/self/clear_refs", "w") as fh:  # reset VmHWM to the current RSS
-        fh.write("5")
-    base = rss_kib("VmRSS")
+    base = reset_peak()
     if variant == "naive":
         logsm = torch.log_softmax(logits.float(), dim=-1)
         logp = logsm.gather(-1, target[:, None]).squeeze(-1)

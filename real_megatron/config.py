@@ -111,7 +111,7 @@ class EvalConfig:
     temperature: float = 0.6
     top_p: float = 0.95
     max_new_tokens: int = 8192
-    max_prompts: int = 0  # 0: all
+    max_prompts: int = 0  # the first N prompts of each eval file (0: all)
 
 
 @dataclass

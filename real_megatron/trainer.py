@@ -171,8 +171,14 @@ class Trainer:
         if cfg.data.eval_files:
             self.eval_records, eval_skipped = load_prompt_files(cfg.data.eval_files, **read)
             skipped = {k: skipped.get(k, 0) + eval_skipped.get(k, 0) for k in {*skipped, *eval_skipped}}
-            if cfg.eval.max_prompts:
-                self.eval_records = self.eval_records[:cfg.eval.max_prompts]
+            if cfg.eval.max_prompts:  # the first N of each file (each file is one benchmark)
+                taken: dict[str, int] = {}
+                kept = []
+                for r in self.eval_records:
+                    taken[r.source_file] = taken.get(r.source_file, 0) + 1
+                    if taken[r.source_file] <= cfg.eval.max_prompts:
+                        kept.append(r)
+                self.eval_records = kept
         self.data_skipped = skipped
         if skipped:
             log.warning("data: skipped rows %s (data.on_bad_row=skip)", skipped)
@@ -238,8 +244,18 @@ class Trainer:
                                   seed=self.cfg.seed * 7919 + 104729)  # the same samples' seeds at every eval
         result = evaluate_prompts(self.engine, self.reward_pool, self.tokenizer, self.eval_records, self.eval_ids,
                                   samples=e.samples, sampling=sampling)
-        return {"eval/pass@1": result["pass@1"], f"eval/pass@{e.samples}": result[f"pass@{e.samples}"],
-                "eval/response_length_mean": result["response_length_mean"]}
+        row = {"eval/pass@1": result["pass@1"], f"eval/pass@{e.samples}": result[f"pass@{e.samples}"],
+               "eval/response_length_mean": result["response_length_mean"]}
+        files = list(dict.fromkeys(r.source_file for r in self.eval_records))
+        if len(files) > 1:  # several benchmarks: each one's pass@1, and the average is their mean (Table 1)
+            per_file = {}
+            unique = len({Path(f).stem for f in files}) == len(files)  # else name them by their whole path
+            for f in files:
+                correct = [c for r, c in zip(self.eval_records, result["correct_per_problem"]) if r.source_file == f]
+                per_file[Path(f).stem if unique else f] = sum(correct) / (len(correct) * e.samples)
+            row.update({f"eval/{stem}/pass@1": v for stem, v in per_file.items()})
+            row["eval/pass@1"] = sum(per_file.values()) / len(per_file)
+        return row
 
     # ------------------------------------------------------------------ one rollout step
     def step(self) -> None:

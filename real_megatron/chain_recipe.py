@@ -1,0 +1,120 @@
+"""The chain task's recipe, shared by ``real-megatron demo`` and ``real-megatron compare``.
+
+One place says what the CPU-scale experiment is: the task files (``data/chains.py``), the model, the
+supervised warm-up that leaves it partially competent, and the RL settings every loss is run with.
+
+    assets = build_chain_assets(root, seed=0)            # task files, tokenizer, random base model
+    sft_hf = run_warmup(root / "warmup", assets)         # supervised warm-up (skipped when done)
+    cfg = load_config(None, rl_overrides(assets, init_dir=sft_hf, run_dir=..., loss="real", seed=1))
+
+Scaled down from the paper (REFERENCE.md §2) for 2 CPU cores, and why:
+
+- model: a 4-layer Qwen2 with a 256-wide residual stream instead of 1.5B parameters;
+- warm-up: cross-entropy on reference solutions of the easy levels only (``WARMUP_LEVELS``), so
+  the held-out average starts low and the hard levels leave RL room;
+- batch: 16 prompts × G = 8 rollouts per rollout batch, 4 mini-batches of 4 prompts — the paper's
+  shape (128 prompts, mini-batches of 32, four updates) at 1/8 the size, so ratios leave 1 and the
+  clipped baselines clip as they do in the paper;
+- learning rate: 1e-4 (AdamW, no decay), not 2e-6: a tiny model moves little at 2e-6 in tens of steps;
+- temperature 1.0 for rollouts and evaluation (the paper: 0.6) — the tiny model's distribution is
+  already peaked; at 0.6 almost every group is uniform and no loss has anything to learn from;
+- evaluation: 8 samples per problem on the first ``EVAL_PROMPTS_PER_LEVEL`` problems of each level.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# a Qwen2 config.json minus vocabulary and special-token ids (those come from the task's tokenizer)
+CHAIN_MODEL_CONFIG = {
+    "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 256, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "hidden_act": "silu", "attention_dropout": 0.0, "initializer_range": 0.02,
+}
+TASK_SEED = 0  # the task files and the base model do not change with the RL seed
+WARMUP_LEVELS = (1, 2, 3)
+WARMUP_STEPS = 300
+RL_STEPS = 30  # rollout batches per run
+MAX_PROMPT_TOKENS = 96
+MAX_NEW_TOKENS = 96
+EVAL_PROMPTS_PER_LEVEL = 50
+
+
+@dataclass(frozen=True)
+class ChainAssets:
+    """Where the task lives: the RL train file (all levels), the warm-up train file, the held-out
+    files (one per level, in level order) and the random base model (with the task's tokenizer)."""
+
+    rl_train: Path
+    warmup_train: Path
+    eval_files: tuple[Path, ...]
+    base_model: Path
+
+
+def build_chain_assets(root: Path, seed: int = TASK_SEED) -> ChainAssets:
+    """Write the task files, train the tokenizer and save the random base model under ``root``; each
+    piece is skipped when already there (every writer is atomic)."""
+    from real_megatron.data.chains import chain_texts, write_chain_task
+    from real_megatron.data.tokenizer import train_task_tokenizer
+    from real_megatron.task_assets import save_random_qwen2
+
+    root = Path(root)
+    data = root / "data"
+    rl_train, warmup_train = data / "train.parquet", data / "warmup.parquet"
+    levels = sorted(int(p.stem[len("level"):]) for p in data.glob("level*.parquet"))
+    if not (rl_train.exists() and warmup_train.exists() and levels == [1, 2, 3, 4, 5]):
+        write_chain_task(data, seed=seed)
+        write_chain_task(data, seed=seed, train_levels=WARMUP_LEVELS, train_name="warmup.parquet")
+    base = root / "base_model"
+    if not (base / "config.json").exists():
+        tokenizer = train_task_tokenizer(chain_texts(seed=seed), root / "tokenizer")
+        save_random_qwen2(base, tokenizer, CHAIN_MODEL_CONFIG, seed)
+    return ChainAssets(rl_train, warmup_train, tuple(data / f"level{k}.parquet" for k in range(1, 6)), base)
+
+
+def _common(assets: ChainAssets, seed: int) -> list[str]:
+    files = ",".join(str(f) for f in assets.eval_files)
+    return [f"data.eval_files=[{files}]", f"data.max_prompt_length={MAX_PROMPT_TOKENS}", f"seed={seed}",
+            "logging.wandb_mode=offline", f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
+            "eval.samples=8", "eval.temperature=1.0", "eval.top_p=1.0", f"eval.max_new_tokens={MAX_NEW_TOKENS}",
+            f"eval.max_prompts={EVAL_PROMPTS_PER_LEVEL}",
+            "reward.num_workers=1", "reward.timeout_s=5.0", "optim.weight_decay=0.0",
+            f"train.max_tokens_per_micro_batch={16 * (MAX_PROMPT_TOKENS + MAX_NEW_TOKENS)}"]
+
+
+def warmup_overrides(assets: ChainAssets, *, run_dir: Path, steps: int = WARMUP_STEPS, seed: int = TASK_SEED) -> list[str]:
+    """``real-megatron sft`` settings of the warm-up (cross-entropy on the easy levels' reference solutions)."""
+    return _common(assets, seed) + [
+        f"run_dir={run_dir}", f"model.hf_dir={assets.base_model}", f"data.train_files=[{assets.warmup_train}]",
+        f"train.steps={steps}", "train.mini_batch_prompts=32", "train.rollout_batch_prompts=32",
+        f"train.eval_every={steps}", "optim.lr=2e-3"]
+
+
+def rl_overrides(assets: ChainAssets, *, init_dir: Path, run_dir: Path, loss: str, seed: int,
+                 steps: int = RL_STEPS) -> list[str]:
+    """``real-megatron train`` settings of one RL run; only ``loss`` and ``seed`` differ between the runs
+    of a comparison (the seed fixes the prompt order and every sampling seed)."""
+    return _common(assets, seed) + [
+        f"run_dir={run_dir}", f"model.hf_dir={init_dir}", f"data.train_files=[{assets.rl_train}]",
+        f"loss.name={loss}", f"train.steps={steps}", "train.rollout_batch_prompts=16", "train.mini_batch_prompts=4",
+        f"train.eval_every={max(steps // 6, 1)}", f"train.save_every={max(steps // 6, 1)}", "rollout.n=8",
+        "rollout.temperature=1.0", "optim.lr=1e-4"]
+
+
+def run_warmup(run_dir: Path, assets: ChainAssets, *, steps: int = WARMUP_STEPS, extra: list[str] = ()) -> Path:
+    """Run the supervised warm-up into ``run_dir`` unless ``run_dir/hf`` exists; returns that HF directory."""
+    import torch.distributed as dist
+
+    from real_megatron.config import load_config
+    from real_megatron.sft import run_sft
+
+    out = Path(run_dir) / "hf"
+    if (out / "config.json").exists():
+        return out
+    cfg = load_config(None, warmup_overrides(assets, run_dir=Path(run_dir), steps=steps) + list(extra))
+    code = run_sft(cfg)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if code != 0:
+        raise RuntimeError(f"the supervised warm-up in {run_dir} failed (exit {code}); see its log above")
+    return out

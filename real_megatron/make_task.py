@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-levels", type=_levels, default=list(CHAIN_LEVELS),
                         help="comma-separated levels in the train file (default: all)")
-    parser.add_argument("--train-per-level", type=int, default=2400, help="train problems per level")
+    parser.add_argument("--train-per-level", type=int, default=2500,
+                        help="train problems per level (a smaller level gives all its non-test problems)")
     parser.add_argument("--test-per-level", type=int, default=100, help="held-out problems per level file")
     parser.add_argument("--train-name", default="train.parquet", help="file name of the train file")
     parser.add_argument("--tokenizer", action="store_true", help="also train DIR/tokenizer on the task's text")
@@ -44,7 +45,9 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", flush=True)
         return 2
-    print(f"wrote {train} ({len(set(args.train_levels)) * args.train_per_level} problems, levels "
+    import pyarrow.parquet as pq
+
+    print(f"wrote {train} ({pq.read_metadata(train).num_rows} problems, levels "
           f"{sorted(set(args.train_levels))})")
     for level, path in tests.items():
         print(f"wrote {path} ({args.test_per_level} problems)")

@@ -56,11 +56,13 @@ def test_same_seed_same_bytes_other_seed_other_problems(tmp_path):
         assert a.read_bytes() == b.read_bytes(), a.name
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["level1.parquet", "level2.parquet", "level3.parquet",
                                                                    "level4.parquet", "level5.parquet", "train.parquet"]
-    # another seed: other problems (level 1 has only 3,896, so some overlap by chance is expected there)
+    # another seed: other problems. Levels 1 and 2 are small (302 and 4,732 problems), so two random
+    # 100-problem test sets share some by chance (about 33 and 2 expected); the larger levels almost none
     for level in CHAIN_LEVELS:
         shared = set(file_problems(a_tests[level])) & set(file_problems(c_tests[level]))
-        assert len(shared) <= (15 if level == 1 else 1), (level, len(shared))
-    assert len(set(file_problems(a_train)) & set(file_problems(c_train))) < 300
+        assert len(shared) <= {1: 55, 2: 8}.get(level, 1), (level, len(shared))
+    # the train files share level 1 and part of level 2 by necessity; levels 3-5 almost nothing
+    assert len(set(file_problems(a_train)) & set(file_problems(c_train))) < 1_000
 
 
 def test_train_and_test_are_disjoint_and_levels_are_separate(task, tmp_path):
@@ -81,7 +83,7 @@ def test_train_and_test_are_disjoint_and_levels_are_separate(task, tmp_path):
     warm, tests = write_chain_task(tmp_path, seed=0, train_levels=(2, 1), train_name="warmup.parquet")
     assert {level: path.read_bytes() for level, path in tests.items()} == before
     warm_problems = file_problems(warm)
-    assert len(warm_problems) == 4800 and {len(s) for _, s in warm_problems} == {1, 2}
+    assert len(warm_problems) == 202 + 2500 and {len(s) for _, s in warm_problems} == {1, 2}
     assert set(warm_problems) <= set(train) and not set(warm_problems) & test_problems
 
 
@@ -128,16 +130,17 @@ def test_at_least_ten_thousand_distinct_train_problems(task):
     problems = file_problems(task["train"])
     assert len(problems) == len(set(problems)) >= 10_000
     per_level = [sum(len(s) == LEVEL_STEPS[k] for _, s in problems) for k in CHAIN_LEVELS]
-    assert per_level == [2400] * 5
+    # level 1 has 302 problems: the 202 that are not test problems; the others 2,500 each
+    assert per_level == [count_level_problems(1) - 100] + [2500] * 4
     # levels are interleaved, not in blocks: the first 500 rows hold every level
     assert {len(s) for _, s in problems[:500]} == set(LEVEL_STEPS.values())
 
 
 def test_files_load_with_the_task_tokenizer_without_skips(task, tokenizer):
     paths = [task["train"], *task["tests"].values()]
-    # 72: the prompts measure 32-69 tokens through the chat template (README); a wordier prompt would show here
+    # 72: the prompts measure 32-68 tokens through the chat template (README); a wordier prompt would show here
     records = load_prompts(paths, tokenizer=tokenizer, max_prompt_length=72, on_bad_row="skip")
-    assert records.num_skipped == 0 and len(records) == 12_000 + 500
+    assert records.num_skipped == 0 and len(records) == 202 + 4 * 2500 + 500
     assert records[0].extra_info.keys() >= {"index", "split", "solution", "level"}
     assert [r.extra_info["index"] for r in load_prompts(task["tests"][3])] == list(range(100))
     table = pq.read_table(task["tests"][1])
@@ -147,18 +150,19 @@ def test_files_load_with_the_task_tokenizer_without_skips(task, tokenizer):
 def test_bad_requests_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"train_levels=\[0, 1\]: choose a non-empty subset of \[1, 2, 3, 4, 5\]"):
         write_chain_task(tmp_path, train_levels=(0, 1))
-    with pytest.raises(ValueError, match="level 1 has 3896 distinct problems"):
-        write_chain_task(tmp_path, n_train_per_level=3800, n_test_per_level=100)
+    with pytest.raises(ValueError, match="level 1 has 302 distinct problems but n_test_per_level = 302"):
+        write_chain_task(tmp_path, n_train_per_level=10, n_test_per_level=302)
     with pytest.raises(ValueError, match="train_name='level1.parquet'"):
         write_chain_task(tmp_path, train_name="level1.parquet")
     assert not list(tmp_path.iterdir())  # nothing half-written
-    # the exact count agrees with enumerating level 1 here: start 1..99, add/subtract 1..20, multiply/divide
-    # by 2..9, the result an integer in 1..99
+    # the exact count agrees with enumerating level 1 here: start 1..20, add/subtract 1..9, multiply/divide
+    # by 2..3, the result an integer in 1..20
     result = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
-    operands = {"+": range(1, 21), "-": range(1, 21), "*": range(2, 10), "/": range(2, 10)}
-    one_step = [(a, op, b) for a in range(1, 100) for op in result for b in operands[op]
-                if result[op](a, b) in range(1, 100)]  # 4.0 in range(...) is True, 4.5 is not
-    assert count_level_problems(1) == len(one_step) == 3896
+    operands = {"+": range(1, 10), "-": range(1, 10), "*": range(2, 4), "/": range(2, 4)}
+    one_step = [(a, op, b) for a in range(1, 21) for op in result for b in operands[op]
+                if result[op](a, b) in range(1, 21)]  # 4.0 in range(...) is True, 4.5 is not
+    assert count_level_problems(1) == len(one_step) == 302
+    assert count_level_problems(2) == 4732
 
 
 def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
@@ -185,5 +189,5 @@ def test_make_task_command(tmp_path, capsys):
     assert len(load_prompts(out / "train.parquet")) == 100
     assert (out / "level5.parquet").read_bytes() == write_chain_task(tmp_path / "api", seed=3, train_levels=(1, 2),
                                                                      **SMALL)[1][5].read_bytes()
-    assert main(["make-task", "chains", "--out", str(out), "--train-per-level", "5000"]) == 2
-    assert "level 1 has 3896 distinct problems" in capsys.readouterr().out
+    assert main(["make-task", "chains", "--out", str(out), "--test-per-level", "400"]) == 2
+    assert "level 1 has 302 distinct problems" in capsys.readouterr().out

@@ -12,16 +12,18 @@ and its reference solution writes one intermediate result per line and boxes the
     \\boxed{85}
 
 Difficulty is the chain length: level k applies ``LEVEL_STEPS[k]`` operations (1, 2, 4, 6, 8), so a
-per-step error compounds and the reference response grows with the level (11 to 77 tokens, means
-14 / 22 / 38 / 53 / 69, with the task's tokenizer; `real-megatron make-task chains --tokenizer`
-prints them). Every value in the chain, the
-start and each intermediate result included, is an integer in ``1..MAX_VALUE``:
+per-step error compounds and the reference response grows with the level (11 to 70 tokens, means
+12.6 / 19.7 / 33.4 / 47.2 / 61.0, with the task's tokenizer; `real-megatron make-task chains --tokenizer`
+prints them). Every value in the chain, the start and each intermediate result included, is an
+integer in ``1..MAX_VALUE`` (20), operands of add/subtract are 1..9, of multiply/divide 2..3:
 
 - no negatives and no zero: a sign or a zero that absorbs the rest of the chain (``0*7``) would
   add a skill or a shortcut unrelated to following the chain; math-verify would check ``-5`` fine,
   the choice is about the task, not the verifier;
-- values stay two-digit, so a step costs about nine tokens whatever the level and the length of a
-  response measures the reasoning, not the size of the numbers;
+- few distinct steps (302 one-step facts): a tiny model learns the single steps in a short warm-up,
+  so what separates levels — and what RL can improve — is carrying a chain through without a slip,
+  not arithmetic the model has never seen; a step costs about seven tokens whatever the level, so the
+  length of a response measures the reasoning;
 - division only where it is exact, multiplication only while the product stays <= MAX_VALUE.
 
 Files use the verl parquet schema the loader reads (``real_megatron.data.prompts``): one train file
@@ -46,9 +48,9 @@ from real_megatron.data.synthetic import write_table_atomic
 CHAINS_DATA_SOURCE = "synthetic_chains"
 LEVEL_STEPS = {1: 1, 2: 2, 3: 4, 4: 6, 5: 8}  # level -> number of operations in the chain
 CHAIN_LEVELS = tuple(LEVEL_STEPS)
-MAX_VALUE = 99  # every value in a chain lies in 1..MAX_VALUE
-MAX_ADDEND = 20  # add / subtract take 1..MAX_ADDEND
-MAX_FACTOR = 9  # multiply / divide take 2..MAX_FACTOR
+MAX_VALUE = 20  # every value in a chain lies in 1..MAX_VALUE
+MAX_ADDEND = 9  # add / subtract take 1..MAX_ADDEND
+MAX_FACTOR = 3  # multiply / divide take 2..MAX_FACTOR
 
 _WORDS = {"+": "add {}", "-": "subtract {}", "*": "multiply by {}", "/": "divide by {}"}
 
@@ -167,12 +169,33 @@ def _draw_distinct(rng: random.Random, level: int, n: int, exclude: set) -> list
     return out
 
 
-def chain_splits(*, seed: int = 0, n_train_per_level: int = 2400,
+def _enumerate_level(level: int) -> list[ChainProblem]:
+    """Every problem of ``level``, in a fixed order (for levels small enough to list)."""
+    out: list[ChainProblem] = []
+
+    def extend(start: int, value: int, steps: tuple) -> None:
+        if len(steps) == _steps_of(level):
+            out.append(ChainProblem(start, steps))
+            return
+        for op, bs in sorted(valid_steps(value).items()):
+            for b in bs:
+                extend(start, apply_step(value, op, b), steps + ((op, b),))
+
+    for start in range(1, MAX_VALUE + 1):
+        extend(start, start, ())
+    return out
+
+
+_ENUMERATE_BELOW = 20_000  # levels with fewer problems are listed and shuffled instead of rejection-sampled
+
+
+def chain_splits(*, seed: int = 0, n_train_per_level: int = 2500,
                  n_test_per_level: int = 100) -> dict[int, tuple[list[ChainProblem], list[ChainProblem]]]:
     """Level -> (train problems, test problems), disjoint and deterministic in ``seed``.
 
     Each level is drawn from its own stream seeded by ``(seed, level)``: the test problems first, then
-    the train problems among the rest.
+    the train problems among the rest. A level with fewer than ``n_train_per_level + n_test_per_level``
+    problems (level 1 has 302) gives all its non-test problems to train.
     """
     if n_train_per_level < 0 or n_test_per_level <= 0:
         raise ValueError(f"n_train_per_level={n_train_per_level} must be >= 0 and n_test_per_level="
@@ -180,12 +203,18 @@ def chain_splits(*, seed: int = 0, n_train_per_level: int = 2400,
     splits = {}
     for level in CHAIN_LEVELS:
         available = count_level_problems(level)
-        if n_train_per_level + n_test_per_level > available:
-            raise ValueError(f"level {level} has {available} distinct problems but n_train_per_level + "
-                             f"n_test_per_level = {n_train_per_level + n_test_per_level}; ask for fewer")
+        if n_test_per_level >= available:
+            raise ValueError(f"level {level} has {available} distinct problems but n_test_per_level = "
+                             f"{n_test_per_level}; ask for fewer")
+        n_train = min(n_train_per_level, available - n_test_per_level)
         rng = random.Random(f"chains:{seed}:{level}")  # str seeds hash with SHA-512: stable across Python versions
-        test = _draw_distinct(rng, level, n_test_per_level, set())
-        train = _draw_distinct(rng, level, n_train_per_level, set(test))
+        if available < _ENUMERATE_BELOW:
+            problems = _enumerate_level(level)
+            rng.shuffle(problems)
+            test, train = problems[:n_test_per_level], problems[n_test_per_level:n_test_per_level + n_train]
+        else:
+            test = _draw_distinct(rng, level, n_test_per_level, set())
+            train = _draw_distinct(rng, level, n_train, set(test))
         splits[level] = (train, test)
     return splits
 
@@ -198,7 +227,7 @@ def chain_texts(*, seed: int = 0, per_level: int = 400) -> list[str]:
     """
     rng = random.Random(f"chains-corpus:{seed}")
     return [f"{p.prompt()} {p.solution()}" for level in CHAIN_LEVELS
-            for p in _draw_distinct(rng, level, per_level, set())]
+            for p in _draw_distinct(rng, level, min(per_level, count_level_problems(level)), set())]
 
 
 def _table(problems: Iterable[ChainProblem], split: str):
@@ -216,7 +245,7 @@ def _table(problems: Iterable[ChainProblem], split: str):
 
 
 def write_chain_task(out_dir, *, seed: int = 0, train_levels: Iterable[int] = CHAIN_LEVELS,
-                     n_train_per_level: int = 2400, n_test_per_level: int = 100,
+                     n_train_per_level: int = 2500, n_test_per_level: int = 100,
                      train_name: str = "train.parquet") -> tuple[Path, dict[int, Path]]:
     """Write ``train_name`` (the ``train_levels``, rows shuffled together) and ``level1..5.parquet``.
 

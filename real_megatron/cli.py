@@ -14,6 +14,7 @@ COMMANDS = {
     "demo": ("real_megatron.demo", "run the CPU demo end to end (the README's first command)"),
     "train": ("real_megatron.trainer", "REAL / GRPO / DAPO / GSPO training: --config FILE [key=value ...]"),
     "sft": ("real_megatron.sft", "supervised warm-up on the same Megatron stack"),
+    "compare": ("real_megatron.compare", "REAL vs its baselines on the chain task: tables and figures over seeds"),
     "evaluate": ("real_megatron.evaluate", "pass@k evaluation on benchmark parquet files"),
     "convert": ("real_megatron.convert.cli", "HF <-> Megatron checkpoint conversion"),
     "make-task": ("real_megatron.make_task", "write a synthetic task's parquet files: chains --out DIR"),

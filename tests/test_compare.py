@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from real_megatron.compare import build_parser, plan_runs
 from real_megatron.compare import main as compare_main
 from real_megatron.compare_summary import run_result, summarize, summary_markdown
 
@@ -98,6 +99,17 @@ def test_bad_arguments_fail_before_anything_starts(tmp_path, capsys, monkeypatch
     assert not out.exists()
 
 
+def test_plan_is_seed_major_and_a_tau_equal_to_reals_reuses_the_real_run(tmp_path):
+    args = build_parser().parse_args(["--losses", "real,dapo", "--seeds", "2", "--out", str(tmp_path / "cmp"),
+                                      "--tau", "0.1,0.5", "--set", "real_tau0.1:eval.samples=4"])
+    specs, _ = plan_runs(args)
+    assert [(s.label, s.seed) for s in specs] == [("real", 1), ("dapo", 1), ("real_tau0.1", 1),
+                                                  ("real", 2), ("dapo", 2), ("real_tau0.1", 2)]
+    tau = next(s for s in specs if s.label == "real_tau0.1")
+    assert tau.loss == "real" and tau.overrides == ("loss.hparams.tau=0.1", "eval.samples=4")
+    assert specs[0].overrides == () and not (tmp_path / "cmp").exists()
+
+
 @pytest.mark.slow
 def test_micro_comparison_writes_tables_and_figures_and_a_rerun_skips(tmp_path, capsys):
     out = tmp_path / "cmp"
@@ -131,6 +143,15 @@ def test_micro_comparison_writes_tables_and_figures_and_a_rerun_skips(tmp_path, 
     assert "run 2/2: dapo seed 1: finished before, skipped" in second
     assert [m.stat().st_mtime_ns for m in metrics] == stamps  # nothing retrained
     assert json.loads((out / "summary.json").read_text())["losses"] == summary["losses"]
+
+    # an interrupted run (no done marker) resumes from its checkpoint: here the last one, so nothing retrains
+    (out / "runs" / "dapo" / "seed1" / "compare_done.json").unlink()
+    rows = metrics[1].read_text().splitlines()
+    assert compare_main(argv) == 0
+    third = capsys.readouterr().out
+    assert "run 2/2: dapo seed 1 -> " in third and "(resuming from its checkpoint)" in third
+    assert metrics[1].read_text().splitlines() == rows
+    stamps = [m.stat().st_mtime_ns for m in metrics]
 
     # the same directory with other settings is refused, before any training
     assert compare_main([*argv, "--set", "optim.lr=3e-4"]) == 2

@@ -170,6 +170,17 @@ def check_saved_config(run_dir: Path, cfg) -> None:
                            "use a new --out, or delete that directory to rerun it")
 
 
+def _rss_gib() -> float:
+    """This process's resident memory now (GiB): the runs share it, so a leak between runs shows here."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:  # no /proc (not Linux)
+        return float("nan")
+
+
 def _run_training(cfg) -> int:
     import torch.distributed as dist
 
@@ -243,7 +254,7 @@ def run_comparison(args) -> int:
             return code
         write_text_atomic(run_dir / DONE_MARKER, json.dumps({"label": spec.label, "loss": spec.loss, "seed": spec.seed,
                                                              "minutes": minutes}) + "\n")
-        print(f"{head}: done in {minutes:.1f} min", flush=True)
+        print(f"{head}: done in {minutes:.1f} min (process memory {_rss_gib():.2f} GiB)", flush=True)
         _write_outputs(out, specs, settings)
 
     summary = _write_outputs(out, specs, settings)

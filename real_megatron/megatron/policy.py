@@ -212,6 +212,7 @@ class MegatronPolicy:
             scores = torch.zeros(n, dtype=torch.float64)
             metrics.update({"loss": 0.0, "response_tokens": float(lengths.sum()), "hook/micro_batches": 0.0})
             metrics.update(self._loss_metrics(scores, rewards, group_ids, hp, trained, None))
+            metrics.update(self._diagnostics([], _Layout(), rewards, lengths, ~no_gradient, hp))  # gradient mass 0
             return metrics
 
         plan = self.plan(samples, sequence_level_groups=self.loss_name in REAL_FAMILY, include=trained,

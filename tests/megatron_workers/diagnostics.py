@@ -24,6 +24,7 @@ TEMPERATURE = 0.7
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--loss", default="real")
     parser.add_argument("--budget", type=int, default=512, help="max_tokens_per_micro_batch")
     parser.add_argument("--force-exact", action="store_true")
@@ -42,7 +43,7 @@ def main() -> None:
     from real_megatron.megatron.policy import MegatronPolicy
     from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
 
-    initialize_parallel(tp=args.tp, pp=1, cp=1, seed=7)
+    initialize_parallel(tp=args.tp, pp=args.pp, cp=1, seed=7)
     chunks = build_model(TINY_QWEN2, wrap_ddp=True, transformer_impl="local")
     load_full_state_dict(chunks[0], fixed_full_state_dict(TINY_QWEN2))
     policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=1e-3), loss_name=args.loss, hparams={},
@@ -61,8 +62,10 @@ def main() -> None:
         s.old_logp = lp
     metrics = reference_metrics(chunks[0], samples, args.loss) if args.reference else policy.forward_backward(samples)
     grads = gather_full_state_dict(chunks[0], "grad")
+    rank_metrics = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(rank_metrics, metrics)
     if torch.distributed.get_rank() == 0:
-        torch.save({"metrics": metrics, "grads": grads}, args.out)
+        torch.save({"metrics": metrics, "rank_metrics": rank_metrics, "grads": grads}, args.out)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

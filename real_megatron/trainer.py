@@ -343,6 +343,7 @@ class Trainer:
                 "train/skipped_steps": float(self.skipped_steps),
                 **{k: v for k, v in result.items() if k.startswith("hook/")},
                 **{k: v for k, v in result.items() if k.startswith("loss/")},
+                **{k: v for k, v in result.items() if k.startswith("diag/")},
                 "time/update_s": time.perf_counter() - t0,
                 "time/sync_s": 0.0,
             })

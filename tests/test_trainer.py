@@ -32,6 +32,7 @@ REQUIRED_KEYS = {
     "train/response_length_mean", "train/grad_norm", "time/rollout_s", "time/reward_s", "time/logprob_s",
     "time/update_s", "time/sync_s", "loss/contributing_group_fraction", "loss/max_score_weight",
     "hook/exact_mode", "hook/extra_forward", "hook/trained_rollout_fraction", "hook/micro_batches",
+    "diag/grad_abs_sum_pos", "diag/grad_abs_sum_neg",
 }
 
 

@@ -15,6 +15,7 @@ from real_megatron.losses.common import (
     masked_token_sum,
     sequence_scores,
 )
+from real_megatron.losses.diagnostics import score_weight_stats
 from real_megatron.losses.hparams import SEQUENCE_LEVEL, resolve_hparams
 from real_megatron.losses.ppo import group_advantages, gspo_from_scores, ppo_family_terms
 from real_megatron.losses.real import REAL_FAMILY, real_group_losses
@@ -59,6 +60,7 @@ def _real_loss_from_scores(name: str, scores: torch.Tensor, positive: torch.Tens
     metrics = _group_metrics(scores, positive, groups)
     metrics["contributing_group_fraction"] = n_contributing / groups.count
     metrics["max_score_weight"] = float(weights.abs().max())
+    metrics.update(score_weight_stats(weights, contributing[groups.index], hp["tau"]))  # the diag/ view
     metrics["loss_denominator"] = float(denominator)
     return loss, metrics
 

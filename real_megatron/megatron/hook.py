@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from real_megatron.losses import SEQUENCE_LEVEL, policy_loss, policy_loss_from_scores
 from real_megatron.megatron.batch import slot_rows
+from real_megatron.megatron.diag_capture import watch_tokens
 from real_megatron.megatron.logprobs import vocab_parallel_logprobs
 from real_megatron.megatron.packed_forward import run_packed
 
@@ -107,6 +108,7 @@ def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
     logp = logp.reshape(-1)[index]
     mask = (batch["loss_mask"].reshape(-1)[index] > 0) & valid
     old = batch["old_logp"].reshape(-1)[index].to(logp.dtype)
+    watched = watch_tokens(logp, old, mask) if ctx.loss_name != SFT else None  # diag/ metrics (diag_capture.py)
 
     # per-rollout sums, reduced over the CP group (identity backward: see the docstring)
     num, count = _per_row(logp, old, mask)
@@ -145,7 +147,7 @@ def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
     sequence_level = ctx.loss_name in SEQUENCE_LEVEL or ctx.weights is not None
     reported_share = share.detach() / ctx.cp_size if sequence_level else share.detach()
     ctx.records.append({"sample_index": idx, "scores": scores.detach(), "share": reported_share,
-                        "tokens": mask.sum().detach(), "metrics": metrics})
+                        "tokens": mask.sum().detach(), "metrics": metrics, "diag": watched})
     return share * ctx.scale, {"share": reported_share}
 
 

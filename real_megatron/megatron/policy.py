@@ -35,10 +35,12 @@ from real_megatron.losses import (
     check_loss_name,
     group_advantages,
     loss_normalizer,
+    resolve_hparams,
     score_weights,
     zero_gradient_rollouts,
 )
 from real_megatron.megatron.batch import Sample, build_micro_batch, plan_micro_batches, slot_rows, split_for_cp
+from real_megatron.megatron.diag_capture import grad_factor, reduce_diagnostics
 from real_megatron.megatron.hook import SFT, LossContext, forward_step, logprob_step
 from real_megatron.megatron.model import model_hf_config, unwrap
 
@@ -195,11 +197,12 @@ class MegatronPolicy:
             normalizer = loss_normalizer(self.loss_name, mask=resp_mask, rewards=rewards, group_ids=group_ids, **hp)
         advantages = group_advantages(rewards, group_ids, hp.get("adv_eps", 1e-6)) if self.loss_name in PPO_FAMILY else None
         # rollouts whose gradient is exactly zero are not run (see the module docstring)
-        idle = torch.zeros(n, dtype=torch.bool)
-        if self.skip_zero_gradient and self.loss_name != SFT:
+        no_gradient = torch.zeros(n, dtype=torch.bool)
+        if self.loss_name != SFT:
             extra = {"advantages": advantages} if advantages is not None else {}
-            idle = zero_gradient_rollouts(self.loss_name, rewards=rewards, group_ids=group_ids,
-                                          has_ref=any(s.ref_logp is not None for s in samples), **hp, **extra)
+            no_gradient = zero_gradient_rollouts(self.loss_name, rewards=rewards, group_ids=group_ids,
+                                                 has_ref=any(s.ref_logp is not None for s in samples), **hp, **extra)
+        idle = no_gradient if self.skip_zero_gradient else torch.zeros(n, dtype=torch.bool)
         trained = (~idle).nonzero().flatten().tolist()
         metrics = {"hook/trained_rollout_fraction": len(trained) / n, "hook/exact_mode": 0.0, "hook/extra_forward": 0.0}
         for chunk in self.chunks:
@@ -209,6 +212,7 @@ class MegatronPolicy:
             scores = torch.zeros(n, dtype=torch.float64)
             metrics.update({"loss": 0.0, "response_tokens": float(lengths.sum()), "hook/micro_batches": 0.0})
             metrics.update(self._loss_metrics(scores, rewards, group_ids, hp, trained, None))
+            metrics.update(self._diagnostics([], _Layout(), rewards, lengths, ~no_gradient, hp))  # gradient mass 0
             return metrics
 
         plan = self.plan(samples, sequence_level_groups=self.loss_name in REAL_FAMILY, include=trained,
@@ -256,6 +260,7 @@ class MegatronPolicy:
         if self.loss_name == SFT or not torch.isfinite(scores).all():
             return metrics  # no group metrics (a non-finite step is skipped by apply_gradients)
         metrics.update(self._loss_metrics(scores, rewards, group_ids, hp, trained, ppo_sums / max(summary[2].item(), 1.0)))
+        metrics.update(self._diagnostics(ctx.records, lay, rewards, lengths, ~no_gradient, hp))
         if plan.mode == "exact":  # the shares Σ w·s̄ are not the loss: the loss of the scores the update saw is
             _, loss, _ = score_weights(self.loss_name, scores=scores, rewards=rewards.double(), group_ids=group_ids, **hp)
             metrics["loss"] = loss.item()
@@ -275,7 +280,9 @@ class MegatronPolicy:
             for key, sel in (("score_mean_pos", positive & ran), ("score_mean_neg", ~positive & ran)):
                 if sel.any():
                     group_metrics[key] = scores[sel].mean().item()
-            metrics.update({f"loss/{k}": v for k, v in group_metrics.items()})
+            # REAL's weight statistics (score_weight_*) are gradient diagnostics: diag/, with the hook's
+            metrics.update({f"{'diag' if k.startswith('score_weight_') else 'loss'}/{k}": v
+                            for k, v in group_metrics.items()})
         elif self.loss_name != SFT:
             # token-level metrics: the mean over micro-batches (and CP ranks) of each micro-batch's value
             if ppo_means is not None:
@@ -283,6 +290,12 @@ class MegatronPolicy:
             if ran.any():
                 metrics["loss/score_mean"] = scores[ran].mean().item()
         return metrics
+
+    def _diagnostics(self, records, lay: _Layout, rewards, lengths, carries, hp) -> dict:
+        """``diag/*`` ratio-bin and gradient-domination metrics of the whole mini-batch (diag_capture.py)."""
+        positive = rewards >= resolve_hparams(self.loss_name, hp)["positive_threshold"]
+        return reduce_diagnostics(records, reporter=lay.reporter, lengths=lengths, positive=positive, carries=carries,
+                                  factor=grad_factor(unwrap(self.chunks[0]).config))
 
     def apply_gradients(self, loss: float) -> dict:
         """One optimizer step, or — on a non-finite loss or gradient anywhere — a skip that keeps the weights."""

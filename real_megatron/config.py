@@ -282,6 +282,7 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
     checks that need the model's shapes (layout, context) are left to the trainer, which has it.
     """
     from real_megatron.losses import check_loss_name, resolve_hparams
+    from real_megatron.losses.hparams import TRAINER_SET_HPARAMS
 
     check_allowed_values(cfg)
     try:
@@ -292,6 +293,9 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
         resolve_hparams(cfg.loss.name, dict(cfg.loss.hparams))
     except ValueError as err:
         raise ConfigError(f"loss.hparams: {err}") from err
+    for key, why in TRAINER_SET_HPARAMS.items():
+        if key in cfg.loss.hparams:
+            raise ConfigError(f"loss.hparams.{key} cannot be set: {why}; remove it from the config")
     if cfg.rollout.engine == "sglang" and cfg.rollout.sglang_weight_sync == "distributed" and not cfg.rollout.sglang_urls:
         raise ConfigError("rollout.sglang_weight_sync=distributed is for separate SGLang servers: set rollout.sglang_urls")
     if not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in cfg.rollout.sglang_urls):

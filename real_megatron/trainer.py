@@ -17,7 +17,8 @@ One rollout step (``Trainer.step``, one method per phase):
 
 Metrics: one row per optimizer step in ``<run_dir>/metrics.jsonl``; ``step`` counts optimizer
 steps. Rollout-level numbers (reward, lengths, times of the rollout phase) describe the batch the
-step trained on; ``time/rollout_s``, ``time/reward_s``, ``time/logprob_s`` are on the first row
+step trained on; ``time/rollout_s``, ``time/reward_s``, ``time/logprob_s`` (and ``time/ref_logprob_s``,
+the frozen reference model's forward pass when the loss has a KL to it) are on the first row
 of a rollout batch and ``time/sync_s`` on its last (0.0 on the others), so sums over rows are
 true totals. An evaluation before training is logged as its own row with ``step`` 0.
 
@@ -92,6 +93,7 @@ class Trainer:
                                      max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch,
                                      max_rollouts_per_micro_batch=cfg.train.micro_batch_rollouts or None,
                                      pad_id=pad_id_of(self.tokenizer))
+        self.ref_policy, self.ref_model_mb = self._reference_policy(loss_name or cfg.loss.name)
         # what a checkpoint records and a resume compares (TP/PP/CP/DP may change; the optimizer kind and dtype not)
         self.layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "cp": cfg.parallel.cp,
                        "dp": self.world_size // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp),
@@ -108,6 +110,29 @@ class Trainer:
         # colocated SGLang: release its memory during training (rollout.sglang_release_memory)
         self._colocated = cfg.rollout.engine == "sglang" and cfg.rollout.sglang_release_memory
         self._memory_tags: list[str] = []  # set with the engine: what is released and resumed
+
+    def _reference_policy(self, loss_name: str):
+        """The frozen initial model for a KL to the reference (``megatron/reference.py``), or ``(None, 0.0)``
+        when the loss needs none. Initial weights even on a resumed run (the checkpoint is the policy's)."""
+        from real_megatron.losses import LOSSES, resolve_hparams
+        from real_megatron.losses.kl import needs_reference_model
+        from real_megatron.megatron.reference import build_reference_policy, parameter_bytes
+
+        if loss_name not in LOSSES:  # the SFT warm-up
+            return None, 0.0
+        if not needs_reference_model(loss_name, resolve_hparams(loss_name, dict(self.cfg.loss.hparams))):
+            return None, 0.0
+        cfg = self.cfg
+        ref = build_reference_policy(self.hf, load_weights=lambda chunks: load_initial_weights(cfg, chunks),
+                                     dtype=torch_dtype(cfg.model.dtype), transformer_impl=cfg.model.transformer_impl,
+                                     sequence_parallel=cfg.model.sequence_parallel, temperature=cfg.rollout.temperature,
+                                     loss_name=loss_name, max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch,
+                                     max_rollouts_per_micro_batch=cfg.train.micro_batch_rollouts or None,
+                                     pad_id=self.policy.pad_id)
+        mb = parameter_bytes(ref.chunks) / 2**20
+        log.info("reference model for the KL term (kl_target=ref): frozen initial weights, %.1f MB of parameters "
+                 "on rank %d, one extra forward pass per rollout step", mb, self.rank)
+        return ref, mb
 
     # ------------------------------------------------------------------ state
     @property
@@ -262,6 +287,7 @@ class Trainer:
         """One rollout step: the five phases of the module docstring, then its metric rows."""
         records, rollout_metrics = self._rollouts()
         samples = self._old_logprobs(records, rollout_metrics)
+        self._ref_logprobs(samples, rollout_metrics)
         rows = self._updates(records, samples, rollout_metrics)
         rows[-1]["time/sync_s"] = self._sync_to_engine()
         self.rollout_step += 1
@@ -325,6 +351,18 @@ class Trainer:
         rollout_metrics["time/logprob_s"] = time.perf_counter() - t0
         return samples
 
+    def _ref_logprobs(self, samples, rollout_metrics: dict) -> None:
+        """Phase 2b (a KL to the reference only): every sample's ``ref_logp`` from the frozen initial model, at
+        the sampling temperature; adds ``time/ref_logprob_s`` and ``memory/ref_model_mb``."""
+        if self.ref_policy is None:
+            return
+        t0 = time.perf_counter()
+        ref_logps, _ = self.ref_policy.compute_logprobs(samples)
+        for s, lp in zip(samples, ref_logps):
+            s.ref_logp = lp
+        rollout_metrics["time/ref_logprob_s"] = time.perf_counter() - t0
+        rollout_metrics["memory/ref_model_mb"] = self.ref_model_mb
+
     def _updates(self, records, samples, rollout_metrics: dict) -> list[dict]:
         """Phase 3. One optimizer update per mini-batch of whole prompts; one metrics row per update."""
         from real_megatron.rollout.collect import split_mini_batches
@@ -347,7 +385,8 @@ class Trainer:
                 "time/update_s": time.perf_counter() - t0,
                 "time/sync_s": 0.0,
             })
-            for key in ("time/rollout_s", "time/reward_s", "time/logprob_s"):
+            for key in ("time/rollout_s", "time/reward_s", "time/logprob_s") + (
+                    ("time/ref_logprob_s",) if self.ref_policy is not None else ()):
                 row[key] = rollout_metrics.get(key, 0.0) if j == 0 else 0.0
             rows.append(row)
         return rows

@@ -54,6 +54,15 @@ def test_bad_overrides(override, message):
     (["train.max_tokens_per_micro_batch=319", "rollout.max_new_tokens=255", "data.max_prompt_length=64",
       "parallel.cp=2"], 2, r"= 319 \(320 positions aligned to 4\); set train.max_tokens_per_micro_batch >= 320"),
     (["train.micro_batch_rollouts=-1"], 1, r"train.micro_batch_rollouts=-1 must be >= 0"),
+    # hyperparameters the trainer sets per mini-batch itself: never silently dropped
+    (["loss.name=grpo", "loss.hparams={advantages: [1.0]}"], 1,
+     r"loss.hparams.advantages cannot be set: the trainer computes each mini-batch's group advantages"),
+    (["loss.hparams={normalizer: 8}"], 1, r"loss.hparams.normalizer cannot be set: the trainer sets the loss denominator"),
+    (["loss.hparams={num_groups: 8}"], 1, r"loss.hparams.num_groups cannot be set"),
+    (["loss.hparams={kl_coef: 0.01, kl_target: reff}"], 1,
+     r"loss.hparams: kl_target must be one of \('ref', 'old'\).*got 'reff'"),
+    (["loss.name=dapo", "loss.hparams={kl_coef: 0.01}"], 1, r"unknown hyperparameter\(s\) \['kl_coef'\] for loss 'dapo'"),
+    (["loss.name=gspo", "loss.hparams={kl_target: old}"], 1, r"unknown hyperparameter\(s\) \['kl_target'\]"),
 ])
 def test_impossible_configs_fail_before_start(overrides, world, message):
     cfg = load_config(None, overrides)

@@ -17,6 +17,7 @@ from real_megatron.losses.common import (
 )
 from real_megatron.losses.diagnostics import score_weight_stats
 from real_megatron.losses.hparams import SEQUENCE_LEVEL, resolve_hparams
+from real_megatron.losses.kl import kl_per_rollout, kl_target_of
 from real_megatron.losses.ppo import group_advantages, gspo_from_scores, ppo_family_terms
 from real_megatron.losses.real import REAL_FAMILY, real_group_losses
 
@@ -89,7 +90,9 @@ def policy_loss(
 
     Returns ``(loss, metrics)``: a scalar tensor with autograd to ``logp`` and a dict of floats.
     ``hparams`` are checked against ``LOSSES[name]``; anything unknown is a ``ValueError``.
-    ``ref_logp`` is only used by ``grpo`` (KL to the reference model, ``kl_coef``).
+    ``ref_logp``: the reference model's log-probs ``[N, T]``, the KL target of ``grpo`` and the REAL
+    family when ``kl_coef`` ≠ 0 and ``kl_target="ref"`` (``kl.py``; the REAL family then requires it).
+    REAL family with ``kl_coef`` ≠ 0: ``L_REAL + kl_coef · (1/N) Σ_k mean_t kl_{k,t}`` over the N rollouts.
     ``sequence_lengths`` ([N], token-level losses only): each rollout's full response length when
     ``logp`` holds only part of its tokens (context parallelism); default: ``mask.sum(1)``.
     """
@@ -102,9 +105,15 @@ def policy_loss(
     groups = Groups.from_ids(group_ids.to(logp.device))
     positive = rewards.to(logp.device) >= hp["positive_threshold"]
 
+    kl_logp = kl_target_of(hp, old_logp, ref_logp, name)
     if name in REAL_FAMILY:
         scores = sequence_scores(logp, old_logp, bool_mask)
-        return _real_loss_from_scores(name, scores, positive, groups, hp)
+        loss, metrics = _real_loss_from_scores(name, scores, positive, groups, hp)
+        if kl_logp is not None:
+            kl = kl_per_rollout(logp, kl_logp, bool_mask)
+            loss = loss + hp["kl_coef"] * kl.sum() / logp.shape[0]
+            metrics["kl"] = float(kl.detach().mean())
+        return loss, metrics
 
     advantages = hp["advantages"]
     if advantages is None:
@@ -115,7 +124,7 @@ def policy_loss(
         raise ValueError("gspo is sequence-level: with partial sequences use policy_loss_from_scores")
     total, denominator, metrics = ppo_family_terms(
         name, logp=logp, old_logp=old_logp, mask=bool_mask, advantages=advantages.to(logp.device),
-        ref_logp=ref_logp, clip_low=hp["clip_low"], clip_high=hp["clip_high"], kl_coef=hp.get("kl_coef", 0.0),
+        kl_logp=kl_logp, clip_low=hp["clip_low"], clip_high=hp["clip_high"], kl_coef=hp.get("kl_coef", 0.0),
         lengths=sequence_lengths,
     )
     if hp["normalizer"] is not None:
@@ -209,21 +218,22 @@ def zero_gradient_rollouts(name: str, *, rewards: torch.Tensor, group_ids: torch
 
     REAL family: the rollouts of non-contributing groups (uniform groups unless
     ``include_uniform_groups``; ``real_no_anchor`` never counts them). GRPO/DAPO/GSPO: rollouts
-    whose group advantage is exactly 0 (equal rewards in the group), unless GRPO's KL term is on
-    (``kl_coef`` ≠ 0 and reference log-probs given, ``has_ref``). Leaving them out of the
+    whose group advantage is exactly 0 (equal rewards in the group). None at all when a KL term is on
+    (``kl_coef`` ≠ 0 with ``kl_target="old"``, or with reference log-probs given, ``has_ref``): every
+    rollout's KL has a gradient. Leaving them out of the
     forward/backward changes neither the loss nor the gradient, as long as the denominator
     (``loss_normalizer``) and advantages are those of the whole batch.
     """
     hp = resolve_hparams(name, hparams)
     check_rollout_tensors(rewards.shape[0], rewards, group_ids)
     groups = Groups.from_ids(group_ids)
+    if hp.get("kl_coef", 0.0) != 0 and (hp["kl_target"] == "old" or has_ref):
+        return torch.zeros(rewards.shape[0], dtype=torch.bool)
     if name in REAL_FAMILY:
         positive = rewards >= hp["positive_threshold"]
         _, contributing, _, _ = real_group_losses(name, torch.zeros(rewards.shape[0], dtype=torch.float64), positive,
                                                   groups, hp["tau"], hp["include_uniform_groups"])
         return ~contributing[groups.index]
-    if name == "grpo" and has_ref and hp["kl_coef"] != 0:
-        return torch.zeros(rewards.shape[0], dtype=torch.bool)
     advantages = hp["advantages"]
     if advantages is None:
         advantages = group_advantages(rewards.to(torch.float64), group_ids, hp["adv_eps"])

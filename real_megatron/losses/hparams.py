@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from real_megatron.losses.kl import KL_LOSSES, KL_TARGETS
 from real_megatron.losses.ppo import PPO_FAMILY
 from real_megatron.losses.real import GROUP_NORMS, REAL_FAMILY
 
@@ -20,6 +21,8 @@ _REAL_DEFAULTS = {
     "group_norm": "all_groups",
     "num_groups": None,  # denominator override for "all_groups" (a part of a bigger batch)
     "normalizer": None,  # denominator override, any group_norm
+    "kl_coef": 0.0,  # Table 4's KL ablation: L_REAL + kl_coef · KL (losses/kl.py)
+    "kl_target": "ref",  # "ref": the frozen initial model; "old": π_old
 }
 _PPO_COMMON = {"advantages": None, "adv_eps": 1e-6, "normalizer": None, "positive_threshold": 1.0}
 
@@ -28,11 +31,21 @@ LOSSES: dict[str, dict] = {
     "real": dict(_REAL_DEFAULTS),
     "real_no_anchor": dict(_REAL_DEFAULTS),
     "real_bce": dict(_REAL_DEFAULTS),
-    "grpo": {**_PPO_COMMON, "clip_eps": 0.2, "clip_low": None, "clip_high": None, "kl_coef": 0.001},
+    "grpo": {**_PPO_COMMON, "clip_eps": 0.2, "clip_low": None, "clip_high": None, "kl_coef": 0.001,
+             "kl_target": "ref"},
     "dapo": {**_PPO_COMMON, "clip_low": 0.2, "clip_high": 0.28},
     "gspo": {**_PPO_COMMON, "clip_low": 3e-4, "clip_high": 4e-4},
 }
 assert set(LOSSES) == {*REAL_FAMILY, *PPO_FAMILY}, "every loss family member has an entry, and only they"
+assert {n for n, hp in LOSSES.items() if "kl_coef" in hp} == set(KL_LOSSES), "KL_LOSSES lists the losses with a KL term"
+
+# hyperparameters the trainer computes per mini-batch itself (from the whole mini-batch), so a value in
+# the config could never be honoured: validate_config rejects them with this reason
+TRAINER_SET_HPARAMS = {
+    "advantages": "the trainer computes each mini-batch's group advantages from its rewards",
+    "normalizer": "the trainer sets the loss denominator from the whole mini-batch (loss_normalizer)",
+    "num_groups": "the trainer sets the loss denominator from the whole mini-batch (loss_normalizer)",
+}
 
 
 def check_loss_name(name: str, extra: tuple[str, ...] = ()) -> None:
@@ -63,8 +76,13 @@ def resolve_hparams(name: str, hparams: dict) -> dict:
         for key in ("clip_low", "clip_high"):
             if not (isinstance(hp[key], (int, float)) and 0 <= hp[key] and math.isfinite(hp[key])):
                 raise ValueError(f"{key} must be a finite number >= 0, got {hp[key]!r}")
-        if name == "grpo" and not (isinstance(hp["kl_coef"], (int, float)) and math.isfinite(hp["kl_coef"])):
-            raise ValueError(f"kl_coef must be a finite number, got {hp['kl_coef']!r}")
+    if name in KL_LOSSES:
+        coef = hp["kl_coef"]
+        if isinstance(coef, bool) or not (isinstance(coef, (int, float)) and math.isfinite(coef) and coef >= 0):
+            raise ValueError(f"kl_coef must be a finite number >= 0 (0: no KL term), got {coef!r}")
+        if hp["kl_target"] not in KL_TARGETS:
+            raise ValueError(f"kl_target must be one of {KL_TARGETS} ('ref': the frozen initial model, "
+                             f"'old': π_old), got {hp['kl_target']!r}")
     for key in ("normalizer", "num_groups"):
         value = hp.get(key)
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):

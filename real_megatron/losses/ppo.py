@@ -6,7 +6,8 @@ the whole group — pass ``advantages`` explicitly when a call sees only part of
 
 ``grpo`` (paper's baseline, Eq. 1): token ratio ρ_t = exp(logp_t − old_logp_t), per-token
     ``−min(ρ_t A, clip(ρ_t, 1−ε, 1+ε) A)`` with ε = 0.2, plus ``kl_coef`` (β = 0.001 in the paper)
-    × the k3 estimator ``exp(ref−logp) − (ref−logp) − 1`` when ``ref_logp`` is given.
+    × the k3 estimator of ``kl.py`` toward ``kl_target`` (the reference model's ``ref_logp`` when
+    given, or π_old).
     Normalisation: mean over each rollout's tokens, then mean over rollouts (the
     (1/G) Σ_i (1/|o_i|) Σ_t of the GRPO objective). Denominator = number of rollouts.
 ``dapo``: clip-higher ε_low = 0.2, ε_high = 0.28, no KL; token-mean over the whole batch.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from real_megatron.losses.common import Groups, masked_token_sum
+from real_megatron.losses.kl import k3_tokens
 
 PPO_FAMILY = ("grpo", "dapo", "gspo")
 
@@ -66,13 +68,15 @@ def ppo_family_terms(
     old_logp: torch.Tensor,
     mask: torch.Tensor,
     advantages: torch.Tensor,
-    ref_logp: torch.Tensor | None,
+    kl_logp: torch.Tensor | None,
     clip_low: float,
     clip_high: float,
     kl_coef: float,
     lengths: torch.Tensor | None = None,
 ):
-    """Return ``(summed loss, default denominator, metrics)`` for a PPO-family loss."""
+    """Return ``(summed loss, default denominator, metrics)`` for a PPO-family loss.
+
+    ``kl_logp``: GRPO's KL target log-probs ``[N, T]`` (``kl.kl_target_of``), None for no KL term."""
     lengths = mask.sum(dim=1).to(logp.dtype) if lengths is None else lengths.to(logp.dtype)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     metrics: dict[str, float] = {}
@@ -81,9 +85,8 @@ def ppo_family_terms(
         log_ratio = torch.where(mask, logp - old_logp, zero)
         ratio = torch.exp(log_ratio)
         token_loss, zeroed = _clipped_objective(ratio, adv[:, None], clip_low, clip_high)
-        if name == "grpo" and ref_logp is not None and kl_coef != 0.0:
-            delta = torch.where(mask, ref_logp - logp, zero)
-            kl = torch.exp(delta) - delta - 1.0
+        if name == "grpo" and kl_logp is not None and kl_coef != 0.0:
+            kl = k3_tokens(logp, kl_logp, mask)
             token_loss = token_loss + kl_coef * kl
             metrics["kl"] = float((masked_token_sum(kl.detach(), mask) / lengths).mean())
         zeroed = zeroed & mask

@@ -43,6 +43,8 @@ import torch
 import torch.distributed as dist
 
 from real_megatron.losses import SEQUENCE_LEVEL, policy_loss, policy_loss_from_scores
+from real_megatron.losses.hparams import resolve_hparams
+from real_megatron.losses.kl import KL_LOSSES, kl_per_rollout, kl_target_of
 from real_megatron.megatron.batch import slot_rows
 from real_megatron.megatron.diag_capture import watch_tokens
 from real_megatron.megatron.logprobs import vocab_parallel_logprobs
@@ -91,6 +93,25 @@ class LossContext:
 def _per_row(logp, old_logp, mask):
     diff = torch.where(mask, logp - old_logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
     return diff.sum(dim=1), mask.sum(dim=1).to(logp.dtype)
+
+
+def _kl_term(ctx: LossContext, batch: dict, index, logp, old, mask, count):
+    """The KL penalty's share of this micro-batch (``losses/kl.py``) and each rollout's token-mean KL ``[n_mb]``.
+
+    Per-token terms are local (CP: this rank's tokens over the full, CP-reduced length ``count``); the
+    denominator is the whole mini-batch's rollout count, so shares add up over micro-batches and
+    ranks. GRPO's KL is inside ``policy_loss`` already: its share here is None, only the values come back."""
+    if ctx.loss_name not in KL_LOSSES:
+        return None, None
+    hp = resolve_hparams(ctx.loss_name, {k: v for k, v in ctx.hparams.items() if k != "advantages"})
+    ref = batch["ref_logp"].reshape(-1)[index].to(logp.dtype) if "ref_logp" in batch else None
+    target = kl_target_of(hp, old, ref, ctx.loss_name)
+    if target is None:
+        return None, None
+    kl = kl_per_rollout(logp, target, mask, count)
+    if ctx.loss_name == "grpo":
+        return None, kl.detach()
+    return hp["kl_coef"] * kl.sum() / ctx.rewards.shape[0], kl.detach()
 
 
 def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
@@ -146,8 +167,12 @@ def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
     # a partial one for token-level losses; report shares so that a sum over CP ranks is right
     sequence_level = ctx.loss_name in SEQUENCE_LEVEL or ctx.weights is not None
     reported_share = share.detach() / ctx.cp_size if sequence_level else share.detach()
+    kl_share, kl = _kl_term(ctx, batch, index, logp, old, mask, count) if ctx.loss_name != SFT else (None, None)
+    if kl_share is not None:  # a sum of per-token terms: local to each CP rank, like a token-level loss
+        share = share + kl_share
+        reported_share = reported_share + kl_share.detach()
     ctx.records.append({"sample_index": idx, "scores": scores.detach(), "share": reported_share,
-                        "tokens": mask.sum().detach(), "metrics": metrics, "diag": watched})
+                        "tokens": mask.sum().detach(), "metrics": metrics, "diag": watched, "kl": kl})
     return share * ctx.scale, {"share": reported_share}
 
 

@@ -39,6 +39,7 @@ from real_megatron.losses import (
     score_weights,
     zero_gradient_rollouts,
 )
+from real_megatron.losses.kl import KL_LOSSES
 from real_megatron.megatron.batch import Sample, build_micro_batch, plan_micro_batches, slot_rows, split_for_cp
 from real_megatron.megatron.diag_capture import grad_factor, reduce_diagnostics
 from real_megatron.megatron.hook import SFT, LossContext, forward_step, logprob_step
@@ -254,6 +255,7 @@ class MegatronPolicy:
                     ppo_sums[j] += rec["metrics"].get(key, 0.0)
         world_sum(summary)
         world_sum(ppo_sums)
+        kl = self._reduce_kl(samples, ctx.records, lay)
         scores = summary[3:]
         metrics.update({"loss": summary[0].item(), "response_tokens": float(lengths.sum()),
                         "hook/micro_batches": float(sum(len(rank) for rank in plan.rank_micro_batches))})
@@ -264,7 +266,27 @@ class MegatronPolicy:
         if plan.mode == "exact":  # the shares Σ w·s̄ are not the loss: the loss of the scores the update saw is
             _, loss, _ = score_weights(self.loss_name, scores=scores, rewards=rewards.double(), group_ids=group_ids, **hp)
             metrics["loss"] = loss.item()
+            if kl is not None and self.loss_name in REAL_FAMILY:  # Σ w·s̄ left out the KL term's value
+                metrics["loss"] += resolve_hparams(self.loss_name, hp)["kl_coef"] * kl.sum().item() / n
+        if kl is not None:
+            metrics["loss/kl"] = kl.mean().item()
         return metrics
+
+    def _reduce_kl(self, samples, records, lay: _Layout):
+        """Each rollout's token-mean KL ``[n]`` summed over ranks (CP ranks hold parts of it), or None when the
+        loss has no KL term. Every rollout runs when it has (``zero_gradient_rollouts``)."""
+        hp = resolve_hparams(self.loss_name, {k: v for k, v in self.hparams.items() if k != "advantages"}) \
+            if self.loss_name in KL_LOSSES else {}
+        has_ref = any(s.ref_logp is not None for s in samples)
+        if hp.get("kl_coef", 0.0) == 0.0 or (hp["kl_target"] == "ref" and not has_ref):
+            return None
+        kl = torch.zeros(len(samples), dtype=torch.float64)
+        if lay.reporter:
+            for rec in records:
+                if rec["kl"] is not None:
+                    kl[rec["sample_index"].cpu()] += rec["kl"].double().cpu()
+        world_sum(kl)
+        return kl
 
     def _loss_metrics(self, scores, rewards, group_ids, hp, trained, ppo_means) -> dict:
         """``loss/*`` metrics over the whole mini-batch; score means over the rollouts that ran."""

@@ -7,6 +7,7 @@ alone (plain causal attention, positions 0…L−1), the loss library's ``policy
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -29,6 +30,9 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--no-skip", action="store_true", help="run zero-gradient rollouts too")
     parser.add_argument("--no-fresh-skip", action="store_true", help="always pay the exact mode's extra forward")
+    parser.add_argument("--hparams", default="{}", help="loss hyperparameters, JSON")
+    parser.add_argument("--ref-seed", type=int, default=None,
+                        help="a frozen reference model (weights of this seed) gives every sample's ref_logp")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -45,17 +49,27 @@ def main() -> None:
                          use_distributed_optimizer=args.distributed_optimizer)
     load_full_state_dict(chunks[0], fixed_full_state_dict(hf))
     policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=10.0, adam_eps=1.0,
-                                                         use_distributed_optimizer=args.distributed_optimizer), loss_name=args.loss, hparams={},
+                                                         use_distributed_optimizer=args.distributed_optimizer), loss_name=args.loss, hparams=json.loads(args.hparams),
                            temperature=0.7, max_tokens_per_micro_batch=args.budget,
                            max_rollouts_per_micro_batch=args.cap,
                            force_exact=args.force_exact, skip_zero_gradient=not args.no_skip,
                            skip_fresh_exact_forward=not args.no_fresh_skip)
     samples = fixed_samples()
+    if args.ref_seed is not None:
+        from real_megatron.megatron.reference import build_reference_policy
+
+        ref = build_reference_policy(hf, load_weights=lambda c: load_full_state_dict(
+            c[0], fixed_full_state_dict(hf, seed=args.ref_seed)), transformer_impl="local", temperature=0.7,
+            max_tokens_per_micro_batch=args.budget)
+        ref_logps = unpacked_logps(ref.chunks[0], samples) if args.unpacked else ref.compute_logprobs(samples)[0]
+        for s, lp in zip(samples, ref_logps):
+            s.ref_logp = lp.detach()
     if args.fresh:
         logps, _ = policy.compute_logprobs(samples)
         for s, lp in zip(samples, logps):
             s.old_logp, s.old_logp_version = lp, policy.version
-    metrics = unpacked_forward_backward(chunks[0], samples, args.loss) if args.unpacked else policy.forward_backward(samples)
+    metrics = unpacked_forward_backward(chunks[0], samples, args.loss,
+                                                                      json.loads(args.hparams)) if args.unpacked else policy.forward_backward(samples)
     grads = gather_full_state_dict(chunks[0], "grad")
     metrics.update(policy.apply_gradients(metrics["loss"]))
     weights = gather_full_state_dict(chunks[0], "param")
@@ -67,11 +81,10 @@ def main() -> None:
     torch.distributed.destroy_process_group()
 
 
-def unpacked_forward_backward(model, samples, loss_name: str) -> dict:
-    from real_megatron.losses import policy_loss
+def unpacked_logps(model, samples) -> list:
+    """Each rollout's response log-probs, the rollout run through the model alone (no planner, no packing)."""
     from real_megatron.megatron.logprobs import vocab_parallel_logprobs
 
-    assert torch.distributed.get_world_size() == 1, "the unpacked reference runs in one process"
     rows = []
     for s in samples:
         ids = torch.tensor([list(s.prompt_ids) + list(s.response_ids)])
@@ -80,15 +93,26 @@ def unpacked_forward_backward(model, samples, loss_name: str) -> dict:
         logp, _ = vocab_parallel_logprobs(logits, labels, temperature=0.7, vocab_size=300, with_entropy=False)
         p, r = len(s.prompt_ids), len(s.response_ids)
         rows.append(logp[0, p - 1:p + r - 1])
+    return rows
+
+
+def unpacked_forward_backward(model, samples, loss_name: str, hparams: dict) -> dict:
+    from real_megatron.losses import policy_loss
+
+    assert torch.distributed.get_world_size() == 1, "the unpacked reference runs in one process"
+    rows = unpacked_logps(model, samples)
     width = max(r.numel() for r in rows)
     logp = torch.stack([torch.nn.functional.pad(r, (0, width - r.numel())) for r in rows])
     old = torch.stack([torch.nn.functional.pad(s.old_logp, (0, width - len(s.old_logp))) for s in samples])
     mask = torch.stack([torch.arange(width) < len(s.response_ids) for s in samples])
-    loss, _ = policy_loss(loss_name, logp=logp, old_logp=old, mask=mask,
-                          rewards=torch.tensor([s.reward for s in samples]),
-                          group_ids=torch.tensor([s.group_id for s in samples]))
+    ref = None
+    if samples[0].ref_logp is not None:
+        ref = torch.stack([torch.nn.functional.pad(s.ref_logp, (0, width - len(s.ref_logp))) for s in samples])
+    loss, metrics = policy_loss(loss_name, logp=logp, old_logp=old, mask=mask, ref_logp=ref,
+                                rewards=torch.tensor([s.reward for s in samples]),
+                                group_ids=torch.tensor([s.group_id for s in samples]), **hparams)
     loss.backward()
-    return {"loss": loss.item(), "hook/exact_mode": 0.0}
+    return {"loss": loss.item(), "hook/exact_mode": 0.0, **({"loss/kl": metrics["kl"]} if "kl" in metrics else {})}
 
 
 if __name__ == "__main__":

@@ -177,5 +177,28 @@ def test_skipping_the_fresh_exact_mode_forward_changes_nothing(workdir):
 
 def test_context_parallel_2_loss_path(workdir):
     result = run_layout(workdir, 2, worker=CP_WORKER)
+    assert {"real-kl_coef=0.3", "real-kl_coef=0.3-kl_target=old", "grpo-kl_coef=0.3"} <= set(result)  # KL cases
     for loss, (err_loss, err_grad) in result.items():
         assert err_loss <= RTOL and err_grad <= RTOL, (loss, err_loss, err_grad)
+
+
+@pytest.mark.parametrize("loss, hparams, ref_seed", [
+    ("grpo", '{"kl_coef": 0.3}', "1"),
+    ("real", '{"kl_coef": 0.3}', "1"),
+    ("real", '{"kl_coef": 0.3, "kl_target": "old"}', None),
+])
+def test_kl_term_exact_under_data_and_tensor_parallel(workdir, loss, hparams, ref_seed):
+    # reference model: frozen weights of another seed (so the KL and its gradient are far from 0), its
+    # log-probs from the packed forward-only pass under each layout, vs each rollout alone in the reference
+    args = ["--loss", loss, "--hparams", hparams, *(["--ref-seed", ref_seed] if ref_seed else [])]
+    reference = run_layout(workdir, 1, *args, "--unpacked")
+    assert reference["metrics"]["loss/kl"] > 0.05
+    data = run_layout(workdir, 2, *args, "--budget", "32")  # groups split over micro-batches and ranks
+    tensor = run_layout(workdir, 2, *args, "--tp", "2")  # whole groups in one micro-batch
+    assert data["metrics"]["hook/trained_rollout_fraction"] == 1.0  # the all-correct group's KL has a gradient
+    if loss == "real":
+        assert data["metrics"]["hook/exact_mode"] == 1.0 and tensor["metrics"]["hook/exact_mode"] == 0.0
+    for result in (data, tensor):
+        assert_matches(result, reference)
+        kl, ref_kl = result["metrics"]["loss/kl"], reference["metrics"]["loss/kl"]
+        assert abs(kl - ref_kl) <= RTOL * ref_kl, (kl, ref_kl)

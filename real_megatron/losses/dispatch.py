@@ -153,7 +153,8 @@ def policy_loss_from_scores(name: str, *, scores: torch.Tensor, rewards: torch.T
     """A sequence-level loss (``SEQUENCE_LEVEL``) from per-rollout scores s̄ ``[N]``, differentiable in them.
 
     Used where s̄ is assembled from pieces (context parallelism: per-rank partial sums reduced
-    over the CP group). Same hyperparameters, normalisation and metrics as ``policy_loss``.
+    over the CP group). Same hyperparameters, normalisation and metrics as ``policy_loss``, except the
+    REAL family's KL term: it is per token, so the caller adds ``kl_coef · Σ_k kl.kl_per_rollout(...) / N``.
     """
     if name not in SEQUENCE_LEVEL:
         raise ValueError(f"{name!r} is token-level; policy_loss_from_scores takes {SEQUENCE_LEVEL}")

@@ -35,7 +35,12 @@ def main() -> None:
     cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
     samples = fixed_samples()
     n, vocab = len(samples), 300
-    batch = build_micro_batch(samples, list(range(n)), align=alignment(cp))
+    plain_batch = build_micro_batch(samples, list(range(n)), align=alignment(cp))
+    g = torch.Generator().manual_seed(9)
+    for s in samples:  # reference log-probs for the KL cases (a batch with them carries "ref_logp")
+        s.ref_logp = s.old_logp + 0.5 * torch.randn(len(s.old_logp), generator=g)
+    ref_batch = build_micro_batch(samples, list(range(n)), align=alignment(cp))
+    batch = plain_batch
     seq_len = batch["tokens"].shape[1]
     logits_full = torch.randn(1, seq_len, vocab, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     rewards = torch.tensor([s.reward for s in samples])
@@ -43,9 +48,12 @@ def main() -> None:
     lengths = torch.tensor([len(s.response_ids) for s in samples])
     resp_mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).float()
     errors = {}
-    for loss in ("real", "real_bce", "real_no_anchor", "gspo", "grpo", "dapo"):
+    kl_cases = [("real", {"kl_coef": 0.3}), ("real", {"kl_coef": 0.3, "kl_target": "old"}),
+                ("real_bce", {"kl_coef": 0.3}), ("grpo", {"kl_coef": 0.3})]
+    for loss, hparams in [(name, {}) for name in ("real", "real_bce", "real_no_anchor", "gspo", "grpo", "dapo")] + kl_cases:
+        batch = ref_batch if hparams else plain_batch
         def context(cp_size, cp_group):
-            return LossContext(loss_name=loss, hparams={}, temperature=0.7, vocab_size=vocab, rewards=rewards,
+            return LossContext(loss_name=loss, hparams=hparams, temperature=0.7, vocab_size=vocab, rewards=rewards,
                                group_ids=group_ids,
                                normalizer=loss_normalizer(loss, mask=resp_mask, rewards=rewards, group_ids=group_ids),
                                advantages=group_advantages(rewards, group_ids) if loss in ("grpo", "dapo", "gspo") else None,
@@ -57,17 +65,20 @@ def main() -> None:
 
         keep = cp_row_indices(batch["cu_seqlens"], cp, cp_rank)
         local = logits_full[:, keep].clone().requires_grad_(True)
-        share, _ = loss_func(context(cp, ps.get_context_parallel_group()), split_for_cp(batch, cp, cp_rank), local)
+        share, report = loss_func(context(cp, ps.get_context_parallel_group()), split_for_cp(batch, cp, cp_rank), local)
         (grad,) = torch.autograd.grad(share, local)
         total = share.detach().clone()
         if loss not in SEQUENCE_LEVEL:  # token-level: the CP ranks' partial sums add up
+            dist.all_reduce(total, group=ps.get_context_parallel_group())
+        if hparams:  # a KL term (per-token, local) on top: the reported shares add up over CP ranks
+            total = report["share"].detach().clone()
             dist.all_reduce(total, group=ps.get_context_parallel_group())
         err_loss = (total - ref_share.detach()).abs().item() / ref_share.detach().abs().item()
         err_grad = (grad - ref_grad[:, keep]).abs().max().item() / ref_grad.abs().max().item()
         assert ref_grad[:, keep].abs().max() > 0
         stats = torch.tensor([err_loss, err_grad], dtype=torch.float64)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-        errors[loss] = tuple(stats.tolist())
+        errors[loss + "".join(f"-{k}={v}" for k, v in hparams.items())] = tuple(stats.tolist())
     if dist.get_rank() == 0:
         torch.save(errors, args.out)
     dist.barrier()

@@ -32,7 +32,8 @@ with an all-reduce whose backward is the identity: every CP rank then holds the 
 same loss, but the gradient flows only into its own tokens, so summing over CP ranks (DDP does)
 counts each token once. Token-level losses (GRPO, DAPO) need no reduction of the loss: their
 per-token terms are local, normalised by the full response lengths (CP-reduced counts) and the
-mini-batch denominator, and the CP ranks' partial sums add up.
+mini-batch denominator, and the CP ranks' partial sums add up. The KL penalty (``losses/kl.py``) is
+such a per-token sum for every loss, so it is added to the share the same way (``_kl_term``).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ packed micro-batches is ``batch.py``'s docstring.
 Two shortcuts, each leaving the loss and gradient what they would be without it (tested):
 
 * rollouts whose gradient is exactly zero whatever the parameters (``losses.zero_gradient_rollouts``:
-  REAL's non-contributing groups, PPO-family rollouts with advantage 0 and no KL term) are not
+  REAL's non-contributing groups, PPO-family rollouts with advantage 0; none when a KL term is on) are not
   run; the denominator, advantages and group metrics still count them
   (``hook/trained_rollout_fraction`` = share that ran). ``loss/score_mean*`` are over the rollouts
   that ran: the others' s̄ is never computed, which is the saving.

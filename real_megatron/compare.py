@@ -214,7 +214,8 @@ def _write_outputs(out: Path, specs: list[RunSpec], settings: dict) -> dict:
 
 def run_comparison(args) -> int:
     from real_megatron.chain_recipe import build_chain_assets, rl_overrides, run_warmup
-    from real_megatron.compare_summary import summary_markdown, write_text_atomic
+    from real_megatron.checkpoint import atomic_write_text as write_text_atomic
+    from real_megatron.compare_summary import summary_markdown
     from real_megatron.config import load_config
     from real_megatron.job_runner import setup_logging
 

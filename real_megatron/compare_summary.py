@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -149,21 +148,12 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_summary(out_dir: Path, summary: dict) -> tuple[Path, Path]:
     """``out_dir/summary.json`` and ``out_dir/summary.md``, each written atomically."""
+    from real_megatron.checkpoint import atomic_write_text as write_text_atomic
+
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "summary.json", out_dir / "summary.md"
     write_text_atomic(json_path, json.dumps(summary, indent=1) + "\n")
     write_text_atomic(md_path, summary_markdown(summary))

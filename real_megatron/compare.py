@@ -142,34 +142,6 @@ def plan_runs(args) -> tuple[list[RunSpec], list[str]]:
     return specs, list(args.warmup_set)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_saved_config(run_dir: Path, cfg) -> None:
-    """A run directory written with other settings must not be resumed or counted as this run."""
-    import yaml
-
-    from real_megatron.config import config_to_dict
-
-    saved_path = Path(run_dir) / "config.yaml"
-    if not saved_path.exists():
-        return
-    saved = _flat(yaml.safe_load(saved_path.read_text()) or {})
-    now = _flat(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False)))
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if diff:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:5])
-        raise CompareError(f"{run_dir} was run with other settings ({shown}{', ...' if len(diff) > 5 else ''}); "
-                           "use a new --out, or delete that directory to rerun it")
-
-
 def _rss_gib() -> float:
     """This process's resident memory now (GiB): the runs share it, so a leak between runs shows here."""
     import os
@@ -213,7 +185,7 @@ def _write_outputs(out: Path, specs: list[RunSpec], settings: dict) -> dict:
 
 
 def run_comparison(args) -> int:
-    from real_megatron.chain_recipe import build_chain_assets, rl_overrides, run_warmup
+    from real_megatron.chain_recipe import build_chain_assets, check_saved_config, rl_overrides, run_warmup
     from real_megatron.checkpoint import atomic_write_text as write_text_atomic
     from real_megatron.compare_summary import summary_markdown
     from real_megatron.config import load_config
@@ -231,7 +203,10 @@ def run_comparison(args) -> int:
         configs[spec] = load_config(None, rl_overrides(assets, init_dir=out / "warmup" / "hf", run_dir=spec.run_dir(out),
                                                        loss=spec.loss, seed=spec.seed, steps=args.steps)
                                     + list(spec.overrides))
-        check_saved_config(spec.run_dir(out), configs[spec])
+        try:
+            check_saved_config(spec.run_dir(out), configs[spec])
+        except ValueError as err:
+            raise CompareError(str(err)) from err
     print(f"[compare] warm-up ({args.warmup_steps} steps) -> {out / 'warmup'}", flush=True)
     t0 = time.perf_counter()
     init_dir = run_warmup(out / "warmup", assets, steps=args.warmup_steps, extra=warmup_extra)

@@ -63,6 +63,11 @@ def main(argv=None) -> int:
     print(f"[demo] {args.loss.upper()} training ({args.steps} rollout steps) -> {rl_dir}", flush=True)
     cfg = load_config(None, recipe.rl_overrides(assets, init_dir=warm, run_dir=rl_dir, loss=args.loss, seed=args.seed,
                                                 steps=args.steps))
+    try:  # a directory of another demo version or other flags must not be resumed as this run
+        recipe.check_saved_config(rl_dir, cfg)
+    except ValueError as err:
+        print(f"error: {err}", flush=True)
+        return 2
     code = Trainer(cfg).run()
     if dist.is_initialized():
         dist.destroy_process_group()

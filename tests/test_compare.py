@@ -157,3 +157,15 @@ def test_micro_comparison_writes_tables_and_figures_and_a_rerun_skips(tmp_path, 
     assert compare_main([*argv, "--set", "optim.lr=3e-4"]) == 2
     assert "was run with other settings" in capsys.readouterr().err
     assert [m.stat().st_mtime_ns for m in metrics] == stamps
+
+
+def test_saved_config_check_names_the_changed_settings(tmp_path):
+    """The rule `compare` and `demo` share: a run directory is resumed only with the settings it was run with."""
+    from real_megatron.chain_recipe import check_saved_config
+    from real_megatron.config import load_config, save_config
+
+    check_saved_config(tmp_path, load_config(None, ["optim.lr=1e-4"]))  # nothing saved yet: nothing to compare
+    save_config(load_config(None, ["optim.lr=1e-4"]), tmp_path / "config.yaml")
+    check_saved_config(tmp_path, load_config(None, ["optim.lr=1e-4"]))
+    with pytest.raises(ValueError, match=r"other settings \(loss.hparams.tau: None -> 0.1, optim.lr: 0.0001 -> 0.0003\)"):
+        check_saved_config(tmp_path, load_config(None, ["optim.lr=3e-4", "loss.hparams.tau=0.1"]))

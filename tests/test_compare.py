@@ -111,7 +111,18 @@ def test_plan_is_seed_major_and_a_tau_equal_to_reals_reuses_the_real_run(tmp_pat
 
 
 @pytest.mark.slow
-def test_micro_comparison_writes_tables_and_figures_and_a_rerun_skips(tmp_path, capsys):
+def _compare_process(argv: list[str]) -> tuple[int, str, str]:
+    """``real-megatron compare`` in its own process, as a user runs it: the trainings' process group, wandb's
+    threads and the reward workers live and die there, not in the test session."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "real_megatron", "compare", *argv], capture_output=True, text=True,
+                          timeout=1200)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_micro_comparison_writes_tables_and_figures_and_a_rerun_skips(tmp_path):
     out = tmp_path / "cmp"
     small = ["train.rollout_batch_prompts=2", "train.mini_batch_prompts=1", "rollout.n=2",
              "rollout.max_new_tokens=24", "eval.max_prompts=1", "eval.samples=2", "eval.max_new_tokens=24",
@@ -119,8 +130,8 @@ def test_micro_comparison_writes_tables_and_figures_and_a_rerun_skips(tmp_path, 
     argv = ["--losses", "real,dapo", "--seeds", "1", "--steps", "2", "--out", str(out), "--warmup-steps", "2",
             *[x for s in small for x in ("--set", s)],
             "--warmup-set", "eval.max_prompts=1", "--warmup-set", "eval.samples=2", "--warmup-set", "eval.max_new_tokens=24"]
-    assert compare_main(argv) == 0
-    first = capsys.readouterr().out
+    code, first, err = _compare_process(argv)
+    assert code == 0, err[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["losses"]) == ["real", "dapo"]
     assert summary["levels"] == [f"level{k}" for k in range(1, 6)]
@@ -137,8 +148,8 @@ def test_micro_comparison_writes_tables_and_figures_and_a_rerun_skips(tmp_path, 
 
     metrics = [out / "runs" / label / "seed1" / "metrics.jsonl" for label in ("real", "dapo")]
     stamps = [m.stat().st_mtime_ns for m in metrics]
-    assert compare_main(argv) == 0
-    second = capsys.readouterr().out
+    code, second, err = _compare_process(argv)
+    assert code == 0, err[-3000:]
     assert "run 1/2: real seed 1: finished before, skipped" in second
     assert "run 2/2: dapo seed 1: finished before, skipped" in second
     assert [m.stat().st_mtime_ns for m in metrics] == stamps  # nothing retrained
@@ -147,15 +158,15 @@ def test_micro_comparison_writes_tables_and_figures_and_a_rerun_skips(tmp_path, 
     # an interrupted run (no done marker) resumes from its checkpoint: here the last one, so nothing retrains
     (out / "runs" / "dapo" / "seed1" / "compare_done.json").unlink()
     rows = metrics[1].read_text().splitlines()
-    assert compare_main(argv) == 0
-    third = capsys.readouterr().out
+    code, third, err = _compare_process(argv)
+    assert code == 0, err[-3000:]
     assert "run 2/2: dapo seed 1 -> " in third and "(resuming from its checkpoint)" in third
     assert metrics[1].read_text().splitlines() == rows
     stamps = [m.stat().st_mtime_ns for m in metrics]
 
     # the same directory with other settings is refused, before any training
-    assert compare_main([*argv, "--set", "optim.lr=3e-4"]) == 2
-    assert "was run with other settings" in capsys.readouterr().err
+    code, _, err = _compare_process([*argv, "--set", "optim.lr=3e-4"])
+    assert code == 2 and "was run with other settings" in err, err[-3000:]
     assert [m.stat().st_mtime_ns for m in metrics] == stamps
 
 

@@ -121,8 +121,8 @@ def test_trainer_with_two_servers_then_one_killed_mid_run(two_servers, assets, t
     assert victim.url in err + out, err[-3000:]
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest.startswith("step_")
-    survivor = [a for a in args if not a.startswith("rollout.sglang_urls=")] + [
-        f"rollout.sglang_urls=[{two_servers[0].url}]"]
+    survivor = [a for a in args if not a.startswith(("rollout.sglang_urls=", "rollout.sglang_master_port="))] + [
+        f"rollout.sglang_urls=[{two_servers[0].url}]", f"rollout.sglang_master_port={sglang_server.free_port()}"]
     resumed = run_train(survivor, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr + resumed.stdout

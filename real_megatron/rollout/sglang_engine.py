@@ -125,6 +125,10 @@ class SGLangEngine(RolloutEngine):
         (lists of ``(hf_name, full tensor)``), one request per bucket and server, then flush caches."""
         if self._closed:
             raise SGLangError("SGLangEngine is closed; cannot update weights")
+        if self.sender.kind == "distributed":
+            # every server must be alive before the first broadcast: a server dying mid-collective leaves the
+            # others blocked inside it until the group's timeout, so fail here, naming it, while none is in one
+            on_each(self.servers, lambda s: s.wait_healthy(5.0))
         sent = push_weights(self.servers, buckets, self.sender, self._next_version())
         self.stats["weight_buckets"] += sent["buckets"]
         self.stats["weight_bytes"] += sent["bytes"]

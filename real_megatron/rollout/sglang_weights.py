@@ -140,8 +140,14 @@ def _concurrently(remote, local) -> None:
         raise errors[0]
     try:
         local()
-    finally:
-        thread.join()
+    except BaseException:
+        # the servers' requests may wait for this group until the HTTP timeout (an hour by default):
+        # give them a moment to report their own error, then raise this one rather than hang
+        thread.join(10.0)
+        if errors:
+            raise errors[0]
+        raise
+    thread.join()
     if errors:
         raise errors[0]
 

@@ -13,7 +13,7 @@ if __name__ == "__main__":
     import torch
     import torch.distributed as dist
     from real_megatron.config import load_config
-    from real_megatron.task_assets import build_arithmetic_assets as build_assets
+    from real_megatron.repro.assets import build_arithmetic_assets as build_assets
     from real_megatron.sft import run_sft
     from real_megatron.job_runner import setup_logging
     from real_megatron.trainer import Trainer

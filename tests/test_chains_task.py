@@ -1,4 +1,4 @@
-"""The multi-step arithmetic-chain task (real_megatron/data/chains.py): files, splits, rewards, lengths.
+"""The multi-step arithmetic-chain task (real_megatron/repro/chains.py): files, splits, rewards, lengths.
 
 Problems are read back from the written parquet files and parsed from their prompt text here, so
 the checks hold for what a trainer would load, not for the generator's own objects.
@@ -11,9 +11,10 @@ import statistics
 import pyarrow.parquet as pq
 import pytest
 
-from real_megatron.data import (CHAIN_LEVELS, CHAINS_DATA_SOURCE, PROMPT_SUFFIX, chain_splits, chain_texts,
-                                load_prompts, train_task_tokenizer, write_chain_task)
-from real_megatron.data.chains import LEVEL_STEPS, MAX_VALUE, count_level_problems
+from real_megatron.data import PROMPT_SUFFIX, load_prompts
+from real_megatron.repro.chains import (CHAIN_LEVELS, CHAINS_DATA_SOURCE, LEVEL_STEPS, MAX_VALUE, chain_splits,
+                                        chain_texts, count_level_problems, write_chain_task)
+from real_megatron.repro.tokenizer import train_task_tokenizer
 
 SMALL = {"n_train_per_level": 300, "n_test_per_level": 100}
 _WORDS = {"add": "+", "subtract": "-", "multiply by": "*", "divide by": "/"}

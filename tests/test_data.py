@@ -8,9 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from real_megatron.data import (PROMPT_SUFFIX, PromptSampler, arithmetic_problems, arithmetic_texts, encode_prompt,
-                                ground_truth_candidates, load_prompts, normalize_ground_truth, train_task_tokenizer,
-                                write_arithmetic_task)
+from real_megatron.data import (PROMPT_SUFFIX, PromptSampler, encode_prompt, ground_truth_candidates, load_prompts,
+                                normalize_ground_truth)
+from real_megatron.repro.arithmetic import arithmetic_problems, arithmetic_texts, write_arithmetic_task
+from real_megatron.repro.tokenizer import train_task_tokenizer
 
 from shared_data import shared_file  # tests/ is on sys.path under pytest
 

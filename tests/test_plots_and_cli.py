@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from real_megatron.plots import plot_run, plot_weights, read_metrics
+from real_megatron.plots import plot_run, read_metrics
+from real_megatron.repro.figures import plot_weights
 
 
 def test_figure1_curves_have_the_papers_shape(tmp_path):

@@ -2,8 +2,8 @@
 
     real-megatron demo [--run-dir runs/demo] [--loss real] [--steps N] [--warmup-steps N] [--seed S]
 
-1. the chain task (``data/chains.py``: arithmetic chains of 1–8 steps, five held-out levels), its
-   tokenizer, and a tiny random Qwen2 (``chain_recipe.py`` holds every setting);
+1. the chain task (``repro/chains.py``: arithmetic chains of 1–8 steps, five held-out levels), its
+   tokenizer, and a tiny random Qwen2 (``recipe.py`` holds every setting);
 2. a supervised warm-up (``real-megatron sft``, Megatron-Core, cross-entropy on reference
    solutions of the easy levels) that leaves the model partially competent;
 3. RL with REAL from there (``real-megatron train``: embedded rollout engine, math-verify rewards
@@ -33,7 +33,7 @@ def _levels(row: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from real_megatron import chain_recipe as recipe
+    from real_megatron.repro import recipe
 
     parser = argparse.ArgumentParser(prog="real-megatron demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", default="runs/demo")

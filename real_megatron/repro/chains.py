@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Iterable
 
 from real_megatron.data.prompts import PROMPT_SUFFIX
-from real_megatron.data.synthetic import write_table_atomic
+from real_megatron.data.writer import write_table_atomic
 
 CHAINS_DATA_SOURCE = "synthetic_chains"
 LEVEL_STEPS = {1: 1, 2: 2, 3: 4, 4: 6, 5: 8}  # level -> number of operations in the chain

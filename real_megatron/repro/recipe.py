@@ -1,6 +1,6 @@
 """The chain task's recipe, shared by ``real-megatron demo`` and ``real-megatron compare``.
 
-One place says what the CPU-scale experiment is: the task files (``data/chains.py``), the model, the
+One place says what the CPU-scale experiment is: the task files (``repro/chains.py``), the model, the
 supervised warm-up that leaves it partially competent, and the RL settings every loss is run with.
 
     assets = build_chain_assets(root, seed=0)            # task files, tokenizer, random base model
@@ -63,9 +63,9 @@ class ChainAssets:
 def build_chain_assets(root: Path, seed: int = TASK_SEED) -> ChainAssets:
     """Write the task files, train the tokenizer and save the random base model under ``root``; each
     piece is skipped when already there (every writer is atomic)."""
-    from real_megatron.data.chains import chain_texts, write_chain_task
-    from real_megatron.data.tokenizer import train_task_tokenizer
-    from real_megatron.task_assets import save_random_qwen2
+    from real_megatron.repro.chains import chain_texts, write_chain_task
+    from real_megatron.repro.tokenizer import train_task_tokenizer
+    from real_megatron.repro.assets import save_random_qwen2
 
     root = Path(root)
     data = root / "data"

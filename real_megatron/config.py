@@ -281,21 +281,20 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
     ``hf_config``: the model's config as ``hf_model.read_hf_config`` returns it; without it the
     checks that need the model's shapes (layout, context) are left to the trainer, which has it.
     """
-    from real_megatron.losses import check_loss_name, resolve_hparams
-    from real_megatron.losses.hparams import TRAINER_SET_HPARAMS
+    from real_megatron.losses import LOSSES, build_loss, check_loss_name
 
     check_allowed_values(cfg)
     try:
         check_loss_name(cfg.loss.name)
     except ValueError as err:
         raise ConfigError(f"loss.name: {err}") from err
-    try:
-        resolve_hparams(cfg.loss.name, dict(cfg.loss.hparams))
-    except ValueError as err:
-        raise ConfigError(f"loss.hparams: {err}") from err
-    for key, why in TRAINER_SET_HPARAMS.items():
+    for key, why in LOSSES[cfg.loss.name].PER_CALL.items():
         if key in cfg.loss.hparams:
             raise ConfigError(f"loss.hparams.{key} cannot be set: {why}; remove it from the config")
+    try:
+        build_loss(cfg.loss.name, dict(cfg.loss.hparams))
+    except ValueError as err:
+        raise ConfigError(f"loss.hparams: {err}") from err
     if cfg.rollout.engine == "sglang" and cfg.rollout.sglang_weight_sync == "distributed" and not cfg.rollout.sglang_urls:
         raise ConfigError("rollout.sglang_weight_sync=distributed is for separate SGLang servers: set rollout.sglang_urls")
     if not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in cfg.rollout.sglang_urls):

@@ -31,11 +31,10 @@ def _solution(record) -> str:
 
 
 def run_sft(cfg) -> int:
+    from real_megatron.losses import SFTLoss
     from real_megatron.megatron.batch import Sample
-    from real_megatron.megatron.hook import SFT
 
-    t = Trainer(cfg, loss_name=SFT)
-    t.policy.temperature = 1.0  # plain cross-entropy: the rollout temperature belongs to the RL objective only
+    t = Trainer(cfg, loss=SFTLoss())
     try:
         if t.rank == 0:
             t.run_dir.mkdir(parents=True, exist_ok=True)

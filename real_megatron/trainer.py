@@ -55,7 +55,7 @@ class RolloutFailed(JobFailed):
 class Trainer:
     """Everything a run holds; ``run()`` executes the loop. Used by ``train`` and, with the SFT loss, ``sft``."""
 
-    def __init__(self, cfg: RunConfig, *, loss_name: str | None = None):
+    def __init__(self, cfg: RunConfig, *, loss=None):
         from real_megatron.checkpoint import CheckpointManager
         from real_megatron.megatron.cpu import enable_cpu_support
         from real_megatron.megatron.model import build_model, initialize_parallel
@@ -88,12 +88,14 @@ class Trainer:
                                          adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
                                          use_distributed_optimizer=o.use_distributed_optimizer)
         self.tokenizer = load_tokenizer(cfg.model.hf_dir)
-        self.policy = MegatronPolicy(self.chunks, self.optimizer, loss_name=loss_name or cfg.loss.name,
-                                     hparams=cfg.loss.hparams, temperature=cfg.rollout.temperature,
+        from real_megatron.losses import build_loss
+
+        self.loss = loss if loss is not None else build_loss(cfg.loss.name, cfg.loss.hparams)
+        self.policy = MegatronPolicy(self.chunks, self.optimizer, loss=self.loss, temperature=cfg.rollout.temperature,
                                      max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch,
                                      max_rollouts_per_micro_batch=cfg.train.micro_batch_rollouts or None,
                                      pad_id=pad_id_of(self.tokenizer))
-        self.ref_policy, self.ref_model_mb = self._reference_policy(loss_name or cfg.loss.name)
+        self.ref_policy, self.ref_model_mb = self._reference_policy()
         # what a checkpoint records and a resume compares (TP/PP/CP/DP may change; the optimizer kind and dtype not)
         self.layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "cp": cfg.parallel.cp,
                        "dp": self.world_size // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp),
@@ -111,22 +113,18 @@ class Trainer:
         self._colocated = cfg.rollout.engine == "sglang" and cfg.rollout.sglang_release_memory
         self._memory_tags: list[str] = []  # set with the engine: what is released and resumed
 
-    def _reference_policy(self, loss_name: str):
+    def _reference_policy(self):
         """The frozen initial model for a KL to the reference (``megatron/reference.py``), or ``(None, 0.0)``
         when the loss needs none. Initial weights even on a resumed run (the checkpoint is the policy's)."""
-        from real_megatron.losses import LOSSES, resolve_hparams
-        from real_megatron.losses.kl import needs_reference_model
         from real_megatron.megatron.reference import build_reference_policy, parameter_bytes
 
-        if loss_name not in LOSSES:  # the SFT warm-up
-            return None, 0.0
-        if not needs_reference_model(loss_name, resolve_hparams(loss_name, dict(self.cfg.loss.hparams))):
+        if not self.loss.needs_reference:
             return None, 0.0
         cfg = self.cfg
         ref = build_reference_policy(self.hf, load_weights=lambda chunks: load_initial_weights(cfg, chunks),
                                      dtype=torch_dtype(cfg.model.dtype), transformer_impl=cfg.model.transformer_impl,
                                      sequence_parallel=cfg.model.sequence_parallel, temperature=cfg.rollout.temperature,
-                                     loss_name=loss_name, max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch,
+                                     max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch,
                                      max_rollouts_per_micro_batch=cfg.train.micro_batch_rollouts or None,
                                      pad_id=self.policy.pad_id)
         mb = parameter_bytes(ref.chunks) / 2**20
@@ -339,9 +337,8 @@ class Trainer:
 
         t0 = time.perf_counter()
         samples = [Sample(r.prompt_ids, r.response_ids, r.reward, r.group_id) for r in records]
-        logps, entropies = self.policy.compute_logprobs(samples)
-        for s, lp in zip(samples, logps):
-            s.old_logp, s.old_logp_version = lp, self.policy.version  # current until the next optimizer step
+        entropies = self.policy.set_old_logprobs(samples)
+        logps = [s.old_logp for s in samples]
         tokens = sum(len(e) for e in entropies)
         rollout_metrics["train/entropy"] = float(sum(e.double().sum() for e in entropies) / max(tokens, 1))
         engine_lp = [r.engine_logprobs for r in records]

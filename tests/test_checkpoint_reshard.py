@@ -298,6 +298,7 @@ def test_reshard_bf16_state_round_trip_with_fp32_norm_weights(tmp_path):
     from real_megatron.megatron.dist_state import load_training_state, save_training_state
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.optimizer import build_optimizer
+    from real_megatron.losses import build_loss
     from real_megatron.megatron.policy import MegatronPolicy
     from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
 
@@ -307,7 +308,7 @@ def test_reshard_bf16_state_round_trip_with_fp32_norm_weights(tmp_path):
         chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True, dtype=torch.bfloat16)
         load_full_state_dict(chunks[0], fixed_full_state_dict(TINY_QWEN2))
         optimizer = build_optimizer(chunks, lr=1e-2)
-        return chunks, optimizer, MegatronPolicy(chunks, optimizer, loss_name="real", max_tokens_per_micro_batch=128)
+        return chunks, optimizer, MegatronPolicy(chunks, optimizer, loss=build_loss("real"), max_tokens_per_micro_batch=128)
 
     chunks, optimizer, policy = fresh()
     assert {p.dtype for p in chunks[0].parameters()} == {torch.bfloat16, torch.float32}

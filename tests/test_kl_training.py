@@ -63,6 +63,7 @@ def test_loss_kl_is_the_estimator_against_the_frozen_initial_policy(assets, loss
     from real_megatron.hf_model import read_hf_config
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.optimizer import build_optimizer
+    from real_megatron.losses import build_loss
     from real_megatron.megatron.policy import MegatronPolicy
     from real_megatron.megatron.reference import build_reference_policy, parameter_bytes
 
@@ -71,16 +72,14 @@ def test_loss_kl_is_the_estimator_against_the_frozen_initial_policy(assets, loss
     initialize_parallel(hf_config=hf)
     chunks = build_model(hf, transformer_impl="local", wrap_ddp=True)
     load_hf_into(chunks, base)
-    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=1e-2), loss_name=loss, hparams=hparams,
+    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=1e-2), loss=build_loss(loss, hparams),
                             temperature=TEMPERATURE, max_tokens_per_micro_batch=256)
     samples = samples_for(hf["vocab_size"])
-    old, _ = policy.compute_logprobs(samples)
-    for s, lp in zip(samples, old):
-        s.old_logp, s.old_logp_version = lp, policy.version
+    policy.set_old_logprobs(samples)
     ref = None
     if hparams.get("kl_target", "ref") == "ref":
         ref = build_reference_policy(hf, load_weights=lambda c: load_hf_into(c, base), transformer_impl="local",
-                                     temperature=TEMPERATURE, loss_name=loss, max_tokens_per_micro_batch=256)
+                                     temperature=TEMPERATURE, max_tokens_per_micro_batch=256)
         assert parameter_bytes(ref.chunks) == sum(p.numel() * 4 for p in chunks[0].parameters())
         assert not any(p.requires_grad for p in ref.chunks[0].parameters())
         ref_logps, _ = ref.compute_logprobs(samples)

@@ -126,6 +126,7 @@ def test_non_finite_step_is_skipped_and_weights_untouched():
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
     from real_megatron.megatron.optimizer import build_optimizer
+    from real_megatron.losses import build_loss
     from real_megatron.megatron.policy import MegatronPolicy
 
     initialize_parallel(hf_config=TINY_QWEN2)
@@ -133,7 +134,7 @@ def test_non_finite_step_is_skipped_and_weights_untouched():
     full = fixed_full_state_dict(TINY_QWEN2)
     full["decoder.layers.1.mlp.linear_fc2.weight"][0, 0] = float("inf")
     load_full_state_dict(chunks[0], full)
-    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=0.1), loss_name="real", max_tokens_per_micro_batch=128)
+    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=0.1), loss=build_loss("real"), max_tokens_per_micro_batch=128)
     result = policy.train_step(fixed_samples())
     assert result["skipped"] == 1.0
     after = gather_full_state_dict(chunks[0])
@@ -150,12 +151,13 @@ def test_sft_step_lowers_cross_entropy():
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.sharding import load_full_state_dict
     from real_megatron.megatron.optimizer import build_optimizer
+    from real_megatron.losses import SFTLoss
     from real_megatron.megatron.policy import MegatronPolicy
 
     initialize_parallel(hf_config=TINY_QWEN2)
     chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True)
     load_full_state_dict(chunks[0], fixed_full_state_dict(TINY_QWEN2))
-    sft = MegatronPolicy(chunks, build_optimizer(chunks, lr=3e-3), loss_name="sft", max_tokens_per_micro_batch=128)
+    sft = MegatronPolicy(chunks, build_optimizer(chunks, lr=3e-3), loss=SFTLoss(), max_tokens_per_micro_batch=128)
     samples = [Sample(s.prompt_ids, s.response_ids, 1.0, s.group_id) for s in fixed_samples()]
     losses = [sft.train_step(samples)["loss"] for _ in range(5)]
     assert losses[-1] < losses[0] - 0.5, losses
@@ -201,6 +203,7 @@ def test_distributed_optimizer_state_round_trip_resumes_exactly():
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
     from real_megatron.megatron.optimizer import build_optimizer, load_optimizer_state, optimizer_state
+    from real_megatron.losses import build_loss
     from real_megatron.megatron.policy import MegatronPolicy
 
     initialize_parallel(hf_config=TINY_QWEN2)
@@ -209,7 +212,7 @@ def test_distributed_optimizer_state_round_trip_resumes_exactly():
         chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True, use_distributed_optimizer=True)
         load_full_state_dict(chunks[0], full)
         optimizer = build_optimizer(chunks, lr=1e-2, use_distributed_optimizer=True)
-        return chunks, optimizer, MegatronPolicy(chunks, optimizer, loss_name="real", max_tokens_per_micro_batch=128)
+        return chunks, optimizer, MegatronPolicy(chunks, optimizer, loss=build_loss("real"), max_tokens_per_micro_batch=128)
 
     start = fixed_full_state_dict(TINY_QWEN2)
     chunks, _, policy = fresh(start)
@@ -238,13 +241,14 @@ def test_packed_row_logprobs_equal_each_sequence_run_alone():
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.optimizer import build_optimizer
     from real_megatron.megatron.packed_forward import run_packed
+    from real_megatron.losses import build_loss
     from real_megatron.megatron.policy import MegatronPolicy
     from real_megatron.megatron.sharding import load_full_state_dict
 
     initialize_parallel(hf_config=TINY_QWEN2)
     chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True)
     load_full_state_dict(chunks[0], fixed_full_state_dict(TINY_QWEN2))
-    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=0.1), loss_name="real", temperature=0.7,
+    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=0.1), loss=build_loss("real"), temperature=0.7,
                             max_tokens_per_micro_batch=512)
     samples = fixed_samples()
     assert sum(len(rank) for rank in policy.plan(samples, sequence_level_groups=False).rank_micro_batches) == 1

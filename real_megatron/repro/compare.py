@@ -131,7 +131,7 @@ def plan_runs(args) -> tuple[list[RunSpec], list[str]]:
             configs[(label, seed)] = cfg
             specs.append(spec)
     # a τ equal to the `real` run's own τ is that run: no duplicate training
-    real_tau = {seed: configs[("real", seed)].loss.hparams.get("tau", LOSSES["real"]["tau"])
+    real_tau = {seed: configs[("real", seed)].loss.hparams.get("tau", LOSSES["real"].DEFAULTS["tau"])
                 for seed in range(1, args.seeds + 1) if ("real", seed) in configs}
     specs = [s for s in specs if not (s.label.startswith("real_tau") and s.seed in real_tau and float(s.label[len("real_tau"):]) == real_tau[s.seed])]
     try:

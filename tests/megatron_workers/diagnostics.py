@@ -40,13 +40,14 @@ def main() -> None:
 
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.optimizer import build_optimizer
+    from real_megatron.losses import build_loss
     from real_megatron.megatron.policy import MegatronPolicy
     from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
 
     initialize_parallel(tp=args.tp, pp=args.pp, cp=1, seed=7)
     chunks = build_model(TINY_QWEN2, wrap_ddp=True, transformer_impl="local")
     load_full_state_dict(chunks[0], fixed_full_state_dict(TINY_QWEN2))
-    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=1e-3), loss_name=args.loss, hparams={},
+    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=1e-3), loss=build_loss(args.loss),
                             temperature=TEMPERATURE, max_tokens_per_micro_batch=args.budget,
                             force_exact=args.force_exact, skip_zero_gradient=not args.no_skip)
     samples = fixed_samples()

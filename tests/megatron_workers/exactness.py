@@ -41,6 +41,7 @@ def main() -> None:
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
     from real_megatron.megatron.optimizer import build_optimizer
+    from real_megatron.losses import build_loss
     from real_megatron.megatron.policy import MegatronPolicy
 
     hf = dict(TINY_QWEN2, tie_word_embeddings=args.tied)
@@ -49,7 +50,7 @@ def main() -> None:
                          use_distributed_optimizer=args.distributed_optimizer)
     load_full_state_dict(chunks[0], fixed_full_state_dict(hf))
     policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=10.0, adam_eps=1.0,
-                                                         use_distributed_optimizer=args.distributed_optimizer), loss_name=args.loss, hparams=json.loads(args.hparams),
+                                                         use_distributed_optimizer=args.distributed_optimizer), loss=build_loss(args.loss, json.loads(args.hparams)),
                            temperature=0.7, max_tokens_per_micro_batch=args.budget,
                            max_rollouts_per_micro_batch=args.cap,
                            force_exact=args.force_exact, skip_zero_gradient=not args.no_skip,

@@ -53,6 +53,7 @@ def run_job(job: dict, hf: dict) -> dict:
     from real_megatron.megatron.dist_state import inner_optimizers, load_training_state
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.optimizer import build_optimizer, load_optimizer_state
+    from real_megatron.losses import build_loss
     from real_megatron.megatron.policy import MegatronPolicy
     from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
 
@@ -61,7 +62,7 @@ def run_job(job: dict, hf: dict) -> dict:
     chunks = build_model(hf, wrap_ddp=True, transformer_impl="local", use_distributed_optimizer=dist_opt)
     load_full_state_dict(chunks[0], fixed_full_state_dict(hf))  # a resume overwrites these
     optimizer = build_optimizer(chunks, lr=LR, adam_eps=ADAM_EPS, use_distributed_optimizer=dist_opt)
-    policy = MegatronPolicy(chunks, optimizer, loss_name="real", hparams={}, temperature=0.7, max_tokens_per_micro_batch=128)
+    policy = MegatronPolicy(chunks, optimizer, loss=build_loss("real"), temperature=0.7, max_tokens_per_micro_batch=128)
     layout = {"tp": job.get("tp", 1), "pp": job.get("pp", 1), "cp": 1, "world_size": dist.get_world_size(),
               "dp": dist.get_world_size() // (job.get("tp", 1) * job.get("pp", 1)),
               "distributed_optimizer": dist_opt, "dtype": "float32"}

@@ -47,6 +47,7 @@ def evaluate_prompts(engine, reward_pool, tokenizer, records, prompt_ids, *, sam
     from real_megatron.rollout.collect import generate_and_score
 
     correct = [0] * len(records)
+    length_sums = [0] * len(records)
     lengths, timeouts, crashes = [], 0, 0
     for start in range(0, len(records), batch_prompts):
         scored = generate_and_score(engine, reward_pool, tokenizer, records[start:start + batch_prompts],
@@ -55,12 +56,72 @@ def evaluate_prompts(engine, reward_pool, tokenizer, records, prompt_ids, *, sam
         crashes += scored.reward_stats.get("crashes", 0)
         for c, reward in zip(scored.completions, scored.rewards):
             correct[start + c.prompt_index] += int(reward >= 1.0)
+            length_sums[start + c.prompt_index] += len(c.token_ids)
             lengths.append(len(c.token_ids))
     result = {f"pass@{k}": sum(pass_at_k(samples, c, k) for c in correct) / len(records) for k in report_ks(samples)}
     result.update({"problems": len(records), "samples": samples, "response_length_mean": sum(lengths) / len(lengths),
                    "reward_timeouts": timeouts, "reward_crashes": crashes,
-                   "correct_per_problem": correct})  # in file order: for per-problem analysis and re-checking pass@k
+                   # in file order: for per-problem analysis, re-checking pass@k and per-benchmark splits
+                   "correct_per_problem": correct, "length_per_problem": length_sums})
     return result
+
+
+def first_per_file(records, max_prompts: int) -> list:
+    """The first ``max_prompts`` records of each source file (0: all), in order — each file is one benchmark."""
+    if not max_prompts:
+        return list(records)
+    taken: dict[str, int] = {}
+    kept = []
+    for r in records:
+        taken[r.source_file] = taken.get(r.source_file, 0) + 1
+        if taken[r.source_file] <= max_prompts:
+            kept.append(r)
+    return kept
+
+
+def benchmark_names(files) -> dict[str, str]:
+    """Each benchmark file's name in results and metrics: its stem (``aime24`` for ``data/aime24.parquet``),
+    or its whole path when two files share a stem."""
+    files = list(dict.fromkeys(str(f) for f in files))
+    unique = len({Path(f).stem for f in files}) == len(files)
+    return {f: Path(f).stem if unique else f for f in files}
+
+
+def evaluate_benchmarks(engine, reward_pool, tokenizer, records, prompt_ids, *, samples: int, sampling) -> dict:
+    """Every record's ``samples`` responses in one pass (``evaluate_prompts``), then split by source file.
+
+    Returns ``{"overall": <evaluate_prompts result over all records>, "benchmarks": {name: result}}``; a
+    benchmark's result has ``pass@k`` for ``report_ks(samples)`` — pass@1 the mean of all its 0/1 scores,
+    pass@k (k > 1) the unbiased estimator averaged over its problems — ``problems``, ``samples``,
+    ``response_length_mean`` and ``correct_per_problem``. The one evaluation behind ``train``, ``sft`` and
+    ``real-megatron evaluate``."""
+    overall = evaluate_prompts(engine, reward_pool, tokenizer, records, prompt_ids, samples=samples, sampling=sampling)
+    names = benchmark_names(r.source_file for r in records)
+    benchmarks = {}
+    for f, name in names.items():
+        rows = [i for i, r in enumerate(records) if r.source_file == f]
+        correct = [overall["correct_per_problem"][i] for i in rows]
+        result = {"pass@1": sum(correct) / (len(correct) * samples)}
+        result.update({f"pass@{k}": sum(pass_at_k(samples, c, k) for c in correct) / len(correct)
+                       for k in report_ks(samples) if k > 1})
+        result.update({"problems": len(rows), "samples": samples,
+                       "response_length_mean": sum(overall["length_per_problem"][i] for i in rows) / (len(rows) * samples),
+                       "correct_per_problem": correct})
+        benchmarks[name] = result
+    return {"overall": overall, "benchmarks": benchmarks}
+
+
+def metrics_row(results: dict, samples: int) -> dict:
+    """The ``eval/*`` metrics of an ``evaluate_benchmarks`` result: pass@1, pass@``samples`` and the mean response
+    length over all problems; with several benchmarks, each one's pass@1 and ``eval/pass@1`` their mean (Table 1's
+    average)."""
+    overall, benchmarks = results["overall"], results["benchmarks"]
+    row = {"eval/pass@1": overall["pass@1"], f"eval/pass@{samples}": overall[f"pass@{samples}"],
+           "eval/response_length_mean": overall["response_length_mean"]}
+    if len(benchmarks) > 1:
+        row.update({f"eval/{name}/pass@1": r["pass@1"] for name, r in benchmarks.items()})
+        row["eval/pass@1"] = sum(r["pass@1"] for r in benchmarks.values()) / len(benchmarks)
+    return row
 
 
 def prompts_beyond_context(records, prompt_ids, max_new_tokens: int, hf_config: dict) -> str | None:
@@ -93,29 +154,32 @@ def markdown_table(results: dict, ks: list[int]) -> str:
 
 
 def main(argv=None) -> int:
+    from real_megatron.config import DataConfig, EvalConfig, RewardConfig
+
+    e, d, r = EvalConfig(), DataConfig(), RewardConfig()  # the defaults of train's eval.*, data.*, reward.*
     parser = argparse.ArgumentParser(prog="real-megatron evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF model directory (weights, config, tokenizer)")
     parser.add_argument("--files", nargs="+", required=True, help="benchmark files (verl-style parquet or JSONL)")
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--max-new-tokens", type=int, default=8192)
-    parser.add_argument("--max-prompt-length", type=int, default=2048)
-    parser.add_argument("--max-problems", type=int, default=0, help="first N problems per file (0: all)")
+    parser.add_argument("--samples", type=int, default=e.samples)
+    parser.add_argument("--temperature", type=float, default=e.temperature)
+    parser.add_argument("--top-p", type=float, default=e.top_p)
+    parser.add_argument("--max-new-tokens", type=int, default=e.max_new_tokens)
+    parser.add_argument("--max-prompt-length", type=int, default=d.max_prompt_length)
+    parser.add_argument("--max-problems", type=int, default=e.max_prompts, help="first N problems per file (0: all)")
     parser.add_argument("--engine", choices=("embedded", "sglang"), default="embedded")
     parser.add_argument("--sglang-url", default=[], action="append",
                         help="a running SGLang server; repeat for several (else sglang.Engine in-process)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--answer-after-think", action="store_true")
-    parser.add_argument("--reward-workers", type=int, default=2)
+    parser.add_argument("--reward-workers", type=int, default=r.num_workers)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="", help="directory for results.json and results.md (default: print only)")
     args = parser.parse_args(argv)
 
     from real_megatron.checkpoint import atomic_write_text
-    from real_megatron.components import load_tokenizer, make_engine
+    from real_megatron.components import load_prompt_files, load_tokenizer, make_engine
     from real_megatron.config import RolloutConfig
-    from real_megatron.data import encode_prompt, load_prompts
+    from real_megatron.data import encode_prompt
     from real_megatron.hf_model import read_hf_config
     from real_megatron.rewards import RewardPool
     from real_megatron.rollout import SamplingParams
@@ -130,30 +194,30 @@ def main(argv=None) -> int:
             return 2
     tokenizer = load_tokenizer(model)
     hf_config = read_hf_config(model)
-    benchmarks = {}
-    for f in args.files:
-        records = load_prompts(f, max_prompt_length=args.max_prompt_length, tokenizer=tokenizer, on_bad_row="error")
-        if args.max_problems:
-            records = records[:args.max_problems]
-        ids = [encode_prompt(tokenizer, r.messages) for r in records]
-        too_long = prompts_beyond_context(records, ids, args.max_new_tokens, hf_config)
-        if too_long:
-            print(f"error: {too_long}", flush=True)
-            return 2
-        benchmarks[Path(f).name.split(".")[0]] = (records, ids)
+    try:
+        records, _ = load_prompt_files(args.files, tokenizer=tokenizer, max_prompt_length=args.max_prompt_length,
+                                       on_bad_row="error")
+    except ValueError as err:  # a bad row or an unreadable file: named in the message
+        print(f"error: {err}", flush=True)
+        return 2
+    records = first_per_file(records, args.max_problems)
+    ids = [encode_prompt(tokenizer, rec.messages) for rec in records]
+    too_long = prompts_beyond_context(records, ids, args.max_new_tokens, hf_config)
+    if too_long:
+        print(f"error: {too_long}", flush=True)
+        return 2
     engine = make_engine(RolloutConfig(engine=args.engine, sglang_urls=args.sglang_url), model, tokenizer,
                          dtype=args.dtype, load_weights=True)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                               seed=args.seed)
-    results = {}
     with RewardPool(num_workers=args.reward_workers, answer_after_think=args.answer_after_think) as pool:
         try:
-            for name, (records, ids) in benchmarks.items():
-                results[name] = evaluate_prompts(engine, pool, tokenizer, records, ids, samples=args.samples,
-                                                 sampling=sampling)
-                print(f"{name}: pass@1 {100 * results[name]['pass@1']:.1f} ({len(records)} problems)", flush=True)
+            results = evaluate_benchmarks(engine, pool, tokenizer, records, ids, samples=args.samples,
+                                          sampling=sampling)["benchmarks"]
         finally:
             engine.close()
+    for name, result in results.items():
+        print(f"{name}: pass@1 {100 * result['pass@1']:.1f} ({result['problems']} problems)", flush=True)
     ks = report_ks(args.samples)
     average = {f"pass@{k}": sum(r[f"pass@{k}"] for r in results.values()) / len(results) for k in ks}
     average["response_length_mean"] = sum(r["response_length_mean"] for r in results.values()) / len(results)

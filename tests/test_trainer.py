@@ -185,7 +185,7 @@ def test_configs_that_cannot_work_fail_before_anything_starts(assets, tmp_path):
 def test_rollout_engine_failure_saves_then_fails_clearly(assets, tmp_path, monkeypatch):
     from real_megatron.config import load_config
     from real_megatron.rollout import transformers_engine
-    from real_megatron.trainer import RolloutFailed, Trainer
+    from real_megatron.trainer import RolloutFailed, train
 
     calls = {"n": 0}
     real_generate = transformers_engine.TransformersEngine.generate
@@ -199,10 +199,9 @@ def test_rollout_engine_failure_saves_then_fails_clearly(assets, tmp_path, monke
     monkeypatch.setattr(transformers_engine.TransformersEngine, "generate", flaky)
     run_dir = tmp_path / "run"
     cfg = load_config(None, overrides(assets, run_dir, **{"train.eval_every": 0, "train.save_every": 10}))
-    trainer = Trainer(cfg)
     try:
         with pytest.raises(RolloutFailed, match="illegal memory access.*rerun the same command to resume"):
-            trainer.run()
+            train(cfg)
     finally:
         import torch.distributed as dist
 

@@ -49,7 +49,9 @@ ATTENTION_COST_TOKENS = 16384
 @dataclass
 class Sample:
     """One tokenised rollout. ``old_logp``: one value per response token (None until computed);
-    ``old_logp_version``: ``PolicyTrainer.version`` when ``old_logp`` was computed (None: unknown)."""
+    ``old_logp_version``: the policy's ``version`` when ``MegatronPolicy.set_old_logprobs`` computed it
+    (None: unknown); ``ref_logp``: the reference model's, when the loss has a KL to it; ``engine_logp``:
+    the rollout engine's own per-token log-probs (a drift metric; None when the engine gives none)."""
 
     prompt_ids: list
     response_ids: list
@@ -58,6 +60,7 @@ class Sample:
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     old_logp_version: int | None = None
+    engine_logp: list | None = None
 
     @property
     def length(self) -> int:

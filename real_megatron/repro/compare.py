@@ -156,10 +156,10 @@ def _rss_gib() -> float:
 def _run_training(cfg) -> int:
     import torch.distributed as dist
 
-    from real_megatron.trainer import Trainer
+    from real_megatron.trainer import train
 
     try:
-        return Trainer(cfg).run()
+        return train(cfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

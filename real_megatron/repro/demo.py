@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from real_megatron.config import load_config
     from real_megatron.job_runner import setup_logging
     from real_megatron.plots import plot_run
-    from real_megatron.trainer import Trainer
+    from real_megatron.trainer import train
 
     setup_logging()
     started = time.perf_counter()
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", flush=True)
         return 2
-    code = Trainer(cfg).run()
+    code = train(cfg)
     if dist.is_initialized():
         dist.destroy_process_group()
     if code != 0:

@@ -12,10 +12,11 @@ from pathlib import Path
 if __name__ == "__main__":
     import torch
     import torch.distributed as dist
+
     from real_megatron.config import load_config
+    from real_megatron.job_runner import setup_logging
     from real_megatron.repro.assets import build_arithmetic_assets as build_assets
     from real_megatron.sft import run_sft
-    from real_megatron.job_runner import setup_logging
     from real_megatron.trainer import train as run_training
 
     setup_logging()

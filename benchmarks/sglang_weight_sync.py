@@ -85,7 +85,7 @@ def main() -> int:
                         eng.init_weights_update_group("127.0.0.1", sglang_server.free_port(), backend="gloo",
                                                       timeout_s=120)
                     try:
-                        seconds = best_of(args.repeats, lambda: eng.update_weights(buckets))
+                        seconds = best_of(args.repeats, lambda eng=eng: eng.update_weights(buckets))
                     finally:
                         eng.close()
                     rate = nbytes / seconds

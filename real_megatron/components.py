@@ -43,7 +43,10 @@ def load_prompt_files(files, *, tokenizer, max_prompt_length: int, on_bad_row: s
 
     records, skipped = [], {}
     for f in files:
-        part = load_prompts(f, max_prompt_length=max_prompt_length, tokenizer=tokenizer, on_bad_row=on_bad_row)
+        try:
+            part = load_prompts(f, max_prompt_length=max_prompt_length, tokenizer=tokenizer, on_bad_row=on_bad_row)
+        except ValueError as err:  # the message names the file and the row; a config error, not a bug
+            raise ConfigError(str(err)) from err
         for reason, count in part.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + count
         records.extend(part)

@@ -20,7 +20,7 @@ from typing import Literal
 
 import yaml
 
-from real_megatron.context_window import context_overflow, model_context
+from real_megatron.context_window import context_fix, context_overflow
 from real_megatron.hf_model import LayoutError, check_layout, check_world, divisors
 from real_megatron.weight_buckets import DEFAULT_BUCKET_BYTES
 
@@ -336,8 +336,8 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
     for name, new_tokens in generating.items():
         overflow = context_overflow(cfg.data.max_prompt_length, new_tokens, hf_config)
         if overflow:
-            raise ConfigError(f"data.max_prompt_length + {name}: {overflow}; lower {name} to <= "
-                              f"{model_context(hf_config) - cfg.data.max_prompt_length} or data.max_prompt_length")
+            raise ConfigError(f"data.max_prompt_length + {name}: {overflow}; "
+                              + context_fix(cfg.data.max_prompt_length, name, "data.max_prompt_length", hf_config))
     if cfg.parallel.cp > 1 and cfg.model.transformer_impl == "local":
         raise ConfigError("parallel.cp > 1 needs Transformer Engine attention; set model.transformer_impl=auto on a GPU "
                           "machine with transformer-engine installed, or parallel.cp=1")

@@ -1,6 +1,6 @@
 """pass@k evaluation, the paper's protocol by default.
 
-    real-megatron evaluate --model HF_DIR --files ../shared/data/aime24.parquet ../shared/data/math500.parquet \
+    real-megatron evaluate --model HF_DIR --files data/aime24.parquet data/math500.parquet \
         [--samples 16 --temperature 0.6 --top-p 0.95 --max-new-tokens 8192] [--out results/] [--engine sglang]
 
 Each file is one benchmark (named after the file). For every problem, ``samples`` responses are
@@ -54,7 +54,7 @@ def evaluate_prompts(engine, reward_pool, tokenizer, records, prompt_ids, *, sam
                                     prompt_ids[start:start + batch_prompts], samples, sampling)
         timeouts += scored.reward_stats.get("timeouts", 0)
         crashes += scored.reward_stats.get("crashes", 0)
-        for c, reward in zip(scored.completions, scored.rewards):
+        for c, reward in zip(scored.completions, scored.rewards, strict=True):
             correct[start + c.prompt_index] += int(reward >= 1.0)
             length_sums[start + c.prompt_index] += len(c.token_ids)
             lengths.append(len(c.token_ids))
@@ -128,9 +128,9 @@ def prompts_beyond_context(records, prompt_ids, max_new_tokens: int, hf_config: 
     """None when every prompt plus ``max_new_tokens`` fits the model's context (the rule of
     ``context_window``), else an error naming the file, the first row that does not fit, how many do
     not, and the fix. A benchmark is scored whole or not at all: skipping rows would change its pass@k."""
-    from real_megatron.context_window import context_overflow, model_context
+    from real_megatron.context_window import context_fix, context_overflow
 
-    beyond = [(r, len(ids)) for r, ids in zip(records, prompt_ids)
+    beyond = [(r, len(ids)) for r, ids in zip(records, prompt_ids, strict=True)
               if context_overflow(len(ids), max_new_tokens, hf_config)]
     if not beyond:
         return None
@@ -138,9 +138,8 @@ def prompts_beyond_context(records, prompt_ids, max_new_tokens: int, hf_config: 
     longest = max(len(ids) for ids in prompt_ids)
     return (f"{record.source_file}: row {record.row}: prompt of {n_tokens} tokens + --max-new-tokens "
             f"{max_new_tokens}: {context_overflow(n_tokens, max_new_tokens, hf_config)}; {len(beyond)} of "
-            f"{len(records)} prompts in this file do not fit. Lower --max-new-tokens to <= "
-            f"{model_context(hf_config) - longest} (the file's longest prompt is {longest} tokens) or evaluate a "
-            "model with a longer context")
+            f"{len(records)} prompts do not fit (the longest is {longest} tokens). "
+            + context_fix(longest, "--max-new-tokens", "--max-prompt-length (prompts longer are refused)", hf_config))
 
 
 def markdown_table(results: dict, ks: list[int]) -> str:

@@ -21,8 +21,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from real_megatron.components import (check_data_files, load_initial_weights, load_prompt_files, load_tokenizer,
-                                      make_engine, pad_id_of, read_model_dir)
+from real_megatron.components import (
+    check_data_files,
+    load_initial_weights,
+    load_prompt_files,
+    load_tokenizer,
+    make_engine,
+    pad_id_of,
+    read_model_dir,
+)
 from real_megatron.config import ConfigError, RunConfig, config_to_dict, save_config, validate_config
 from real_megatron.distributed import barrier, broadcast_object, world
 from real_megatron.dtypes import torch_dtype
@@ -178,7 +185,35 @@ def build_parts(cfg: RunConfig, loss, *, sampler_batch: int | None = None) -> Ru
         except BaseException:
             parts.close()
             raise
+        for line in describe(parts):
+            log.info("%s", line)
     return parts
+
+
+def describe(parts: RunParts) -> list[str]:
+    """A run's first log lines: what runs where (the trainer's layout and device, the loss, the rollout side)."""
+    import megatron.core
+    import torch
+
+    from real_megatron.megatron.model import te_available, uses_transformer_engine
+
+    cfg, lay = parts.cfg, parts.layout
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    te = uses_transformer_engine(cfg.model.transformer_impl)
+    layers = ("Transformer Engine layers" if te else "Megatron's local (PyTorch) layers: Transformer Engine and Apex "
+              "are not used" + (" (not installed: expected on a CPU; `pip install -e .[gpu]` on a GPU machine)"
+                                if not te_available() else ""))
+    rollout = (f"SGLang at {', '.join(cfg.rollout.sglang_urls)}" if cfg.rollout.sglang_urls else
+               "SGLang in-process" if cfg.rollout.engine == "sglang" else "embedded transformers engine")
+    start = "new" if not parts.resuming else f"resuming from {parts.ckpt.latest()}"
+    return [
+        f"run {parts.run_dir} ({start}); loss {parts.loss.name} {parts.loss.hp}",
+        f"trainer: Megatron-Core {megatron.core.__version__} on {device} ({'nccl' if device == 'cuda' else 'gloo'}), "
+        f"{lay['world_size']} process(es) = TP {lay['tp']} x PP {lay['pp']} x CP {lay['cp']} x DP {lay['dp']}, "
+        f"{cfg.model.dtype}; {layers}",
+        f"rollouts on rank 0: {rollout}, {cfg.rollout.n} per prompt at temperature {cfg.rollout.temperature}; "
+        f"rewards: {cfg.reward.num_workers} math-verify worker process(es)",
+    ]
 
 
 def _reference_policy(cfg: RunConfig, hf: dict, loss, rank: int, micro: dict):

@@ -62,11 +62,11 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'} has no rows yet")
     out = Path(out) if out else Path(run_dir) / "curves.png"
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for ax, (title, keys) in zip(axes.flat, PANELS):
+    for ax, (title, keys) in zip(axes.flat, PANELS, strict=True):
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
             if pts:
-                xs, ys = zip(*pts)
+                xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=key)
         ax.set_title(title)
         ax.set_xlabel("step")

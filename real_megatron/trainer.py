@@ -174,7 +174,7 @@ class Trainer:
             return
         t0 = time.perf_counter()
         ref_logps, _ = p.ref_policy.compute_logprobs(samples)
-        for s, lp in zip(samples, ref_logps):
+        for s, lp in zip(samples, ref_logps, strict=True):
             s.ref_logp = lp
         rollout_metrics["time/ref_logprob_s"] = time.perf_counter() - t0
         rollout_metrics["memory/ref_model_mb"] = p.ref_model_mb

@@ -102,7 +102,7 @@ class Server:
         self.start_s = time.monotonic() - t0
 
     @classmethod
-    def several(cls, model_dir, log_dir, count: int, **kw) -> list["Server"]:
+    def several(cls, model_dir, log_dir, count: int, **kw) -> list[Server]:
         """``count`` servers launched at once (one core each: ``cpus`` 0, 1, ...), then waited for."""
         servers = [cls(model_dir, Path(log_dir) / f"server{k}.log", cpus=str(k % 2), wait=False, **kw)
                    for k in range(count)]

@@ -12,8 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from real_megatron.data import PROMPT_SUFFIX, load_prompts
-from real_megatron.repro.chains import (CHAIN_LEVELS, CHAINS_DATA_SOURCE, LEVEL_STEPS, MAX_VALUE, chain_splits,
-                                        chain_texts, count_level_problems, write_chain_task)
+from real_megatron.repro.chains import (
+    CHAIN_LEVELS,
+    CHAINS_DATA_SOURCE,
+    LEVEL_STEPS,
+    MAX_VALUE,
+    chain_splits,
+    chain_texts,
+    count_level_problems,
+    write_chain_task,
+)
 from real_megatron.repro.tokenizer import train_task_tokenizer
 
 SMALL = {"n_train_per_level": 300, "n_test_per_level": 100}
@@ -99,7 +107,7 @@ def test_reference_solutions_score_one_and_wrong_answers_zero(task):
         *lines, boxed = solution.split("\n")
         value = start
         assert len(lines) == len(steps)
-        for line, (op, b) in zip(lines, steps):  # each line is the next step of the prompt's chain, computed right
+        for line, (op, b) in zip(lines, steps, strict=True):  # each line is the next step of the prompt's chain, computed right
             a, line_op, line_b, c = _STEP_LINE.fullmatch(line).groups()
             assert (int(a), line_op, int(line_b)) == (value, op, b), (line, r.row)
             assert op != "/" or value % b == 0, (line, r.row)

@@ -47,7 +47,7 @@ def hf_logps(model, samples) -> list[torch.Tensor]:
 
 
 def k3_mean(logps, targets) -> float:
-    per_rollout = [((t - lp).exp() - (t - lp) - 1).mean() for lp, t in zip(logps, targets)]
+    per_rollout = [((t - lp).exp() - (t - lp) - 1).mean() for lp, t in zip(logps, targets, strict=True)]
     return float(torch.stack(per_rollout).mean())
 
 
@@ -61,9 +61,9 @@ def test_loss_kl_is_the_estimator_against_the_frozen_initial_policy(assets, loss
 
     from real_megatron.convert import iter_hf_tensors, load_hf_into
     from real_megatron.hf_model import read_hf_config
+    from real_megatron.losses import build_loss
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.optimizer import build_optimizer
-    from real_megatron.losses import build_loss
     from real_megatron.megatron.policy import MegatronPolicy
     from real_megatron.megatron.reference import build_reference_policy, parameter_bytes
 
@@ -83,7 +83,7 @@ def test_loss_kl_is_the_estimator_against_the_frozen_initial_policy(assets, loss
         assert parameter_bytes(ref.chunks) == sum(p.numel() * 4 for p in chunks[0].parameters())
         assert not any(p.requires_grad for p in ref.chunks[0].parameters())
         ref_logps, _ = ref.compute_logprobs(samples)
-        for s, lp in zip(samples, ref_logps):
+        for s, lp in zip(samples, ref_logps, strict=True):
             s.ref_logp = lp
 
     first = policy.train_step(samples)
@@ -95,14 +95,14 @@ def test_loss_kl_is_the_estimator_against_the_frozen_initial_policy(assets, loss
     initial_model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32).eval()
     target = hf_logps(initial_model, samples)  # π_ref = π_old = the initial weights here
     current_model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32).eval()
-    missing, unexpected = current_model.load_state_dict(moved, strict=False)
+    missing, unexpected = current_model.load_state_dict(moved, strict=True)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     expected = k3_mean(hf_logps(current_model, samples), target)
     assert expected > 1e-3, expected  # the policy has moved: a nonzero KL
     assert math.isclose(second["loss/kl"], expected, rel_tol=1e-5), (second["loss/kl"], expected)
     if ref is not None:  # the reference model stayed frozen
         again, _ = ref.compute_logprobs(samples)
-        assert all(torch.equal(a, b) for a, b in zip(again, ref_logps))
+        assert all(torch.equal(a, b) for a, b in zip(again, ref_logps, strict=True))
 
 
 # ---------------------------------------------------------------------------------------- the trainer

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from itertools import pairwise
 
 import pytest
 
@@ -19,12 +20,12 @@ def test_figure1_curves_have_the_papers_shape(tmp_path):
     s = c["s"]
     pos, neg = c["real_pos"], c["real_neg"]
     # REAL: positives decrease, negatives increase, both strictly inside (0, 1/τ)
-    assert all(a > b for a, b in zip(pos, pos[1:])) and all(a < b for a, b in zip(neg, neg[1:]))
+    assert all(a > b for a, b in pairwise(pos)) and all(a < b for a, b in pairwise(neg))
     assert max(pos + neg) < 2.0 and min(pos + neg) > 0
     zero = s.index(0.0)
     assert math.isclose(pos[zero], 2.0 / 5, rel_tol=1e-9)  # (1/τ)/(1 + C+) at s̄ = 0
     # GRPO: |A e^s| inside the clip range, 0 outside; negatives unbounded
-    for x, gp, gn in zip(s, c["grpo_pos"], c["grpo_neg"]):
+    for x, gp, gn in zip(s, c["grpo_pos"], c["grpo_neg"], strict=True):
         assert math.isclose(gp, math.exp(x) if x < math.log(1.2) else 0.0, abs_tol=1e-12)
         assert math.isclose(gn, math.exp(x) if x > math.log(0.8) else 0.0, abs_tol=1e-12)
 

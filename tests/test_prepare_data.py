@@ -8,7 +8,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from shared_data import shared_file  # tests/ is on sys.path under pytest
 
 REPO = Path(__file__).resolve().parents[1]

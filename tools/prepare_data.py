@@ -36,6 +36,7 @@ from pathlib import Path
 from real_megatron.data import PROMPT_SUFFIX as INSTRUCTION  # the package's prompt form, written once
 from real_megatron.data import normalize_ground_truth, write_table_atomic
 from real_megatron.rewards.math_reward import last_boxed_answer
+
 PROBLEM_FIELDS = ("problem", "question", "prompt")
 ANSWER_FIELDS = ("answer", "ground_truth", "final_answer", "solution")
 LIST_KEYS = ("data", "rows", "problems", "examples")

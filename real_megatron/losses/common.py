@@ -78,7 +78,7 @@ class Groups:
     sizes: torch.Tensor  # [count] long
 
     @classmethod
-    def from_ids(cls, group_ids: torch.Tensor) -> "Groups":
+    def from_ids(cls, group_ids: torch.Tensor) -> Groups:
         _, index = torch.unique(group_ids, return_inverse=True)
         count = int(index.max().item()) + 1
         sizes = torch.bincount(index, minlength=count)

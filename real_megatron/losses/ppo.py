@@ -27,8 +27,16 @@ import math
 import torch
 
 from real_megatron.losses.base import MicroBatch, PolicyLoss
-from real_megatron.losses.common import (Groups, check_denominator, check_rollout_tensors, check_sequence_lengths,
-                                         check_token_tensors, group_metrics, masked_token_sum, score_inputs)
+from real_megatron.losses.common import (
+    Groups,
+    check_denominator,
+    check_rollout_tensors,
+    check_sequence_lengths,
+    check_token_tensors,
+    group_metrics,
+    masked_token_sum,
+    score_inputs,
+)
 from real_megatron.losses.kl import k3_tokens
 
 PPO_FAMILY = ("grpo", "dapo", "gspo")
@@ -172,7 +180,7 @@ class TokenRatioLoss(ClippedRatioLoss):
         check_sequence_lengths(sequence_lengths, rewards)
         groups = Groups.from_ids(group_ids.to(logp.device))
         positive = self.positive(rewards.to(logp.device))
-        kl_logp = self.kl.target_of(old_logp, ref_logp, strict=False, loss=self.name) if self.kl else None
+        kl_logp = self.kl.target_of(old_logp, ref_logp, strict=True, loss=self.name) if self.kl else None
         advantages = self._advantages_for(advantages, rewards, group_ids, logp)
         total, denominator, metrics = ppo_family_terms(
             self.name, logp=logp, old_logp=old_logp, mask=bool_mask, advantages=advantages.to(logp.device),

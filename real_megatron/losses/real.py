@@ -39,8 +39,16 @@ import torch
 import torch.nn.functional as F
 
 from real_megatron.losses.base import MicroBatch, PolicyLoss
-from real_megatron.losses.common import (Groups, check_denominator, check_rollout_tensors, check_sequence_lengths,
-                                         check_token_tensors, group_metrics, score_inputs, sequence_scores)
+from real_megatron.losses.common import (
+    Groups,
+    check_denominator,
+    check_rollout_tensors,
+    check_sequence_lengths,
+    check_token_tensors,
+    group_metrics,
+    score_inputs,
+    sequence_scores,
+)
 from real_megatron.losses.diagnostics import score_weight_stats
 from real_megatron.losses.kl import kl_per_rollout
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 
@@ -218,7 +219,7 @@ def build_micro_batch(samples: list[Sample], indices: list[int], *, align: int =
     ref_logp = torch.zeros(1, seq_len, dtype=torch.float32)
     bounds = [0]
     start = 0
-    for slot, (i, width) in enumerate(zip(indices, slots)):
+    for slot, (i, width) in enumerate(zip(indices, slots, strict=True)):
         s = samples[i]
         p, r = len(s.prompt_ids), len(s.response_ids)
         ids = torch.tensor(list(s.prompt_ids) + list(s.response_ids), dtype=torch.long)
@@ -264,7 +265,7 @@ def cp_chunk_indices(seq_len: int, cp: int, cp_rank: int) -> torch.Tensor:
 def cp_row_indices(cu_seqlens: torch.Tensor, cp: int, cp_rank: int) -> torch.Tensor:
     """Positions of a packed row CP rank ``cp_rank`` keeps: its two chunks of every block (THD CP)."""
     bounds = cu_seqlens.tolist()
-    return torch.cat([start + cp_chunk_indices(stop - start, cp, cp_rank) for start, stop in zip(bounds, bounds[1:])])
+    return torch.cat([start + cp_chunk_indices(stop - start, cp, cp_rank) for start, stop in pairwise(bounds)])
 
 
 def split_for_cp(batch: dict[str, torch.Tensor], cp: int, cp_rank: int) -> dict[str, torch.Tensor]:

@@ -188,7 +188,7 @@ class MegatronPolicy:
         """Compute and set every sample's ``old_logp`` under the current weights, stamped with this policy's
         ``version`` (the exact mode's shortcut reads it); returns the entropies (lists of [r] tensors)."""
         logps, entropies = self.compute_logprobs(samples)
-        for s, lp in zip(samples, logps):
+        for s, lp in zip(samples, logps, strict=True):
             s.old_logp, s.old_logp_version = lp, self.version  # current until the next optimizer step
         return entropies
 

@@ -14,7 +14,7 @@ under TP/PP); no gradient buffers or optimizer state.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -7,7 +7,7 @@ supervised warm-up that leaves it partially competent, and the RL settings every
     sft_hf = run_warmup(root / "warmup", assets)         # supervised warm-up (skipped when done)
     cfg = load_config(None, rl_overrides(assets, init_dir=sft_hf, run_dir=..., loss="real", seed=1))
 
-Scaled down from the paper (REFERENCE.md §2) for 2 CPU cores, and why:
+Scaled down from the paper's recipe (docs/method.md §4) for 2 CPU cores, and why:
 
 - model: a 3-layer Qwen2 with a 128-wide residual stream (GQA 4/2, tied embeddings, 256 positions)
   instead of 1.5B parameters; a 4-layer 256-wide one took ~6 s per warm-up step under load;

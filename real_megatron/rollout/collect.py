@@ -61,7 +61,7 @@ def collect_rollouts(*, engine, reward_pool, tokenizer, prompts, prompt_ids, n: 
     """
     scored = generate_and_score(engine, reward_pool, tokenizer, prompts, prompt_ids, n, sampling)
     records, dropped = [], 0
-    for c, reward in zip(scored.completions, scored.rewards):
+    for c, reward in zip(scored.completions, scored.rewards, strict=True):
         if not c.token_ids:
             dropped += 1
             continue

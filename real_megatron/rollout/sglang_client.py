@@ -33,8 +33,8 @@ import math
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
 
 from real_megatron.rollout.base import Completion, RolloutEngineError, SamplingParams
 
@@ -83,7 +83,7 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def on_each(servers: Sequence["SGLangServer"], fn: Callable[["SGLangServer"], object]) -> list:
+def on_each(servers: Sequence[SGLangServer], fn: Callable[[SGLangServer], object]) -> list:
     """``fn(server)`` for every server at once (one thread each); results in server order.
 
     Every call is waited for, then the first failure is raised (an :class:`SGLangError` already
@@ -93,7 +93,7 @@ def on_each(servers: Sequence["SGLangServer"], fn: Callable[["SGLangServer"], ob
     with ThreadPoolExecutor(max_workers=len(servers)) as pool:
         futures = [pool.submit(fn, s) for s in servers]
         errors = [f.exception() for f in futures]
-    for server, err in zip(servers, errors):
+    for server, err in zip(servers, errors, strict=True):
         if isinstance(err, SGLangError):
             raise err
         if err is not None:

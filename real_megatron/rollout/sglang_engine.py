@@ -21,7 +21,8 @@ What runs where: see README "Rollout engines". On the CPU the tests drive real S
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from itertools import pairwise
 
 from real_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
 from real_megatron.rollout.sglang_client import SGLangError, SGLangServer, on_each
@@ -35,7 +36,7 @@ def split_prompts(num_prompts: int, num_servers: int) -> list[range]:
     """Contiguous prompt ranges, one per server, sizes differing by at most one (some empty when
     there are fewer prompts than servers)."""
     bounds = [k * num_prompts // num_servers for k in range(num_servers + 1)]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    return [range(a, b) for a, b in pairwise(bounds)]
 
 
 class SGLangEngine(RolloutEngine):
@@ -99,7 +100,7 @@ class SGLangEngine(RolloutEngine):
                 raise ValueError(f"prompt {i}: token ids must be a non-empty list of non-negative ints")
         if self._closed:
             raise SGLangError("SGLangEngine is closed; cannot generate")
-        ranges = {id(s): r for s, r in zip(self.servers, split_prompts(len(prompt_token_ids), len(self.servers)))}
+        ranges = {id(s): r for s, r in zip(self.servers, split_prompts(len(prompt_token_ids), len(self.servers)), strict=True)}
         servers = [s for s in self.servers if len(ranges[id(s)])]
         results = on_each(servers, lambda s: s.generate(
             [prompt_token_ids[i] for i in ranges[id(s)]], n, sampling, first_prompt=ranges[id(s)].start))

@@ -52,7 +52,7 @@ def main() -> None:
                 ("real_bce", {"kl_coef": 0.3}), ("grpo", {"kl_coef": 0.3})]
     for loss, hparams in [(name, {}) for name in ("real", "real_bce", "real_no_anchor", "gspo", "grpo", "dapo")] + kl_cases:
         batch = ref_batch if hparams else plain_batch
-        def context(cp_size, cp_group):
+        def context(cp_size, cp_group, loss=loss, hparams=hparams):
             return LossContext(loss=build_loss(loss, hparams), temperature=0.7, vocab_size=vocab, rewards=rewards,
                                group_ids=group_ids,
                                normalizer=loss_normalizer(loss, mask=resp_mask, rewards=rewards, group_ids=group_ids),

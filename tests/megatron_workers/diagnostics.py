@@ -38,9 +38,9 @@ def main() -> None:
 
     from common import TINY_QWEN2, fixed_full_state_dict, fixed_samples
 
+    from real_megatron.losses import build_loss
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.optimizer import build_optimizer
-    from real_megatron.losses import build_loss
     from real_megatron.megatron.policy import MegatronPolicy
     from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
 
@@ -59,7 +59,7 @@ def main() -> None:
             ratio = torch.tensor(RATIOS)[torch.randint(len(RATIOS), lp.shape, generator=g)]
             old.append(lp - ratio.log())
         torch.save(old, args.old)
-    for s, lp in zip(samples, torch.load(args.old)):
+    for s, lp in zip(samples, torch.load(args.old), strict=True):
         s.old_logp = lp
     metrics = reference_metrics(chunks[0], samples, args.loss) if args.reference else policy.forward_backward(samples)
     grads = gather_full_state_dict(chunks[0], "grad")

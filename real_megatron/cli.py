@@ -39,8 +39,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"real-megatron: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        print(f"real-megatron: unknown command {command!r}; commands: {', '.join(COMMANDS)} (see real-megatron --help)",
+              file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    result = getattr(module, ENTRY.get(command, "main"))(rest)
+    try:
+        module = importlib.import_module(COMMANDS[command][0])
+        result = getattr(module, ENTRY.get(command, "main"))(rest)
+    except KeyboardInterrupt:  # Ctrl-C before a command installs its own handling (e.g. while importing torch)
+        from real_megatron.run_dir import release_unused
+
+        release_unused()
+        print(f"real-megatron {command}: interrupted; nothing was saved", file=sys.stderr, flush=True)
+        return 130
     return int(result or 0)

@@ -14,10 +14,12 @@ a prompt that does not is an error naming the file and row, before any generatio
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import sys
 from pathlib import Path
+
+from real_megatron.arguments import ArgumentParser
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
     from real_megatron.config import DataConfig, EvalConfig, RewardConfig
 
     e, d, r = EvalConfig(), DataConfig(), RewardConfig()  # the defaults of train's eval.*, data.*, reward.*
-    parser = argparse.ArgumentParser(prog="real-megatron evaluate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="real-megatron evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF model directory (weights, config, tokenizer)")
     parser.add_argument("--files", nargs="+", required=True, help="benchmark files (verl-style parquet or JSONL)")
     parser.add_argument("--samples", type=int, default=e.samples)
@@ -174,37 +176,64 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="", help="directory for results.json and results.md (default: print only)")
     args = parser.parse_args(argv)
+    try:
+        prepared = _prepare(args)
+    except ValueError as err:  # ConfigError, a bad prompt row, an unreadable checkpoint: each names the fix
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return _run(args, *prepared)
 
-    from real_megatron.checkpoint import atomic_write_text
-    from real_megatron.components import load_prompt_files, load_tokenizer, make_engine
-    from real_megatron.config import RolloutConfig
+
+def _prepare(args):
+    """Everything checked before a model loads or a file is written: the flags (by the config's own rules),
+    ``--out``, the model directory and its weights, every benchmark file and prompt. Returns what ``_run`` needs."""
+    from real_megatron.components import load_prompt_files, load_tokenizer
+    from real_megatron.config import ConfigError, DataConfig, EvalConfig, RewardConfig, RunConfig, check_values
+    from real_megatron.convert import ConversionError
+    from real_megatron.convert.hf_io import HFCheckpoint
     from real_megatron.data import encode_prompt
     from real_megatron.hf_model import read_hf_config
+    from real_megatron.run_dir import check_output_dir
+
+    flags = {"eval.samples": "--samples", "eval.temperature": "--temperature", "eval.top_p": "--top-p",
+             "eval.max_new_tokens": "--max-new-tokens", "eval.max_prompts": "--max-problems",
+             "data.max_prompt_length": "--max-prompt-length", "reward.num_workers": "--reward-workers"}
+    cfg = RunConfig(eval=EvalConfig(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                                    max_new_tokens=args.max_new_tokens, max_prompts=args.max_problems),
+                    data=DataConfig(max_prompt_length=args.max_prompt_length),
+                    reward=RewardConfig(num_workers=args.reward_workers))
+    check_values(cfg, fields=flags, names=flags)
+    if args.out:
+        check_output_dir(Path(args.out), "--out", ("results.json", "results.md"))
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        raise ConfigError(f"--model {model}: no config.json there; give a HF model directory")
+    for f in args.files:
+        if not Path(f).exists():
+            raise ConfigError(f"--files: {f} does not exist")
+    try:  # the weights' headers and sizes, before the engine loads them (a truncated file is named)
+        with HFCheckpoint(model) as checkpoint:
+            checkpoint.validate()
+    except ConversionError as err:
+        raise ConfigError(f"--model: {err}") from err
+    tokenizer = load_tokenizer(model)
+    records, _ = load_prompt_files(args.files, tokenizer=tokenizer, max_prompt_length=args.max_prompt_length,
+                                   on_bad_row="error")
+    records = first_per_file(records, args.max_problems)
+    ids = [encode_prompt(tokenizer, rec.messages) for rec in records]
+    too_long = prompts_beyond_context(records, ids, args.max_new_tokens, read_hf_config(model))
+    if too_long:
+        raise ConfigError(too_long)
+    return model, tokenizer, records, ids
+
+
+def _run(args, model, tokenizer, records, ids) -> int:
+    from real_megatron.checkpoint import atomic_write_text
+    from real_megatron.components import make_engine
+    from real_megatron.config import RolloutConfig
     from real_megatron.rewards import RewardPool
     from real_megatron.rollout import SamplingParams
 
-    model = Path(args.model)
-    if not (model / "config.json").exists():
-        print(f"error: --model {model}: no config.json there; give a HF model directory", flush=True)
-        return 2
-    for f in args.files:
-        if not Path(f).exists():
-            print(f"error: --files: {f} does not exist", flush=True)
-            return 2
-    tokenizer = load_tokenizer(model)
-    hf_config = read_hf_config(model)
-    try:
-        records, _ = load_prompt_files(args.files, tokenizer=tokenizer, max_prompt_length=args.max_prompt_length,
-                                       on_bad_row="error")
-    except ValueError as err:  # a bad row or an unreadable file: named in the message
-        print(f"error: {err}", flush=True)
-        return 2
-    records = first_per_file(records, args.max_problems)
-    ids = [encode_prompt(tokenizer, rec.messages) for rec in records]
-    too_long = prompts_beyond_context(records, ids, args.max_new_tokens, hf_config)
-    if too_long:
-        print(f"error: {too_long}", flush=True)
-        return 2
     engine = make_engine(RolloutConfig(engine=args.engine, sglang_urls=args.sglang_url), model, tokenizer,
                          dtype=args.dtype, load_weights=True)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,

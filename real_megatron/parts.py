@@ -33,6 +33,7 @@ from real_megatron.components import (
 from real_megatron.config import ConfigError, RunConfig, config_to_dict, save_config, validate_config
 from real_megatron.distributed import barrier, broadcast_object, world
 from real_megatron.dtypes import torch_dtype
+from real_megatron.run_dir import check_run_dir, claim_run_dir
 
 log = logging.getLogger("real_megatron")
 
@@ -140,9 +141,10 @@ class RunParts:
             self.engine = None
 
 
-def build_parts(cfg: RunConfig, loss, *, sampler_batch: int | None = None) -> RunParts:
-    """Every part of a run (the module docstring gives the order); ``loss``: the run's loss object.
-    ``sampler_batch``: prompts per sampler draw (default ``train.rollout_batch_prompts``)."""
+def build_parts(cfg: RunConfig, loss, *, job: str = "train", sampler_batch: int | None = None) -> RunParts:
+    """Every part of a run (the module docstring gives the order); ``loss``: the run's loss object; ``job``:
+    "train" or "sft", the run directory's owner (``run_dir.py``). ``sampler_batch``: prompts per sampler draw
+    (default ``train.rollout_batch_prompts``)."""
     from real_megatron.checkpoint import CheckpointManager
     from real_megatron.megatron.cpu import enable_cpu_support
     from real_megatron.megatron.model import build_model, initialize_parallel
@@ -152,6 +154,7 @@ def build_parts(cfg: RunConfig, loss, *, sampler_batch: int | None = None) -> Ru
     hf = read_model_dir(cfg)
     check_data_files(cfg)
     validate_config(cfg, world_size=world()[1], hf_config=hf)
+    start = check_run_dir(cfg, job)  # refuses before anything loads or is written
     enable_cpu_support()
     initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.seed, hf)
     rank, world_size = world()
@@ -180,17 +183,17 @@ def build_parts(cfg: RunConfig, loss, *, sampler_batch: int | None = None) -> Ru
                      tokenizer=tokenizer, ckpt=ckpt, layout=layout, resuming=resuming, initial_weights=initial_weights)
     if rank == 0:
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            claim_run_dir(run_dir, job)
             _set_up_rollout_side(parts, sampler_batch or cfg.train.rollout_batch_prompts)
         except BaseException:
             parts.close()
             raise
-        for line in describe(parts):
+        for line in describe(parts, start):
             log.info("%s", line)
     return parts
 
 
-def describe(parts: RunParts) -> list[str]:
+def describe(parts: RunParts, start: str) -> list[str]:
     """A run's first log lines: what runs where (the trainer's layout and device, the loss, the rollout side)."""
     import megatron.core
     import torch
@@ -205,7 +208,9 @@ def describe(parts: RunParts) -> list[str]:
                                 if not te_available() else ""))
     rollout = (f"SGLang at {', '.join(cfg.rollout.sglang_urls)}" if cfg.rollout.sglang_urls else
                "SGLang in-process" if cfg.rollout.engine == "sglang" else "embedded transformers engine")
-    start = "new" if not parts.resuming else f"resuming from {parts.ckpt.latest()}"
+    start = {"new": "new", "restart": "starting afresh: no checkpoint to resume",
+             "resume": f"resuming from {parts.ckpt.latest()}",
+             "extend": f"extending to train.steps={cfg.train.steps} from {parts.ckpt.latest()}"}[start]
     return [
         f"run {parts.run_dir} ({start}); loss {parts.loss.name} {parts.loss.hp}",
         f"trainer: Megatron-Core {megatron.core.__version__} on {device} ({'nccl' if device == 'cuda' else 'gloo'}), "

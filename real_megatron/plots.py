@@ -3,10 +3,12 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 from pathlib import Path
+
+from real_megatron.arguments import ArgumentParser
 
 
 def save_figure_atomic(fig, out: Path) -> None:
@@ -24,22 +26,24 @@ def save_figure_atomic(fig, out: Path) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of ``RUN_DIR/metrics.jsonl``. Every complete line (ended by a newline) must be a JSON object; only
+    a last line without its newline — a run killed mid-write — is left out."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory written by `real-megatron train`?")
+    lines = path.read_text(errors="replace").split("\n")  # the last item is what follows the last newline
     rows = []
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                # a run killed mid-write can leave a torn last line; anything else is corruption
-                if lineno == sum(1 for _ in open(path)):
-                    break
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from err
+    for lineno, line in enumerate(lines[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not a JSON row ({err.msg}); is this a real-megatron metrics file?") \
+                from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: not a JSON object; is this a real-megatron metrics file?")
+        rows.append(row)
     return rows
 
 
@@ -81,9 +85,18 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
 
 
 def main_plot_run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="real-megatron plot", description="PNG curves from RUN_DIR/metrics.jsonl")
+    parser = ArgumentParser(prog="real-megatron plot", description="PNG curves from RUN_DIR/metrics.jsonl")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/curves.png")
     args = parser.parse_args(argv)
-    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    from real_megatron.config import ConfigError
+    from real_megatron.run_dir import check_writable_dir
+
+    try:
+        out = args.out or args.run_dir / "curves.png"
+        check_writable_dir(out.parent, "--out")
+        print(f"wrote {plot_run(args.run_dir, out)}")
+    except (FileNotFoundError, ValueError, ConfigError) as err:
+        print(f"real-megatron plot: error: {err}", file=sys.stderr, flush=True)
+        return 2
     return 0

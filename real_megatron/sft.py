@@ -35,15 +35,13 @@ def run_sft(cfg) -> int:
     from real_megatron.losses import SFTLoss
     from real_megatron.megatron.batch import Sample
 
-    parts = build_parts(cfg, SFTLoss(), sampler_batch=cfg.train.mini_batch_prompts)
+    parts = build_parts(cfg, SFTLoss(), job="sft", sampler_batch=cfg.train.mini_batch_prompts)
     try:
         if parts.rank == 0:
             eos = parts.tokenizer.eos_token_id
             targets = [parts.tokenizer.encode(_solution(r), add_special_tokens=False) + [eos]
                        for r in parts.train_records]
             parts.open_metrics(cfg.train.steps, fresh=True)  # SFT does not resume: the metrics file starts afresh
-        if parts.resuming:  # SFT keeps no checkpoints: a checkpoints/ folder here belongs to something else
-            raise ConfigError(f"{parts.run_dir}/checkpoints exists; give SFT a fresh run_dir")
         parts.sync_weights()
         if parts.rank == 0 and parts.eval_records:
             parts.logger.log(0, parts.evaluate())

@@ -128,6 +128,9 @@ class Trainer:
                 payload = {"error": f"{type(err).__name__}: {err}"}
         payload = broadcast_object(payload)
         if "error" in payload:
+            if self.rollout_step == 0:  # nothing trained yet: no checkpoint, the fixed command starts afresh
+                raise RolloutFailed(f"rollout step 1 failed: {payload['error']}. Nothing was trained, so no "
+                                    "checkpoint was written; fix the cause and rerun the same command")
             path = self.save()  # the weights are those of the last completed step: safe to keep
             raise RolloutFailed(f"rollout step {self.rollout_step + 1} failed: {payload['error']}. The state after "
                                 f"rollout step {self.rollout_step} was saved to {path}; fix the engine and rerun the "

@@ -26,13 +26,13 @@ the ground truth).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from collections import Counter
 from pathlib import Path
 
+from real_megatron.arguments import ArgumentParser, count
 from real_megatron.data import PROMPT_SUFFIX as INSTRUCTION  # the package's prompt form, written once
 from real_megatron.data import normalize_ground_truth, write_table_atomic
 from real_megatron.rewards.math_reward import last_boxed_answer
@@ -188,7 +188,10 @@ def write_parquet_atomic(rows: list[dict], path: Path) -> None:
 
 def prepare(inputs, output, *, data_source: str = "", split: str = "train", skip_bad_rows: bool = False,
             limit: int = 0) -> dict:
-    """Convert ``inputs`` (one or more files) into one parquet at ``output``; returns a summary dict."""
+    """Convert ``inputs`` (one or more files) into one parquet at ``output``; returns a summary dict.
+    ``limit``: keep the first rows only (0: all)."""
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0 (0: all), got {limit}")
     all_rows, skipped = [], Counter()
     for inp in inputs:
         inp = Path(inp)
@@ -207,12 +210,12 @@ def prepare(inputs, output, *, data_source: str = "", split: str = "train", skip
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n")[0])
     p.add_argument("inputs", nargs="+", help="input files (.json, .jsonl, .parquet); the last positional is the output")
     p.add_argument("--data-source", default="", help="data_source for every row (default: the row's own, else '')")
     p.add_argument("--split", default="train", help="extra_info.split (train / test)")
     p.add_argument("--skip-bad-rows", action="store_true", help="drop rows without a problem/answer and count them")
-    p.add_argument("--limit", type=int, default=0, help="keep at most this many rows (0: all)")
+    p.add_argument("--limit", type=count, default=0, help="keep at most this many rows (0: all)")
     args = p.parse_args(argv)
     if len(args.inputs) < 2:
         p.error("give at least one input file and the output .parquet")

@@ -14,7 +14,10 @@ the glue never asks a loss its name:
 * **one micro-batch** — ``share(MicroBatch)`` (its share of the mini-batch loss) and ``kl_share``;
 * **reporting** — ``token_metric_keys`` (per-micro-batch metrics the glue averages) and
   ``batch_metrics`` (the ``loss/*`` and REAL's ``diag/score_weight_*`` metrics of a mini-batch);
-* **the KL penalty** — ``kl`` (a ``kl.KLPenalty`` or None) and ``needs_reference``.
+* **the KL penalty** — ``kl`` (a ``kl.KLPenalty`` or None) and ``needs_reference``;
+* **the behaviour policy** — ``behaviour`` (a ``behaviour.BehaviourCorrection`` or None) and
+  ``corrects_behaviour``: the micro-batch then carries log π_old − log μ, and the mini-batch methods of a
+  group-coupled loss take each rollout's length-normalised ``behaviour_log_ratio`` ``[N]``.
 
 Hyperparameters come in two kinds: ``DEFAULTS`` (the config may set them; the paper's values are
 the defaults, written only here) and ``PER_CALL`` (``normalizer``, ``advantages``, ``num_groups``:
@@ -27,6 +30,7 @@ from typing import ClassVar
 
 import torch
 
+from real_megatron.losses.behaviour import BehaviourCorrection
 from real_megatron.losses.common import Groups, check_rollout_tensors
 from real_megatron.losses.kl import KLPenalty, kl_per_rollout
 
@@ -50,6 +54,10 @@ class MicroBatch:
     advantages: torch.Tensor | None  # [n], the whole mini-batch's (``PolicyLoss.advantages``)
     normalizer: float  # the whole mini-batch's denominator (``PolicyLoss.normalizer``)
     batch_rollouts: int  # N, the whole mini-batch's rollout count (the KL term's denominator)
+    # the behaviour policy μ (``behaviour.py``), when the loss corrects for it: log π_old − log μ per response
+    # token [n, T] (this rank's tokens) and its mean over each whole response [n] (CP-reduced)
+    behaviour_token_log_ratio: torch.Tensor | None = None
+    behaviour_log_ratio: torch.Tensor | None = None
 
 
 class PolicyLoss:
@@ -79,6 +87,8 @@ class PolicyLoss:
         self.hp = {**self.DEFAULTS, **hparams}
         self._check()
         self.kl = KLPenalty(self.hp["kl_coef"], self.hp["kl_target"]) if "kl_coef" in self.DEFAULTS else None
+        self.behaviour = (BehaviourCorrection(self.hp["behaviour_correction"], self.hp["behaviour_cap"])
+                          if "behaviour_correction" in self.DEFAULTS else None)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.hp})"
@@ -90,6 +100,11 @@ class PolicyLoss:
     def positive(self, rewards: torch.Tensor) -> torch.Tensor:
         """``[N]`` bool: the rollouts labelled correct (reward ≥ ``positive_threshold``)."""
         return rewards >= self.hp.get("positive_threshold", 1.0)
+
+    @property
+    def corrects_behaviour(self) -> bool:
+        """Whether the loss weights rollouts by π_old/μ (``behaviour.py``): it then needs the engine's log-probs."""
+        return self.behaviour is not None and self.behaviour.active
 
     @property
     def needs_reference(self) -> bool:
@@ -141,12 +156,13 @@ class PolicyLoss:
     def _without_gradient(self, rewards, group_ids, advantages) -> torch.Tensor:
         return torch.zeros(rewards.shape[0], dtype=torch.bool)
 
-    def score_weights(self, scores: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor):
+    def score_weights(self, scores: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor,
+                      behaviour_log_ratio: torch.Tensor | None = None):
         """``(w [N], loss, metrics)`` with ``w = ∂L/∂s̄`` over the whole mini-batch (``couples_groups`` losses)."""
         raise NotImplementedError(f"{self.name} is a sum over tokens/rollouts: it needs no exact mode")
 
     def exact_loss_value(self, scores: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor,
-                         kl: torch.Tensor | None) -> float:
+                         kl: torch.Tensor | None, behaviour_log_ratio: torch.Tensor | None = None) -> float:
         """The mini-batch loss at ``scores`` (plus the KL term from each rollout's token-mean ``kl`` [N])."""
         raise NotImplementedError(f"{self.name} is a sum over tokens/rollouts: it needs no exact mode")
 
@@ -156,7 +172,8 @@ class PolicyLoss:
         raise NotImplementedError
 
     def batch_metrics(self, scores: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor,
-                      ran: torch.Tensor, token_means: dict[str, float]) -> dict[str, float]:
+                      ran: torch.Tensor, token_means: dict[str, float],
+                      behaviour_log_ratio: torch.Tensor | None = None) -> dict[str, float]:
         """``loss/*`` (and REAL's ``diag/score_weight_*``) metrics of a whole mini-batch.
 
         ``scores`` ``[N]`` float64: each rollout's s̄ (0 for rollouts that did not run); ``ran`` ``[N]``

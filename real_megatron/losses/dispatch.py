@@ -23,7 +23,7 @@ def _build(name: str, hparams: dict) -> tuple[PolicyLoss, dict]:
 
 def policy_loss(name: str, *, logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
                 group_ids: torch.Tensor, ref_logp: torch.Tensor | None = None,
-                sequence_lengths: torch.Tensor | None = None, **hparams):
+                sequence_lengths: torch.Tensor | None = None, behaviour_logp: torch.Tensor | None = None, **hparams):
     """Compute policy loss ``name`` for a batch of rollouts.
 
     Returns ``(loss, metrics)``: a scalar tensor with autograd to ``logp`` and a dict of floats.
@@ -33,10 +33,11 @@ def policy_loss(name: str, *, logp: torch.Tensor, old_logp: torch.Tensor, mask: 
     REAL family with ``kl_coef`` ≠ 0: ``L_REAL + kl_coef · (1/N) Σ_k mean_t kl_{k,t}`` over the N rollouts.
     ``sequence_lengths`` ([N], token-level losses only): each rollout's full response length when
     ``logp`` holds only part of its tokens (context parallelism); default: ``mask.sum(1)``.
+    ``behaviour_logp`` ``[N, T]``: the rollout engine's log-probs, for ``behaviour_correction`` (``behaviour.py``).
     """
     loss, per_call = _build(name, hparams)
     return loss.loss(logp=logp, old_logp=old_logp, mask=mask, rewards=rewards, group_ids=group_ids, ref_logp=ref_logp,
-                     sequence_lengths=sequence_lengths, **per_call)
+                     sequence_lengths=sequence_lengths, behaviour_logp=behaviour_logp, **per_call)
 
 
 def policy_loss_from_scores(name: str, *, scores: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor,

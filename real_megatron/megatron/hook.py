@@ -123,6 +123,10 @@ def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
                     rewards=ctx.rewards[idx], group_ids=ctx.group_ids[idx],
                     advantages=ctx.advantages[idx] if ctx.advantages is not None else None,
                     normalizer=ctx.normalizer, batch_rollouts=ctx.rewards.shape[0])
+    if "behaviour_logp" in batch:  # log π_old − log μ per token, and its mean over each whole (CP-reduced) response
+        mu = batch["behaviour_logp"].reshape(-1)[index].to(logp.dtype)
+        mb.behaviour_token_log_ratio = torch.where(mask, old - mu, torch.zeros_like(old))
+        mb.behaviour_log_ratio = cp_sum(mb.behaviour_token_log_ratio.sum(dim=1), ctx.cp_group, ctx.cp_size) / count
 
     if not torch.isfinite(scores.detach()).all() or not torch.isfinite(logp.detach()[mask]).all():
         # non-finite forward (overflow, corrupted weights): propagate NaN so train_step skips the step

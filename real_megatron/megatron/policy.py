@@ -80,6 +80,19 @@ class _MiniBatch:
     plan: Plan | None  # None when nothing runs
     weights: torch.Tensor | None  # [n] ∂L/∂s̄ in the exact mode
     extra_forward: bool
+    behaviour_log_ratio: torch.Tensor | None = None  # [n] mean log π_old − log μ per rollout, when corrected
+
+
+def behaviour_log_ratios(samples: list[Sample]) -> torch.Tensor:
+    """``[n]`` float64: each sample's mean over its response of log π_old − log μ (``old_logp`` and the engine's
+    ``engine_logp``): the length-normalised log importance weight of ``losses/behaviour.py``."""
+    out = torch.zeros(len(samples), dtype=torch.float64)
+    for i, s in enumerate(samples):
+        if s.engine_logp is None or len(s.engine_logp) != len(s.response_ids):
+            raise ValueError(f"sample {i} has no engine log-probs for its response: correcting for the behaviour "
+                             "policy needs them (the rollout engine returns them with each response)")
+        out[i] = (s.old_logp.double() - torch.as_tensor(s.engine_logp, dtype=torch.float64)).mean()
+    return out
 
 
 class MegatronPolicy:
@@ -121,12 +134,14 @@ class MegatronPolicy:
                                   multiple=self.multiple, max_rollouts_per_micro_batch=self.max_rollouts_per_micro_batch,
                                   fixed_row_length=lay.pp > 1, include=include)
 
-    def _micro_batches(self, samples, plan, lay: _Layout):
-        """This rank's micro-batches (on the compute device, split for CP) and the row length for the schedule."""
+    def _micro_batches(self, samples, plan, lay: _Layout, behaviour: bool = False):
+        """This rank's micro-batches (on the compute device, split for CP) and the row length for the schedule;
+        ``behaviour``: with the engine's log-probs (a loss that corrects for the behaviour policy)."""
         device = compute_device()
         batches = []
         for mb in plan.rank_micro_batches[lay.dp_rank]:
-            batch = build_micro_batch(samples, mb, align=plan.align, row_length=plan.row_length, pad_id=self.pad_id)
+            batch = build_micro_batch(samples, mb, align=plan.align, row_length=plan.row_length, pad_id=self.pad_id,
+                                      behaviour=behaviour)
             batches.append({k: v.to(device) for k, v in split_for_cp(batch, lay.cp, lay.cp_rank).items()})
         return batches, max(plan.micro_batch_length(samples, mb) for mb in plan.rank_micro_batches[lay.dp_rank])
 
@@ -211,7 +226,8 @@ class MegatronPolicy:
             metrics.update({"loss": 0.0, "response_tokens": float(mini.lengths.sum()), "hook/micro_batches": 0.0})
             if self.loss.group_metrics:
                 metrics.update(self.loss.batch_metrics(torch.zeros(len(mini.samples), dtype=torch.float64),
-                                                       mini.rewards, mini.group_ids, self._ran(mini), {}))
+                                                       mini.rewards, mini.group_ids, self._ran(mini), {},
+                                                       mini.behaviour_log_ratio))
                 metrics.update(self._diagnostics([], _Layout(), mini))  # gradient mass 0
             return metrics
         records = self._run(mini)
@@ -240,6 +256,8 @@ class MegatronPolicy:
         trained = (~idle).nonzero().flatten().tolist()
         mini = _MiniBatch(samples, rewards, group_ids, lengths, normalizer, advantages, no_gradient, trained,
                           plan=None, weights=None, extra_forward=False)
+        if loss.corrects_behaviour:
+            mini.behaviour_log_ratio = behaviour_log_ratios(samples)
         if not trained:
             return mini
         mini.plan = self.plan(samples, sequence_level_groups=loss.couples_groups, include=trained,
@@ -256,14 +274,14 @@ class MegatronPolicy:
                 logps, _ = self.compute_logprobs(samples, include=trained)
                 for i in trained:
                     scores[i] = (logps[i].double() - samples[i].old_logp.double()).mean()
-            mini.weights, _, _ = loss.score_weights(scores, rewards.double(), group_ids)
+            mini.weights, _, _ = loss.score_weights(scores, rewards.double(), group_ids, mini.behaviour_log_ratio)
             mini.extra_forward = not fresh
         return mini
 
     def _run(self, mini: _MiniBatch) -> list[dict]:
         """Megatron's schedule over this rank's micro-batches through the hook; the last stage's records."""
         lay = _Layout()
-        batches, seq_len = self._micro_batches(mini.samples, mini.plan, lay)
+        batches, seq_len = self._micro_batches(mini.samples, mini.plan, lay, behaviour=self.loss.corrects_behaviour)
         ctx = self._context(mini.samples, normalizer=mini.normalizer, advantages=mini.advantages,
                             weights=mini.weights, scale=float(len(batches) * lay.dp))
         self._schedule(partial(forward_step, ctx), batches, seq_len, forward_only=False)
@@ -295,10 +313,12 @@ class MegatronPolicy:
             return metrics  # no group metrics (a non-finite step is skipped by apply_gradients)
         token_means = token_sums / max(summary[2].item(), 1.0)
         metrics.update(self.loss.batch_metrics(scores, mini.rewards, mini.group_ids, self._ran(mini),
-                                               {key: token_means[j].item() for j, key in enumerate(keys)}))
+                                               {key: token_means[j].item() for j, key in enumerate(keys)},
+                                               mini.behaviour_log_ratio))
         metrics.update(self._diagnostics(records, lay, mini))
         if mini.weights is not None:  # the shares Σ w·s̄ are not the loss: the loss of the scores the update saw is
-            metrics["loss"] = self.loss.exact_loss_value(scores, mini.rewards.double(), mini.group_ids, kl)
+            metrics["loss"] = self.loss.exact_loss_value(scores, mini.rewards.double(), mini.group_ids, kl,
+                                                         mini.behaviour_log_ratio)
         if kl is not None:
             metrics["loss/kl"] = kl.mean().item()
         return metrics

@@ -137,9 +137,10 @@ class CheckpointManager:
         self._broadcast = broadcast or (lambda obj: obj)
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, meta: dict, write_state) -> Path:
+    def save(self, step: int, meta: dict, write_state, write_extra=None) -> Path:
         """Every rank calls: ``write_state(directory)`` writes the sharded model + optimizer state
-        (collectively), each rank adds its RNG streams, rank 0 adds ``meta``; atomic for the set."""
+        (collectively), each rank adds its RNG streams, rank 0 adds ``meta`` and, with ``write_extra(directory)``,
+        files of its own (e.g. rollouts generated ahead of training); atomic for the set."""
         token = self._broadcast(uuid.uuid4().hex[:8] if self.rank == 0 else None)
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{final.name}-{token}"
@@ -153,6 +154,8 @@ class CheckpointManager:
         torch.save(rng_state(), tmp / RNG_DIR / f"rank_{self.rank:05d}.pt")
         self._barrier()
         if self.rank == 0:
+            if write_extra is not None:
+                write_extra(tmp)
             files = _files_with_sizes(tmp)
             for rel in files:  # the shard writers fsync theirs already; this covers the rest
                 fsync_path(tmp / rel)

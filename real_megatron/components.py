@@ -83,23 +83,33 @@ def load_initial_weights(cfg: RunConfig, chunks) -> str:
     return cfg.model.hf_dir
 
 
-def make_engine(rollout: RolloutConfig, hf_dir, tokenizer, *, dtype: str, load_weights: bool = False):
+def make_engine(rollout: RolloutConfig, hf_dir, tokenizer, *, dtype: str, load_weights: bool = False,
+                background: bool = False):
     """The rollout engine ``rollout.engine`` names, for the model in ``hf_dir`` (rank 0 only).
 
     ``load_weights=False`` (training): the embedded engine starts with random weights and gets the
-    trainer's right after; ``True`` (evaluation): it loads ``hf_dir``'s weights itself. An SGLang
-    engine always holds its server's (or its in-process engine's ``model_path``) weights; with
-    ``rollout.sglang_weight_sync=distributed`` it joins the weight broadcast group here.
+    trainer's right after; ``True`` (evaluation): it loads ``hf_dir``'s weights itself. ``background``: the
+    embedded engine generates beside training (``train.max_staleness`` ≥ 1), so it runs in a process of its
+    own (``rollout/engine_process.py``). An SGLang engine always holds its server's (or its in-process
+    engine's ``model_path``) weights; with ``rollout.sglang_weight_sync=distributed`` it joins the weight
+    broadcast group here.
     """
+    from functools import partial
+
     from real_megatron.distributed import compute_device
 
     if rollout.engine == "embedded":
         from real_megatron.rollout.transformers_engine import TransformersEngine
 
-        return TransformersEngine(hf_dir, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id_of(tokenizer),
-                                  dtype=torch_dtype(dtype), device=compute_device(),
-                                  batch_size=rollout.embedded_batch_size,
-                                  load_weights_from=str(hf_dir) if load_weights else None)
+        factory = partial(TransformersEngine, str(hf_dir), eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=pad_id_of(tokenizer), dtype=torch_dtype(dtype), device=compute_device(),
+                          batch_size=rollout.embedded_batch_size,
+                          load_weights_from=str(hf_dir) if load_weights else None)
+        if background:
+            from real_megatron.rollout.engine_process import EngineProcess
+
+            return EngineProcess(factory, name="embedded rollout engine")
+        return factory()
     from real_megatron.rollout.sglang_engine import SGLangEngine
 
     common = {"eos_token_id": tokenizer.eos_token_id, "weight_sync": rollout.sglang_weight_sync,

@@ -68,6 +68,9 @@ class RolloutConfig:
     # embedded engine: sequences per transformers generate call (the prompts x n rollouts are cut into such
     # chunks, in order); 64 is what the engine used before this setting existed
     embedded_batch_size: int = 64
+    # SGLang with train.max_staleness >= 1: new weights reach the servers during generation (requests in flight
+    # are paused, take them, and continue), each token records the version that sampled it
+    partial: bool = False
 
 
 @dataclass
@@ -103,6 +106,9 @@ class TrainConfig:
     micro_batch_rollouts: int = 0  # optional cap on rollouts per micro-batch (0: none, the token budget decides)
     eval_every: int = 50
     save_every: int = 50
+    # rollout batches generated ahead of training (rollout/producer.py): 0 = the synchronous loop; S >= 1: a
+    # batch is trained on at most S weight versions after the weights that sampled it (1: one-step-off)
+    max_staleness: int = 0
 
 
 @dataclass
@@ -295,6 +301,7 @@ VALUE_RULES = (
     ("train.micro_batch_rollouts", lambda v: v >= 0, ">= 0 (0: no cap)"),
     ("train.eval_every", lambda v: v >= 0, ">= 0 (0: no evaluation during training)"),
     ("train.save_every", lambda v: v >= 1, ">= 1"),
+    ("train.max_staleness", lambda v: v >= 0, ">= 0 (0: the synchronous loop; S: batches generated up to S ahead)"),
     ("eval.samples", lambda v: v >= 1, ">= 1 sample per problem"),
     ("eval.temperature", _positive, "> 0"),
     ("eval.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -365,6 +372,13 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
                           "rollout.n >= 2 rollouts")
     check_values(cfg)
     t = cfg.train
+    if cfg.rollout.partial and (cfg.rollout.engine != "sglang" or t.max_staleness < 1):
+        raise ConfigError("rollout.partial=true pushes weights into SGLang requests in flight: it needs "
+                          "rollout.engine=sglang and train.max_staleness >= 1 (the embedded engine samples each "
+                          "batch with one weight version)")
+    if t.max_staleness >= 1 and cfg.rollout.sglang_release_memory:
+        raise ConfigError("rollout.sglang_release_memory frees the engine's memory while the trainer trains, but "
+                          f"train.max_staleness={t.max_staleness} generates during training: use one or the other")
     if t.rollout_batch_prompts % t.mini_batch_prompts:
         raise ConfigError(
             f"train.rollout_batch_prompts={t.rollout_batch_prompts} is not divisible by train.mini_batch_prompts="

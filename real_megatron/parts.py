@@ -262,7 +262,8 @@ def _set_up_rollout_side(parts: RunParts, sampler_batch: int) -> None:
     parts.train_ids = [encode_prompt(parts.tokenizer, r.messages) for r in parts.train_records]
     parts.eval_ids = [encode_prompt(parts.tokenizer, r.messages) for r in parts.eval_records]
     parts.sampler = PromptSampler(parts.train_records, sampler_batch, seed=cfg.seed)
-    parts.engine = make_engine(cfg.rollout, cfg.model.hf_dir, parts.tokenizer, dtype=cfg.model.dtype)
+    parts.engine = make_engine(cfg.rollout, cfg.model.hf_dir, parts.tokenizer, dtype=cfg.model.dtype,
+                               background=cfg.train.max_staleness >= 1)  # it generates beside training
     if parts.colocated:  # what is released during training and resumed after the sync
         parts.memory_tags = parts.engine.memory_tags()
     parts.reward_pool = RewardPool(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,

@@ -22,6 +22,13 @@ the frozen reference model's forward pass when the loss has a KL to it) are on t
 of a rollout batch and ``time/sync_s`` on its last (0.0 on the others), so sums over rows are
 true totals. An evaluation before training is logged as its own row with ``step`` 0.
 
+With ``train.max_staleness`` S ≥ 1, phase 1 runs ahead on rank 0 (``rollout/producer.py``): the engine generates
+and the reward workers score batch k+1 … k+S while phases 2–4 run on batch k, and phase 4 waits until the
+batches that need the older weights are out. Each row then has ``rollout/staleness_mean`` / ``_max`` (weight
+versions between the sampling weights and the trained ones), ``time/wait_rollout_s`` (the trainer's wait for its
+batch) and ``time/engine_idle_s`` (the engine's wait for new weights), and a checkpoint holds the batches
+generated but not yet trained.
+
 Resume: a rerun with the same ``run_dir`` continues from ``checkpoints/latest``, at any TP/PP/DP
 (checkpoints are resharded on load, ``checkpoint.py``); SIGINT/SIGTERM finish the current rollout
 step, save, and exit with 128 + signal number.
@@ -44,6 +51,7 @@ from real_megatron.job_runner import JobFailed, run_job
 from real_megatron.parts import RunParts, build_parts
 
 log = logging.getLogger("real_megatron")
+PENDING_FILE = "pending_rollouts.pt"  # a checkpoint's batches generated ahead and not yet trained (max_staleness ≥ 1)
 
 
 class RolloutFailed(JobFailed):
@@ -61,6 +69,10 @@ class Trainer:
         self.rollout_step = 0
         self.skipped_steps = 0
         self._stop_signal: int | None = None
+        self.staleness = self.cfg.train.max_staleness
+        self.producer = None  # rank 0 with max_staleness >= 1: rollout/producer.AheadProducer
+        self._pending: dict[int, dict] = {}  # batches a checkpoint held, given to the producer when it starts
+        self._sampler_after_taken = None  # the prompt sampler's state after the last batch taken (max_staleness >= 1)
 
     # ------------------------------------------------------------------ state
     @property
@@ -72,14 +84,35 @@ class Trainer:
         from real_megatron.megatron.dist_state import save_training_state
 
         p = self.parts
+        pending, write_pending = self._pending_to_save()
         meta = {"layout": p.layout, "rollout_step": self.rollout_step, "optimizer_step": self.optimizer_steps_done,
                 "skipped_steps": self.skipped_steps, "config": config_to_dict(self.cfg),
-                "sampler": p.sampler.state_dict() if p.sampler is not None else None}
+                "sampler": self._sampler_state(pending), "pending_rollouts": sorted(pending)}
         meta = broadcast_object(meta)  # rank 0 owns the sampler
-        path = p.ckpt.save(self.rollout_step, meta, lambda d: save_training_state(p.chunks, p.optimizer, d))
+        path = p.ckpt.save(self.rollout_step, meta, lambda d: save_training_state(p.chunks, p.optimizer, d),
+                           write_pending)
         if self.rank == 0:
             log.info("checkpoint saved: %s", path)
         return path
+
+    def _pending_to_save(self):
+        """Rank 0 with a producer: the batches generated ahead and not yet trained, and the writer that puts them
+        into the checkpoint; ``({}, None)`` otherwise."""
+        if self.producer is None:
+            return {}, None
+        pending = self.producer.pending()
+
+        def write(directory: Path) -> None:
+            torch.save(pending, directory / PENDING_FILE)
+
+        return pending, write if pending else None
+
+    def _sampler_state(self, pending: dict):
+        """The prompt sampler's state a resume continues from: after the last batch generated and kept (the one in
+        flight is generated again), or the sampler's own state in the synchronous loop."""
+        if self.producer is not None:
+            return pending[max(pending)]["sampler_after"] if pending else self._sampler_after_taken
+        return self.parts.sampler.state_dict() if self.parts.sampler is not None else None
 
     def restore(self) -> bool:
         """Load ``checkpoints/latest`` (a reshardable checkpoint, at any layout); False when there is none."""
@@ -94,6 +127,10 @@ class Trainer:
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         if p.sampler is not None and meta.get("sampler") is not None:
             p.sampler.load_state_dict(meta["sampler"])
+        if self.rank == 0 and meta.get("pending_rollouts"):
+            self._pending = torch.load(latest / PENDING_FILE, weights_only=False)
+            if sorted(self._pending) != meta["pending_rollouts"]:
+                raise JobFailed(f"{latest / PENDING_FILE} does not hold the batches its meta.json lists")
         if self.rank == 0:
             log.info("resumed from %s (rollout step %d)", latest, self.rollout_step)
         return True
@@ -111,16 +148,16 @@ class Trainer:
         self._log_rows(rows)
 
     def _rollouts(self):
-        """Phase 1. Rank 0 samples and scores a batch; every rank gets ``(samples, metrics)``, each sample
-        carrying its engine's log-probs. A failure on rank 0 reaches every rank, which save the last
-        consistent state and raise ``RolloutFailed``."""
+        """Phase 1. Rank 0 samples and scores a batch (or takes it from the producer); every rank gets
+        ``(samples, metrics)``, each sample carrying its engine's log-probs. A failure on rank 0 reaches every
+        rank, which save the last consistent state and raise ``RolloutFailed``."""
         from real_megatron.megatron.batch import Sample
 
         p = self.parts
         payload = None
         if self.rank == 0:
             try:
-                payload = self._collect_rollouts()
+                payload = self._collect_rollouts() if self.producer is None else self._take_rollouts()
                 if p.colocated:  # hand the GPU memory to training until the weights come back
                     p.engine.release_memory(p.memory_tags)
             except Exception as err:  # engine/reward failure: every rank must hear about it
@@ -141,21 +178,56 @@ class Trainer:
                    for r in payload["records"]]
         return samples, payload["metrics"]
 
-    def _collect_rollouts(self) -> dict:
-        """Rank 0: sample the next prompts, generate ``rollout.n`` responses each, score them."""
+    def _collect_rollouts(self, step: int | None = None) -> dict:
+        """Rank 0: sample the next prompts, generate ``rollout.n`` responses each, score them — batch ``step``
+        (default: the current rollout step; the producer thread calls it for the batches ahead)."""
         from real_megatron.rollout import SamplingParams
         from real_megatron.rollout.collect import collect_rollouts
 
         cfg, p = self.cfg, self.parts
+        step = self.rollout_step if step is None else step
         batch = p.sampler.next_batch()
+        sampler_after = p.sampler.state_dict() if self.staleness else None
         sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                  max_new_tokens=cfg.rollout.max_new_tokens,
-                                  seed=cfg.seed * 1_000_003 + self.rollout_step)
+                                  max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed * 1_000_003 + step)
         records, metrics = collect_rollouts(
             engine=p.engine, reward_pool=p.reward_pool, tokenizer=p.tokenizer, prompts=batch,
             prompt_ids=[p.train_ids[r.index] for r in batch], n=cfg.rollout.n, sampling=sampling,
-            first_group_id=self.rollout_step * cfg.train.rollout_batch_prompts)
-        return {"records": records, "metrics": metrics}
+            first_group_id=step * cfg.train.rollout_batch_prompts)
+        payload = {"records": records, "metrics": metrics}
+        if sampler_after is not None:
+            payload["sampler_after"] = sampler_after
+        return payload
+
+    def _take_rollouts(self) -> dict:
+        """Rank 0, max_staleness ≥ 1: this step's batch from the producer, with how stale it is and how long the
+        trainer and the engine waited."""
+        payload, waited = self.producer.take(self.rollout_step)
+        self._sampler_after_taken = payload["sampler_after"]
+        staleness = float(self.rollout_step - payload["version"])
+        if not 0 <= staleness <= self.staleness:  # the bound the run was configured with, checked where it matters
+            raise RuntimeError(f"batch {self.rollout_step} was sampled by weight version {payload['version']}: "
+                               f"{staleness:g} versions old, beyond train.max_staleness={self.staleness}")
+        idle, self.producer.engine_idle_s = self.producer.engine_idle_s, 0.0
+        metrics = {**payload["metrics"], "rollout/staleness_mean": staleness, "rollout/staleness_max": staleness,
+                   "time/wait_rollout_s": waited, "time/engine_idle_s": idle}
+        return {"records": payload["records"], "metrics": metrics}
+
+    def _start_producer(self) -> None:
+        """Rank 0, max_staleness ≥ 1: start generating ahead from the current step, with the batches a checkpoint
+        held (the engine holds the weights of this step)."""
+        from real_megatron.rollout.producer import AheadProducer
+
+        if self.rank != 0 or not self.staleness:
+            return
+        if self._pending:  # the prompt sampler continues after the last batch the checkpoint kept
+            self.parts.sampler.load_state_dict(self._pending[max(self._pending)]["sampler_after"])
+        self._sampler_after_taken = self.parts.sampler.state_dict()
+        self.producer = AheadProducer(self._collect_rollouts, staleness=self.staleness, start=self.rollout_step,
+                                      end=self.cfg.train.steps, engine_version=self.rollout_step,
+                                      pending=self._pending)
+        self._pending = {}
+        self.producer.start()
 
     def _old_logprobs(self, samples, rollout_metrics: dict) -> None:
         """Phase 2. The old log-probs (and entropy) of every rollout under the current weights, at the sampling
@@ -167,7 +239,25 @@ class Trainer:
         if all(s.engine_logp is not None for s in samples):
             diff = torch.cat([torch.tensor(s.engine_logp, dtype=torch.float64) - s.old_logp.double() for s in samples])
             rollout_metrics["rollout/logprob_abs_diff_mean"] = float(diff.abs().mean())
+            if self.staleness or self.parts.loss.corrects_behaviour:
+                rollout_metrics.update(self._behaviour_metrics(samples, -diff))
         rollout_metrics["time/logprob_s"] = time.perf_counter() - t0
+
+    def _behaviour_metrics(self, samples, token_log_ratio: torch.Tensor) -> dict:
+        """How far the sampling engine μ is from π_old (``losses/behaviour.py``): the k3 KL(μ‖π_old) per token and the
+        importance weights at the loss's level (per token, or length-normalised per rollout) before the correction,
+        with the fraction the correction truncates or masks."""
+        from real_megatron.losses.behaviour import BehaviourCorrection, behaviour_kl
+        from real_megatron.megatron.policy import behaviour_log_ratios
+
+        loss = self.parts.loss
+        correction = loss.behaviour if loss.behaviour is not None else BehaviourCorrection("none", 2.0)
+        ratios = behaviour_log_ratios(samples) if loss.sequence_level else token_log_ratio
+        stats = correction.stats(ratios)
+        mu = torch.cat([torch.as_tensor(s.engine_logp, dtype=torch.float64) for s in samples])
+        old = torch.cat([s.old_logp.double() for s in samples])
+        return {"rollout/behaviour_kl": behaviour_kl(old, mu),
+                **{f"rollout/behaviour_{k}": v for k, v in stats.items()}}
 
     def _ref_logprobs(self, samples, rollout_metrics: dict) -> None:
         """Phase 2b (a KL to the reference only): every sample's ``ref_logp`` from the frozen initial model, at
@@ -202,7 +292,8 @@ class Trainer:
                 "time/sync_s": 0.0,
             })
             for key in ("time/rollout_s", "time/reward_s", "time/logprob_s") + (
-                    ("time/ref_logprob_s",) if self.parts.ref_policy is not None else ()):
+                    ("time/ref_logprob_s",) if self.parts.ref_policy is not None else ()) + (
+                    ("time/wait_rollout_s", "time/engine_idle_s") if self.staleness else ()):
                 row[key] = rollout_metrics.get(key, 0.0) if j == 0 else 0.0
             rows.append(row)
         return rows
@@ -211,11 +302,15 @@ class Trainer:
         """Phase 4. The new weights to the engine (a colocated SGLang engine gets its memory back around it)."""
         p = self.parts
         t0 = time.perf_counter()
+        if self.producer is not None:  # the batches that need the older weights go out first
+            self.producer.before_push(self.rollout_step + 1)
         if self.rank == 0 and p.colocated:
             p.engine.resume_memory(["weights"])  # weights first, then KV cache / CUDA graphs (SGLang's order)
         p.sync_weights()
         if self.rank == 0 and p.colocated:
             p.engine.resume_memory([t for t in p.memory_tags if t != "weights"])
+        if self.producer is not None:
+            self.producer.pushed(self.rollout_step + 1)
         return time.perf_counter() - t0
 
     def _evaluate_if_due(self, last_row: dict) -> None:
@@ -254,8 +349,11 @@ class Trainer:
             p.sync_weights()
             if self.rank == 0 and not resumed and p.eval_records and cfg.train.eval_every:
                 p.logger.log(0, {**p.evaluate(), "rollout_step": 0})
+            self._start_producer()
             return self._loop()
         finally:
+            if self.producer is not None:
+                self.producer.stop()
             p.close()
 
     def _loop(self) -> int:

@@ -31,11 +31,15 @@ from real_megatron.components import (
     read_model_dir,
 )
 from real_megatron.config import ConfigError, RunConfig, config_to_dict, save_config, validate_config
-from real_megatron.distributed import barrier, broadcast_object, world
+from real_megatron.distributed import any_rank, barrier, broadcast_object, world
 from real_megatron.dtypes import torch_dtype
 from real_megatron.run_dir import check_run_dir, claim_run_dir
 
 log = logging.getLogger("real_megatron")
+
+
+class EngineSyncError(RuntimeError):
+    """The rollout engine did not take the trainer's weights (raised on every rank)."""
 
 
 @dataclass
@@ -78,16 +82,23 @@ class RunParts:
     def sync_weights(self) -> float:
         """Push the current Megatron weights to the engine (on rank 0) in HF names, in the buckets
         ``iter_hf_tensors`` makes (the engine sends each as it comes, no re-bucketing); every rank takes
-        part (TP shards are gathered, PP stages sent). Returns the seconds it took."""
+        part (TP shards are gathered, PP stages sent). Returns the seconds it took. An engine that fails to take
+        them raises ``EngineSyncError`` on every rank, after the gathering collectives have all run."""
         from real_megatron.convert import iter_hf_tensors
 
         t0 = time.perf_counter()
         buckets = iter_hf_tensors(self.chunks, self.hf, bucket_bytes=self.cfg.rollout.weight_bucket_mb << 20)
+        error = None
         if self.rank == 0:
-            self.engine.update_weights(buckets)
-        else:
-            for _ in buckets:  # drive the collectives
-                pass
+            try:
+                self.engine.update_weights(buckets)
+            except Exception as err:  # the other ranks are in the gathering collectives: finish them first
+                error = f"{type(err).__name__}: {err}"
+                log.error("weight sync failed: %s", error)
+        for _ in buckets:  # drive the collectives (on rank 0 only what a failed update left)
+            pass
+        if any_rank(error is not None):
+            raise EngineSyncError(broadcast_object(error))
         return time.perf_counter() - t0
 
     def export_hf(self, out_dir: Path) -> Path | None:

@@ -18,8 +18,8 @@ import time
 
 from real_megatron.config import ConfigError
 from real_megatron.distributed import broadcast_object
-from real_megatron.job_runner import run_job
-from real_megatron.parts import build_parts
+from real_megatron.job_runner import JobFailed, run_job
+from real_megatron.parts import EngineSyncError, build_parts
 
 
 def _solution(record) -> str:
@@ -33,40 +33,47 @@ def _solution(record) -> str:
 def run_sft(cfg) -> int:
     """``real-megatron sft`` on a loaded config: the run's parts with the cross-entropy loss, then the loop."""
     from real_megatron.losses import SFTLoss
-    from real_megatron.megatron.batch import Sample
 
     parts = build_parts(cfg, SFTLoss(), job="sft", sampler_batch=cfg.train.mini_batch_prompts)
     try:
-        if parts.rank == 0:
-            eos = parts.tokenizer.eos_token_id
-            targets = [parts.tokenizer.encode(_solution(r), add_special_tokens=False) + [eos]
-                       for r in parts.train_records]
-            parts.open_metrics(cfg.train.steps, fresh=True)  # SFT does not resume: the metrics file starts afresh
-        parts.sync_weights()
-        if parts.rank == 0 and parts.eval_records:
-            parts.logger.log(0, parts.evaluate())
-        for step in range(1, cfg.train.steps + 1):
-            samples = None
-            if parts.rank == 0:
-                batch = parts.sampler.next_batch()
-                samples = [Sample(parts.train_ids[r.index], targets[r.index], 1.0, i) for i, r in enumerate(batch)]
-            samples = broadcast_object(samples)
-            t0 = time.perf_counter()
-            result = parts.policy.train_step(samples)
-            row = {"train/loss": result["loss"], "train/grad_norm": result["grad_norm"],
-                   "train/skipped": result["skipped"], "time/update_s": time.perf_counter() - t0}
-            if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-                row["time/sync_s"] = parts.sync_weights()
-                if parts.rank == 0 and parts.eval_records:
-                    row.update(parts.evaluate())
-            if parts.rank == 0:
-                parts.logger.log(step, row)
-        out = parts.export_hf(parts.run_dir / "hf")
-        if parts.rank == 0:
-            print(f"SFT model (HF): {out}\nmetrics: {parts.run_dir / 'metrics.jsonl'}", flush=True)
-        return 0
+        return _sft_loop(cfg, parts)
+    except EngineSyncError as err:  # the engine only evaluates here; nothing is lost but the run
+        raise JobFailed(f"the rollout engine did not take the weights for an evaluation: {err}") from err
     finally:
         parts.close()
+
+
+def _sft_loop(cfg, parts) -> int:
+    """``train.steps`` optimizer steps on reference solutions, evaluations as ``train.eval_every`` says, the HF export."""
+    from real_megatron.megatron.batch import Sample
+
+    if parts.rank == 0:
+        eos = parts.tokenizer.eos_token_id
+        targets = [parts.tokenizer.encode(_solution(r), add_special_tokens=False) + [eos] for r in parts.train_records]
+        parts.open_metrics(cfg.train.steps, fresh=True)  # SFT does not resume: the metrics file starts afresh
+    parts.sync_weights()
+    if parts.rank == 0 and parts.eval_records:
+        parts.logger.log(0, parts.evaluate())
+    for step in range(1, cfg.train.steps + 1):
+        samples = None
+        if parts.rank == 0:
+            batch = parts.sampler.next_batch()
+            samples = [Sample(parts.train_ids[r.index], targets[r.index], 1.0, i) for i, r in enumerate(batch)]
+        samples = broadcast_object(samples)
+        t0 = time.perf_counter()
+        result = parts.policy.train_step(samples)
+        row = {"train/loss": result["loss"], "train/grad_norm": result["grad_norm"],
+               "train/skipped": result["skipped"], "time/update_s": time.perf_counter() - t0}
+        if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+            row["time/sync_s"] = parts.sync_weights()
+            if parts.rank == 0 and parts.eval_records:
+                row.update(parts.evaluate())
+        if parts.rank == 0:
+            parts.logger.log(step, row)
+    out = parts.export_hf(parts.run_dir / "hf")
+    if parts.rank == 0:
+        print(f"SFT model (HF): {out}\nmetrics: {parts.run_dir / 'metrics.jsonl'}", flush=True)
+    return 0
 
 
 def main(argv=None) -> int:

@@ -48,7 +48,7 @@ import torch
 from real_megatron.config import RunConfig, config_to_dict
 from real_megatron.distributed import any_rank, broadcast_object
 from real_megatron.job_runner import JobFailed, run_job
-from real_megatron.parts import RunParts, build_parts
+from real_megatron.parts import EngineSyncError, RunParts, build_parts
 
 log = logging.getLogger("real_megatron")
 PENDING_FILE = "pending_rollouts.pt"  # a checkpoint's batches generated ahead and not yet trained (max_staleness ≥ 1)
@@ -142,7 +142,15 @@ class Trainer:
         self._old_logprobs(samples, rollout_metrics)
         self._ref_logprobs(samples, rollout_metrics)
         rows = self._updates(samples, rollout_metrics)
-        rows[-1]["time/sync_s"] = self._sync_to_engine()
+        try:
+            rows[-1]["time/sync_s"] = self._sync_to_engine()
+        except EngineSyncError as err:  # the step trained: keep it, then stop with the engine named
+            self.rollout_step += 1
+            self._log_rows(rows)
+            path = self.save()
+            raise RolloutFailed(f"sending the weights of rollout step {self.rollout_step} to the engine failed: {err}. "
+                                f"The state after rollout step {self.rollout_step} was saved to {path}; fix the "
+                                "engine and rerun the same command to resume") from err
         self.rollout_step += 1
         self._evaluate_if_due(rows[-1])
         self._log_rows(rows)
@@ -346,7 +354,11 @@ class Trainer:
                 log.info("initial weights from %s", p.initial_weights)
             if self.rank == 0:
                 p.open_metrics(cfg.train.steps * self.updates_per_rollout, start_step=self.optimizer_steps_done)
-            p.sync_weights()
+            try:
+                p.sync_weights()
+            except EngineSyncError as err:
+                raise RolloutFailed(f"the rollout engine did not take the starting weights: {err}; fix the engine "
+                                    "and rerun the same command") from err
             if self.rank == 0 and not resumed and p.eval_records and cfg.train.eval_every:
                 p.logger.log(0, {**p.evaluate(), "rollout_step": 0})
             self._start_producer()

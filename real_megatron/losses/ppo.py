@@ -168,7 +168,7 @@ class ClippedRatioLoss(PolicyLoss):
             advantages = group_advantages(rewards.to(torch.float64), group_ids, self.hp["adv_eps"])
         return advantages == 0
 
-    def batch_metrics(self, scores, rewards, group_ids, ran, token_means) -> dict:
+    def batch_metrics(self, scores, rewards, group_ids, ran, token_means, behaviour_log_ratio=None) -> dict:
         # token-level metrics: the mean over micro-batches (and CP ranks) of each micro-batch's value
         metrics = {f"loss/{key}": token_means[key] for key in self.token_metric_keys if key in token_means}
         if ran.any():

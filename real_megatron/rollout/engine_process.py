@@ -12,6 +12,7 @@ The child exits when its pipe closes (the trainer ended, or was killed).
 """
 from __future__ import annotations
 
+import logging
 import threading
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -19,6 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from real_megatron.rollout.base import Completion, RolloutEngine, RolloutEngineError, SamplingParams
+
+log = logging.getLogger("real_megatron")
 
 
 def _serve(conn, factory: Callable[[], RolloutEngine]) -> None:
@@ -74,6 +77,7 @@ class EngineProcess(RolloutEngine):
         if status != "ready":
             self.close()
             raise RolloutEngineError(f"the {name} process could not start: {detail}")
+        log.info("%s: process %d (generates beside training)", name, self._proc.pid)
 
     def _receive(self):
         try:

@@ -1,24 +1,23 @@
-"""NeMo-Run launchers: each recipe x executor dry-runs to the expected torchrun command / sbatch script.
+"""NeMo-Run launchers (``real-megatron launch``, real_megatron/launch.py): each recipe x executor dry-runs to
+the expected torchrun command / sbatch script.
 
 No GPU and no Slurm here: nemo-run's dry run builds the real torchx request (the local Popen
 argument list, the sbatch script text) without executing it; these tests read those.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("launch", REPO / "examples" / "launch.py")
-launch = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(launch)
+from real_megatron import launch
+from real_megatron.config import ConfigError, load_config, validate_config
 
-from real_megatron.config import ConfigError, load_config, validate_config  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # Public model shapes (config.json of the two checkpoints): layouts are validated against them
 QWEN_1P5B = {"num_attention_heads": 12, "num_key_value_heads": 2, "num_hidden_layers": 28, "intermediate_size": 8960,
@@ -285,3 +284,20 @@ def test_local_multi_node_needs_a_rendezvous_endpoint(capsys):
     assert launch.main(["--recipe", "tiny_cpu", "--gpus", "1", "--nnodes", "2", "--node-rank", "2",
                         "--rdzv-endpoint", "h:1", "--dryrun"]) == 2
     assert "--node-rank 2" in capsys.readouterr().err
+
+
+def test_entry_points_are_the_package_launcher(tmp_path):
+    """`real-megatron launch` and `python examples/launch.py` (a checkout, run from elsewhere) are the same
+    launcher: both dry-run to the same torchrun command."""
+    env = {**os.environ, "NEMORUN_HOME": str(tmp_path / "nemorun"), "PYTHONPATH": str(REPO)}
+    argv = ["--recipe", "tiny_cpu", "--gpus", "1", "--dryrun"]
+    outs = []
+    for cmd in ([sys.executable, "-m", "real_megatron", "launch", *argv],
+                [sys.executable, str(REPO / "examples" / "launch.py"), *argv]):
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        argv = shlex.split(done.stdout.strip().splitlines()[-1])
+        argv[argv.index("--rdzv-id") + 1] = "ID"  # nemo-run draws a fresh rendezvous id per launch
+        outs.append(argv)
+    assert outs[0] == outs[1] and outs[0][0] == "torchrun"

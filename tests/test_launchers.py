@@ -24,8 +24,9 @@ QWEN_1P5B = {"num_attention_heads": 12, "num_key_value_heads": 2, "num_hidden_la
              "max_position_embeddings": 131072}
 QWEN_7B = {"num_attention_heads": 28, "num_key_value_heads": 4, "num_hidden_layers": 28, "intermediate_size": 18944,
            "max_position_embeddings": 131072}
-TINY = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 256,
-        "max_position_embeddings": 128}
+# tiny_cpu runs the demo's chain model (repro/recipe.py)
+TINY = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 3, "intermediate_size": 384,
+        "max_position_embeddings": 256}
 RECIPES = {"tiny_cpu": (TINY, 1), "real_1p5b": (QWEN_1P5B, 8), "real_7b": (QWEN_7B, 16)}
 
 
@@ -80,6 +81,22 @@ def test_recipes_load_and_validate_against_model_shapes(recipe):
         assert (cfg.optim.lr, cfg.train.steps) == expected
 
 
+def test_tiny_cpu_recipe_is_the_demos_rl_stage():
+    """examples/configs/tiny_cpu.yaml reads what `make demo` writes and repeats its RL stage: every setting
+    equals the demo's own (repro/recipe.py), apart from the run directory."""
+    from real_megatron.config import config_to_dict
+    from real_megatron.repro import recipe
+
+    demo = Path("runs/demo")
+    assets = recipe.ChainAssets(rl_train=demo / "task/data/train.parquet", warmup_train=demo / "task/data/warmup.parquet",
+                                eval_files=tuple(demo / f"task/data/level{k}.parquet" for k in range(1, 6)),
+                                base_model=demo / "task/base_model")
+    want = load_config(None, recipe.rl_overrides(assets, init_dir=demo / "warmup/hf", run_dir=Path("runs/tiny_cpu"),
+                                                 loss="real", seed=1))
+    got = load_config(REPO / "examples" / "configs" / "tiny_cpu.yaml")
+    assert config_to_dict(got) == config_to_dict(want)
+
+
 @pytest.mark.parametrize("loss", ["grpo", "dapo", "gspo", "real_bce"])
 def test_baselines_validate_by_loss_name(loss):
     cfg = load_config(REPO / "examples" / "configs" / "real_1p5b.yaml", [f"loss.name={loss}"])
@@ -126,9 +143,11 @@ def test_local_list_overrides_travel_in_a_resolved_config(tmp_path):
 
 
 def tiny_run_args(assets, run_dir, train_files):
+    # the one-step arithmetic assets: a 128-position model, so shorter prompts and responses than the recipe's
     return ["--recipe", "tiny_cpu", "--gpus", "2", f"model.hf_dir={assets['base']}", f"data.train_files={train_files}",
             f"data.eval_files=[{assets['test']}]", f"run_dir={run_dir}", "train.steps=1", "train.eval_every=0",
-            "logging.progress_bar=false", "train.rollout_batch_prompts=4", "train.mini_batch_prompts=4", "rollout.n=4"]
+            "logging.progress_bar=false", "train.rollout_batch_prompts=4", "train.mini_batch_prompts=4", "rollout.n=4",
+            "data.max_prompt_length=64", "rollout.max_new_tokens=24", "eval.max_new_tokens=24"]
 
 
 @pytest.mark.slow  # a real torchrun launch of a training step

@@ -364,7 +364,7 @@ def _documented_in_order() -> list[str]:
 def pytest_generate_tests(metafunc):
     if "documented" in metafunc.fixturenames:
         commands = _documented_in_order()
-        metafunc.parametrize("documented", commands, ids=[c[:60] for c in commands])
+        metafunc.parametrize("documented", commands, ids=commands)  # the whole command: -k matches any word of it
 
 
 @pytest.fixture(scope="module")

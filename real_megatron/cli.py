@@ -17,6 +17,7 @@ COMMANDS = {
     "compare": ("real_megatron.repro.compare", "REAL vs its baselines on the chain task: tables and figures over seeds"),
     "evaluate": ("real_megatron.evaluate", "pass@k evaluation on benchmark parquet files"),
     "convert": ("real_megatron.convert.cli", "HF <-> Megatron checkpoint conversion"),
+    "launch": ("real_megatron.launch", "start training with NeMo-Run: local torchrun or Slurm (--dryrun prints it)"),
     "make-task": ("real_megatron.repro.make_task", "write a synthetic task's parquet files: chains --out DIR"),
     "plot": ("real_megatron.plots", "PNG curves from a run directory's metrics.jsonl"),
     "plot-weights": ("real_megatron.repro.figures", "Figure 1 of the paper: gradient weight |W| vs s"),

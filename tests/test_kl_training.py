@@ -95,7 +95,7 @@ def test_loss_kl_is_the_estimator_against_the_frozen_initial_policy(assets, loss
     initial_model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32).eval()
     target = hf_logps(initial_model, samples)  # π_ref = π_old = the initial weights here
     current_model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32).eval()
-    missing, unexpected = current_model.load_state_dict(moved, strict=True)
+    missing, unexpected = current_model.load_state_dict(moved, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     expected = k3_mean(hf_logps(current_model, samples), target)
     assert expected > 1e-3, expected  # the policy has moved: a nonzero KL

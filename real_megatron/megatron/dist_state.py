@@ -119,7 +119,7 @@ def load_training_state(chunks, optimizer, directory: str | Path) -> None:
     request = sharded_training_state(chunks, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(request, str(directory), strict="raise_all")
     for i, chunk in enumerate(chunks):
-        unwrap(chunk).load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
+        unwrap(chunk).load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
     with _step_kept_by_state_setter(optimizer):
         optimizer.load_state_dict(loaded["optimizer"])
     own_step_tensors(optimizer)

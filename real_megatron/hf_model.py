@@ -4,7 +4,7 @@
     check_layout(hf, tp=2, pp=1, cp=1, world_size=8)     # LayoutError naming the option and valid values
 
 Used by the Megatron model provider, the converters, config validation (``train`` / ``sft``), the
-launcher (``examples/launch.py``, before submitting) and ``evaluate``. Imports neither torch nor
+launcher (``real-megatron launch``, before submitting) and ``evaluate``. Imports neither torch nor
 Megatron, so checks run in a second.
 """
 from __future__ import annotations

@@ -113,7 +113,8 @@ def make_engine(rollout: RolloutConfig, hf_dir, tokenizer, *, dtype: str, load_w
     from real_megatron.rollout.sglang_engine import SGLangEngine
 
     common = {"eos_token_id": tokenizer.eos_token_id, "weight_sync": rollout.sglang_weight_sync,
-              "tp_size": rollout.sglang_tp_size, "request_timeout_s": rollout.sglang_timeout_s}
+              "tp_size": rollout.sglang_tp_size, "request_timeout_s": rollout.sglang_timeout_s,
+              "partial": rollout.partial}
     if not rollout.sglang_urls:
         return SGLangEngine(engine_kwargs={"model_path": str(hf_dir), "tp_size": rollout.sglang_tp_size}, **common)
     engine = SGLangEngine(rollout.sglang_urls, **common)

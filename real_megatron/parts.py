@@ -79,10 +79,11 @@ class RunParts:
         return self.cfg.rollout.engine == "sglang" and self.cfg.rollout.sglang_release_memory
 
     # ------------------------------------------------------------------ weights out
-    def sync_weights(self) -> float:
+    def sync_weights(self, version: int | None = None) -> float:
         """Push the current Megatron weights to the engine (on rank 0) in HF names, in the buckets
         ``iter_hf_tensors`` makes (the engine sends each as it comes, no re-bucketing); every rank takes
-        part (TP shards are gathered, PP stages sent). Returns the seconds it took. An engine that fails to take
+        part (TP shards are gathered, PP stages sent). ``version``: the weights' version (rollout steps trained),
+        for an engine that stamps its tokens with it. Returns the seconds it took. An engine that fails to take
         them raises ``EngineSyncError`` on every rank, after the gathering collectives have all run."""
         from real_megatron.convert import iter_hf_tensors
 
@@ -91,7 +92,7 @@ class RunParts:
         error = None
         if self.rank == 0:
             try:
-                self.engine.update_weights(buckets)
+                self.engine.update_weights(buckets, version=version)
             except Exception as err:  # the other ranks are in the gathering collectives: finish them first
                 error = f"{type(err).__name__}: {err}"
                 log.error("weight sync failed: %s", error)

@@ -212,13 +212,16 @@ class Trainer:
         trainer and the engine waited."""
         payload, waited = self.producer.take(self.rollout_step)
         self._sampler_after_taken = payload["sampler_after"]
-        staleness = float(self.rollout_step - payload["version"])
-        if not 0 <= staleness <= self.staleness:  # the bound the run was configured with, checked where it matters
-            raise RuntimeError(f"batch {self.rollout_step} was sampled by weight version {payload['version']}: "
-                               f"{staleness:g} versions old, beyond train.max_staleness={self.staleness}")
+        # each rollout's staleness counts its oldest token (an engine that records token versions), else the batch's
+        oldest = [min(r.engine_versions) if r.engine_versions else payload["version"] for r in payload["records"]]
+        staleness = [float(self.rollout_step - v) for v in oldest]
+        if not all(0 <= s <= self.staleness for s in staleness):  # the configured bound, checked where it matters
+            raise RuntimeError(f"batch {self.rollout_step} holds tokens sampled by weight version {min(oldest)}: "
+                               f"{max(staleness):g} versions old, beyond train.max_staleness={self.staleness}")
         idle, self.producer.engine_idle_s = self.producer.engine_idle_s, 0.0
-        metrics = {**payload["metrics"], "rollout/staleness_mean": staleness, "rollout/staleness_max": staleness,
-                   "time/wait_rollout_s": waited, "time/engine_idle_s": idle}
+        metrics = {**payload["metrics"], "rollout/staleness_mean": sum(staleness) / max(len(staleness), 1),
+                   "rollout/staleness_max": max(staleness, default=0.0), "time/wait_rollout_s": waited,
+                   "time/engine_idle_s": idle}
         return {"records": payload["records"], "metrics": metrics}
 
     def _start_producer(self) -> None:
@@ -233,7 +236,7 @@ class Trainer:
         self._sampler_after_taken = self.parts.sampler.state_dict()
         self.producer = AheadProducer(self._collect_rollouts, staleness=self.staleness, start=self.rollout_step,
                                       end=self.cfg.train.steps, engine_version=self.rollout_step,
-                                      pending=self._pending)
+                                      pending=self._pending, partial=self.cfg.rollout.partial)
         self._pending = {}
         self.producer.start()
 
@@ -314,7 +317,7 @@ class Trainer:
             self.producer.before_push(self.rollout_step + 1)
         if self.rank == 0 and p.colocated:
             p.engine.resume_memory(["weights"])  # weights first, then KV cache / CUDA graphs (SGLang's order)
-        p.sync_weights()
+        p.sync_weights(version=self.rollout_step + 1)
         if self.rank == 0 and p.colocated:
             p.engine.resume_memory([t for t in p.memory_tags if t != "weights"])
         if self.producer is not None:
@@ -355,7 +358,7 @@ class Trainer:
             if self.rank == 0:
                 p.open_metrics(cfg.train.steps * self.updates_per_rollout, start_step=self.optimizer_steps_done)
             try:
-                p.sync_weights()
+                p.sync_weights(version=self.rollout_step)
             except EngineSyncError as err:
                 raise RolloutFailed(f"the rollout engine did not take the starting weights: {err}; fix the engine "
                                     "and rerun the same command") from err

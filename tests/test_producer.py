@@ -109,3 +109,33 @@ def test_resuming_with_the_pending_batches_continues_the_same_versions():
     assert {**before, **after} == {j: max(j - staleness, 0) for j in range(10)}
     with pytest.raises(ValueError, match="are not the next ones"):
         AheadProducer(engine.collect, staleness=2, start=4, end=10, engine_version=4, pending=pending)
+
+
+def test_partial_mode_starts_on_any_version_new_enough_and_never_waits_to_push():
+    """rollout.partial: pushes do not wait for batch boundaries; a batch starts once the engine's version is within
+    S of it, so its oldest tokens are at most S versions old when trained."""
+    engine = FakeEngine(delay=0.003)
+    producer = AheadProducer(engine.collect, staleness=1, start=0, end=8, engine_version=0, partial=True)
+    producer.start()
+    versions = {}
+    for k in range(8):
+        payload, _ = producer.take(k)
+        versions[k] = payload["version"]
+        producer.before_push(k + 1)  # returns at once
+        engine.version = k + 1
+        producer.pushed(k + 1)
+    producer.stop()
+    assert all(k - 1 <= v <= k for k, v in versions.items() if k >= 1)  # started on version k-1 or newer
+
+
+def test_token_versions_come_from_sglangs_spans():
+    from real_megatron.rollout.sglang_client import SGLangServer
+
+    server = SGLangServer.__new__(SGLangServer)  # the parsing needs no connection
+    server.weight_version_prefix = "step-"
+    spans = {"weight_versions": [{"version": "step-3", "start": 0, "end": 2}, {"version": "step-4", "start": 2,
+                                                                               "end": 5}]}
+    assert server.token_versions(spans, 5) == [3, 3, 4, 4, 4]
+    assert server.token_versions({"weight_version": "step-7"}, 3) == [7, 7, 7]
+    assert server.token_versions(spans, 6) == [3, 3, 4, 4, 4, 4]  # the appended stop token: the last version
+    assert server.token_versions({"weight_version": "default"}, 2) is None  # the server's own start-up weights

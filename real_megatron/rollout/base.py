@@ -46,6 +46,8 @@ class Completion:
     token_ids: list
     finish_reason: str
     logprobs: list | None = None
+    # the weight version that sampled each token (an engine that records it: SGLang), else None
+    token_versions: list | None = None
 
 
 class RolloutEngineError(RuntimeError):
@@ -61,8 +63,9 @@ class RolloutEngine:
         """``n`` completions per prompt, prompt-major (see the module docstring)."""
         raise NotImplementedError
 
-    def update_weights(self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]]) -> None:
-        """Take the trainer's weights, bucket by bucket (HF names, full tensors)."""
+    def update_weights(self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]], version: int | None = None) -> None:
+        """Take the trainer's weights, bucket by bucket (HF names, full tensors); ``version``: their weight
+        version (rollout steps trained), which an engine that records versions stamps its tokens with."""
         raise NotImplementedError
 
     def memory_tags(self) -> list[str]:

@@ -99,7 +99,7 @@ class EngineProcess(RolloutEngine):
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Completion]:
         return self._call("generate", ([list(p) for p in prompt_token_ids], n, sampling))
 
-    def update_weights(self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]]) -> None:
+    def update_weights(self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]], version: int | None = None) -> None:
         with self._lock:  # the whole update is one call: no generation sees half of it
             for bucket in buckets:
                 # copies: the trainer's tensors (often views of Megatron's buffers) never move to shared memory

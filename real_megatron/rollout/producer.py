@@ -14,6 +14,12 @@ So generation never overlaps a weight push, the engine holds one version at a ti
 trains batch k the producer generates batches up to k + S. At S = 1 this is one-step-off (verl, NeMo-RL): the
 engine samples batch k+1 with the weights of step k−1 while step k trains.
 
+With ``partial`` (SGLang, ``rollout.partial``) weights do not wait for a batch boundary: a push pauses the
+requests in flight, which continue on the new weights, and each token records the version that sampled it.
+Batch j then starts on any version ≥ j − S (its oldest tokens are at most S versions old when it is trained),
+``before_push`` does not wait, and the versions in a batch depend on timing (such a run is not reproducible
+token for token).
+
 A checkpoint after step k holds the batches generated but not yet trained (``pending``: k … k+S−1, with their
 versions and the prompt sampler's state after the last of them); a resumed run puts them back and regenerates
 the batch that was in flight from the checkpoint's weights — which are exactly the weights it needs.
@@ -36,11 +42,12 @@ class AheadProducer:
     each payload with its ``"version"``; ``engine_version``: the version the engine holds now."""
 
     def __init__(self, collect: Callable[[int], dict], *, staleness: int, start: int, end: int, engine_version: int,
-                 pending: dict[int, dict] | None = None):
+                 pending: dict[int, dict] | None = None, partial: bool = False):
         if staleness < 1:
             raise ValueError(f"staleness must be >= 1 (0 is the synchronous loop), got {staleness}")
         self.collect = collect
         self.staleness = staleness
+        self.partial = partial
         self.end = end
         self.first_version = engine_version
         self._cond = threading.Condition()
@@ -56,8 +63,12 @@ class AheadProducer:
         self._thread = threading.Thread(target=self._run, name="rollout-producer", daemon=True)
 
     def required_version(self, j: int) -> int:
-        """The weight version batch j is generated with."""
+        """The weight version batch j is generated with (its oldest tokens', with ``partial``)."""
         return max(j - self.staleness, self.first_version)
+
+    def _may_start(self, j: int) -> bool:
+        # partial: the engine takes newer weights during the batch, so it may start on any version new enough
+        return self._version >= self.required_version(j) if self.partial else self._version == self.required_version(j)
 
     # ------------------------------------------------------------------ the producer thread
     def start(self) -> None:
@@ -67,7 +78,7 @@ class AheadProducer:
         while True:
             with self._cond:
                 t0 = time.perf_counter()
-                while not self._stopped and self._next < self.end and self._version != self.required_version(self._next):
+                while not self._stopped and self._next < self.end and not self._may_start(self._next):
                     self._cond.wait()
                 self.engine_idle_s += time.perf_counter() - t0
                 if self._stopped or self._next >= self.end:
@@ -104,6 +115,8 @@ class AheadProducer:
     def before_push(self, version: int) -> None:
         """Wait until every batch that needs weights older than ``version`` has been generated (or the producer
         has stopped: its failure is then reported by the ``take`` of the batch it could not make)."""
+        if self.partial:  # the engine takes the weights in the middle of a batch: no batch boundary to wait for
+            return
         last_old = version + self.staleness - 1  # the last batch generated with version − 1
         with self._cond:
             while self._next <= min(last_old, self.end - 1) and self._error is None and self._thread.is_alive():

@@ -66,7 +66,7 @@ def test_evaluate_cli_on_benchmark_shaped_files(tmp_path, warm_assets):
 
     bad = subprocess.run([sys.executable, "-m", "real_megatron", "evaluate", "--model", str(base), "--files",
                           str(tmp_path / "nope.parquet")], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "nope.parquet does not exist" in bad.stdout
+    assert bad.returncode == 2 and "nope.parquet does not exist" in bad.stderr
 
 
 def test_a_prompt_beyond_the_context_is_an_error_naming_file_and_row():

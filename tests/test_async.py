@@ -147,3 +147,64 @@ def test_an_engine_that_dies_while_the_trainer_works_is_a_clear_error_after_a_sa
     assert p.returncode == 1, err[-3000:]
     assert "embedded rollout engine process died" in err and "was saved to" in err, err[-3000:]
     assert "rerun the same command to resume" in err
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["one-step-off", "partial"])
+def test_a_real_sglang_server_generates_ahead(assets, sglang_server, tmp_path, partial):
+    """S = 1 against a REAL SGLang 0.5.23 server: requests run while the trainer trains; with rollout.partial the
+    weights reach the server during generation and each token's version comes back. The bound holds either way."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        group_port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    args = overrides(assets, run_dir, **settings(**{
+        "train.steps": 3, "train.max_staleness": 1, "rollout.engine": "sglang",
+        "rollout.sglang_urls": sglang_server.url, "rollout.sglang_weight_sync": "distributed",
+        "rollout.sglang_master_port": group_port, "rollout.partial": str(partial).lower()}))
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        code = subprocess.run(train_cmd(args), stdout=out, stderr=subprocess.STDOUT, timeout=900, env=ENV).returncode
+    assert code == 0, log.read_text()[-3000:] + "\nserver log:\n" + sglang_server.log_tail()
+    rows = rows_of(run_dir)
+    assert [r["rollout_step"] for r in rows] == [1, 1, 2, 2, 3, 3]
+    assert all(0 <= r["rollout/staleness_mean"] <= r["rollout/staleness_max"] <= 1 for r in rows), rows
+    assert rows[-1]["rollout/staleness_max"] == 1  # the last batch was sampled one version back (at least partly)
+
+
+def test_weights_pushed_during_generation_stamp_the_tokens_after_them(sglang_server):
+    """The adapter's partial mode on its own: a push in the middle of a long generation pauses the server, the
+    requests continue on the new weights, and each completion's tokens carry both versions in order."""
+    import threading
+
+    from safetensors.torch import load_file
+
+    from real_megatron.rollout import SamplingParams
+    from real_megatron.rollout.sglang_engine import SGLangEngine
+
+    engine = SGLangEngine(sglang_server.url, eos_token_id=sglang_server.eos + 10_000, partial=True)  # never sampled
+    weights = load_file(sglang_server.model_dir / "model.safetensors")
+    try:
+        engine.update_weights([list(weights.items())], version=5)
+        spanned = False
+        for attempt in range(4):  # the push must land while the requests run: pushed sooner each attempt
+            got = {}
+            thread = threading.Thread(target=lambda seed=attempt, got=got: got.update(out=engine.generate(
+                [[1, 2, 3], [4, 5]], 2, SamplingParams(temperature=1.0, max_new_tokens=120, seed=seed))))
+            thread.start()
+            time.sleep(0.8 / (attempt + 1))
+            engine.update_weights([[(k, v * 1.01) for k, v in weights.items()]], version=6 + 2 * attempt)
+            thread.join(timeout=600)
+            old, new = 5 + 2 * attempt, 6 + 2 * attempt
+            for c in got["out"]:
+                assert c.token_versions is not None and len(c.token_versions) == len(c.token_ids)
+                assert c.token_versions == sorted(c.token_versions) and set(c.token_versions) <= {old, new}
+            spanned = any(old in c.token_versions and new in c.token_versions for c in got["out"])
+            if spanned:  # interrupted, then continued on the new weights
+                break
+            engine.update_weights([list(weights.items())], version=7 + 2 * attempt)
+        assert spanned, "no push landed while requests ran"
+    finally:
+        engine.update_weights([list(weights.items())], version=99)  # the session's server serves its weights again
+        engine.close()

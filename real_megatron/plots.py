@@ -51,11 +51,36 @@ PANELS = [
     ("reward", ["train/reward_mean"]),
     ("entropy", ["train/entropy"]),
     ("eval pass@1", ["eval/pass@1"]),
-    ("time per step (s)", ["time/rollout_s", "time/reward_s", "time/logprob_s", "time/update_s", "time/sync_s"]),
 ]
+# the trainer's time in a rollout step, stacked in the order the loop spends it; the first part is its wait for
+# rollouts: the generation and scoring themselves in the synchronous loop, only the wait when they run ahead
+TIME_PARTS = (("waiting for rollouts", ("time/wait_rollout_s",)), ("old log-probs", ("time/logprob_s",)),
+              ("reference log-probs", ("time/ref_logprob_s",)), ("updates", ("time/update_s",)),
+              ("weight sync", ("time/sync_s",)), ("evaluation", ("time/eval_s",)))
+
+
+def step_times(rows: list[dict]) -> dict[int, dict[str, float]]:
+    """Per rollout step (rows carry ``rollout_step``): the seconds of each of ``TIME_PARTS`` summed over its rows, and
+    ``"generation"``, the engine's generation + scoring time. In a synchronous run (no ``time/wait_rollout_s``) the
+    trainer waits through all of the generation and scoring."""
+    steps: dict[int, dict[str, float]] = {}
+    for r in rows:
+        k = r.get("rollout_step")
+        if not k:
+            continue
+        acc = steps.setdefault(int(k), {name: 0.0 for name, _ in TIME_PARTS} | {"generation": 0.0})
+        for name, keys in TIME_PARTS:
+            acc[name] += sum(r.get(key) or 0.0 for key in keys)
+        generation = (r.get("time/rollout_s") or 0.0) + (r.get("time/reward_s") or 0.0)
+        acc["generation"] += generation
+        if "time/wait_rollout_s" not in r:
+            acc["waiting for rollouts"] += generation
+    return steps
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """``RUN_DIR/curves.png``: reward, entropy and eval pass@1 by optimizer step, and where each rollout step's time
+    goes (the trainer's phases stacked, the engine's generation + scoring beside them)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,7 +91,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'} has no rows yet")
     out = Path(out) if out else Path(run_dir) / "curves.png"
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for ax, (title, keys) in zip(axes.flat, PANELS, strict=True):
+    for ax, (title, keys) in zip(list(axes.flat)[:3], PANELS, strict=True):
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
             if pts:
@@ -77,6 +102,22 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
+    ax = axes.flat[3]
+    steps = step_times(rows)
+    if steps:
+        ks = sorted(steps)
+        bottom = [0.0] * len(ks)
+        for name, _ in TIME_PARTS:
+            heights = [steps[k][name] for k in ks]
+            if any(heights):
+                ax.bar(ks, heights, bottom=bottom, label=name, width=0.8)
+                bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        ax.plot(ks, [steps[k]["generation"] for k in ks], color="black", marker="." if len(ks) < 60 else None,
+                linewidth=1, label="engine: generation + scoring")
+        ax.legend(fontsize=7)
+    ax.set_title("trainer time per rollout step (s)")
+    ax.set_xlabel("rollout step")
+    ax.grid(alpha=0.3, axis="y")
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     save_figure_atomic(fig, out)

@@ -143,7 +143,9 @@ class Trainer:
         self._ref_logprobs(samples, rollout_metrics)
         rows = self._updates(samples, rollout_metrics)
         try:
-            rows[-1]["time/sync_s"] = self._sync_to_engine()
+            rows[-1]["time/sync_s"], waited = self._sync_to_engine()
+            if waited:  # waiting for the producer before the push is waiting for rollouts too
+                rows[0]["time/wait_rollout_s"] += waited
         except EngineSyncError as err:  # the step trained: keep it, then stop with the engine named
             self.rollout_step += 1
             self._log_rows(rows)
@@ -309,12 +311,16 @@ class Trainer:
             rows.append(row)
         return rows
 
-    def _sync_to_engine(self) -> float:
-        """Phase 4. The new weights to the engine (a colocated SGLang engine gets its memory back around it)."""
+    def _sync_to_engine(self) -> tuple[float, float]:
+        """Phase 4. The new weights to the engine (a colocated SGLang engine gets its memory back around it).
+        Returns the seconds of the sync and of the wait before it (for the batches that need the older weights)."""
         p = self.parts
-        t0 = time.perf_counter()
+        waited = 0.0
         if self.producer is not None:  # the batches that need the older weights go out first
+            t0 = time.perf_counter()
             self.producer.before_push(self.rollout_step + 1)
+            waited = time.perf_counter() - t0
+        t0 = time.perf_counter()
         if self.rank == 0 and p.colocated:
             p.engine.resume_memory(["weights"])  # weights first, then KV cache / CUDA graphs (SGLang's order)
         p.sync_weights(version=self.rollout_step + 1)
@@ -322,7 +328,7 @@ class Trainer:
             p.engine.resume_memory([t for t in p.memory_tags if t != "weights"])
         if self.producer is not None:
             self.producer.pushed(self.rollout_step + 1)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, waited
 
     def _evaluate_if_due(self, last_row: dict) -> None:
         """Phase 5 (rank 0): an evaluation every ``train.eval_every`` rollout steps and after the last one,

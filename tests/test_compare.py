@@ -172,8 +172,8 @@ def test_micro_comparison_writes_tables_and_figures_and_a_rerun_skips(tmp_path):
 
 def test_saved_config_check_names_the_changed_settings(tmp_path):
     """The rule `compare` and `demo` share: a run directory is resumed only with the settings it was run with."""
-    from real_megatron.repro.recipe import check_saved_config
     from real_megatron.config import load_config, save_config
+    from real_megatron.repro.recipe import check_saved_config
 
     check_saved_config(tmp_path, load_config(None, ["optim.lr=1e-4"]))  # nothing saved yet: nothing to compare
     save_config(load_config(None, ["optim.lr=1e-4"]), tmp_path / "config.yaml")

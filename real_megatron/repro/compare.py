@@ -90,9 +90,9 @@ def _parse_taus(text: str | None) -> list[float]:
 def plan_runs(args) -> tuple[list[RunSpec], list[str]]:
     """Every run of the comparison (seed-major, so each finished seed is a complete comparison) and the
     warm-up's extra overrides; each run's config is loaded and validated here. Writes nothing."""
-    from real_megatron.repro.recipe import ChainAssets, rl_overrides, warmup_overrides
     from real_megatron.config import ConfigError, load_config, validate_config
     from real_megatron.losses import LOSSES, check_loss_name
+    from real_megatron.repro.recipe import ChainAssets, rl_overrides, warmup_overrides
 
     losses = [name.strip() for name in args.losses.split(",") if name.strip()]
     if not losses:
@@ -167,9 +167,9 @@ def _run_training(cfg) -> int:
 
 def _write_outputs(out: Path, specs: list[RunSpec], settings: dict) -> dict:
     """Summary and figures over the finished runs (rewritten after each one)."""
+    from real_megatron.plots import read_metrics
     from real_megatron.repro.figures import plot_ablation, plot_dynamics
     from real_megatron.repro.summary import summarize, write_summary
-    from real_megatron.plots import read_metrics
 
     runs: dict[str, dict[int, list[dict]]] = {}
     for spec in specs:
@@ -185,11 +185,11 @@ def _write_outputs(out: Path, specs: list[RunSpec], settings: dict) -> dict:
 
 
 def run_comparison(args) -> int:
-    from real_megatron.repro.recipe import build_chain_assets, check_saved_config, rl_overrides, run_warmup
     from real_megatron.checkpoint import atomic_write_text as write_text_atomic
-    from real_megatron.repro.summary import summary_markdown
     from real_megatron.config import load_config
     from real_megatron.job_runner import setup_logging
+    from real_megatron.repro.recipe import build_chain_assets, check_saved_config, rl_overrides, run_warmup
+    from real_megatron.repro.summary import summary_markdown
 
     specs, warmup_extra = plan_runs(args)  # raises CompareError before anything is written
     out = Path(args.out).resolve()

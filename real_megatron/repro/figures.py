@@ -21,6 +21,7 @@ from real_megatron.losses import policy_loss
 from real_megatron.plots import save_figure_atomic
 from real_megatron.repro.summary import display_name
 
+
 def grpo_weight(s: float, advantage: float, clip_eps: float = 0.2) -> float:
     """|∂L/∂s_t| of GRPO's clipped token objective for one token with log-ratio s (one rollout, one token)."""
     logp = torch.tensor([[s]], dtype=torch.float64, requires_grad=True)
@@ -144,7 +145,7 @@ def plot_dynamics(runs: dict[str, dict[int, list[dict]]], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for ax, (title, key) in zip(axes.flat, DYNAMICS_PANELS):
+    for ax, (title, key) in zip(axes.flat, DYNAMICS_PANELS, strict=True):
         _draw(ax, runs, list(runs), key)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 
     print(f"wrote {train} ({pq.read_metadata(train).num_rows} problems, levels "
           f"{sorted(set(args.train_levels))})")
-    for level, path in tests.items():
+    for path in tests.values():
         print(f"wrote {path} ({args.test_per_level} problems)")
     if args.tokenizer:
         from real_megatron.repro.tokenizer import train_task_tokenizer

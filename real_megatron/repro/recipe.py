@@ -63,9 +63,9 @@ class ChainAssets:
 def build_chain_assets(root: Path, seed: int = TASK_SEED) -> ChainAssets:
     """Write the task files, train the tokenizer and save the random base model under ``root``; each
     piece is skipped when already there (every writer is atomic)."""
+    from real_megatron.repro.assets import save_random_qwen2
     from real_megatron.repro.chains import chain_texts, write_chain_task
     from real_megatron.repro.tokenizer import train_task_tokenizer
-    from real_megatron.repro.assets import save_random_qwen2
 
     root = Path(root)
     data = root / "data"

@@ -3,6 +3,7 @@
     real-megatron compare --losses real,grpo,dapo,gspo,real_bce,real_no_anchor --seeds 3 --out DIR
                           [--steps N] [--set [LABEL:]key=value ...] [--tau 0.1,0.5,1.0] [--warmup-steps N]
                           [--final-samples 20] [--final-problems 0] [--preset stress] [--cells u8_lr3e-4,...]
+                          [--dry-run]
 
 1. the chain task, tokenizer and random base model (``DIR/task``) and one supervised warm-up
    (``DIR/warmup``), both from ``recipe.py``; the warm-up's final evaluation (the start row), once;
@@ -38,6 +39,7 @@ import contextlib
 import fcntl
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -281,6 +283,15 @@ def _lock(path: Path, *, wait: bool):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _cpu_minutes() -> float:
+    """CPU time (user + system) of this process and its reaped children so far, in minutes: the work done,
+    whatever else shares the cores."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime) / 60
+
+
 def _final_eval_of(run_dir: Path, plan: Plan) -> Path:
     from real_megatron.repro.final_eval import final_eval_path
 
@@ -385,6 +396,18 @@ def run_comparison(args) -> int:
 
     specs, plan = plan_runs(args)  # raises CompareError before anything is written
     out = Path(args.out).resolve()
+    if args.dry_run:
+        f = plan.final
+        print(f"[compare] dry run: {len(specs)} runs into {out} (nothing written)")
+        if plan.cells is not None:
+            print("[compare] cells: " + ", ".join(f"{c.name} ({c.updates} updates per rollout batch, lr {c.lr:g})"
+                                                  for c in plan.cells))
+        for i, spec in enumerate(specs, 1):
+            extra = " ".join(spec.overrides)
+            print(f"[compare]   {i}. {spec.label} seed {spec.seed} -> {spec.run_dir(out)}{'  ' + extra if extra else ''}")
+        print(f"[compare] final evaluation: {'all' if not f['problems'] else f['problems']} problems per level x "
+              f"{f['samples']} samples (temperature {f['temperature']:g}, top-p {f['top_p']:g}), the warm-up's too")
+        return 0
     settings = {"preset": args.preset or "", "losses": args.losses, "seeds": args.seeds, "steps": args.steps,
                 "tau": args.tau if args.tau is not None else "", "warmup_steps": args.warmup_steps,
                 "final_samples": args.final_samples, "final_problems": args.final_problems or "all",
@@ -392,7 +415,7 @@ def run_comparison(args) -> int:
     if plan.cells is not None:
         settings["cells"] = ",".join(c.name for c in plan.cells)
     setup_logging()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_minutes()
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out / ".warmup.lock", wait=True):
         assets = build_chain_assets(out / "task")
@@ -427,20 +450,20 @@ def run_comparison(args) -> int:
             if (run_dir / DONE_MARKER).exists() and _final_eval_of(run_dir, plan).exists():
                 print(f"{head}: finished by another compare process, skipped ({run_dir})", flush=True)
                 return 0
-            minutes = None
+            minutes = cpu = None
             if not (run_dir / DONE_MARKER).exists():
                 resuming = (run_dir / "checkpoints").exists()
                 print(f"{head} -> {run_dir}{' (resuming from its checkpoint)' if resuming else ''}", flush=True)
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), _cpu_minutes()
                 code = _run_training(configs[spec])
-                minutes = (time.perf_counter() - t0) / 60
+                minutes, cpu = (time.perf_counter() - t0) / 60, _cpu_minutes() - cpu0
                 if code != 0:
                     _write_outputs(out, specs, plan, settings)
                     print(f"{head}: stopped with exit code {code} after {minutes:.1f} min; rerun the same command to "
                           f"resume. Summary of the finished runs: {out}", flush=True)
                     return code
             _finish_run(spec, run_dir, out, assets, plan, head, minutes)
-            timing = f"trained in {minutes:.1f} min, " if minutes is not None else ""
+            timing = f"trained in {minutes:.1f} min ({cpu:.1f} CPU min), " if minutes is not None else ""
             print(f"{head}: done ({timing}process memory {_rss_gib():.2f} GiB)", flush=True)
         _write_outputs(out, specs, plan, settings)
         return 0
@@ -459,18 +482,20 @@ def run_comparison(args) -> int:
 
     summary = _write_outputs(out, specs, plan, settings)
     minutes = (time.perf_counter() - started) / 60
+    timing = f"{minutes:.1f} min in this invocation ({_cpu_minutes() - cpu_started:.1f} CPU min; load average " \
+             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())})"
     if plan.cells is None:
         from real_megatron.repro.summary import summary_markdown
 
         print("\n" + summary_markdown(summary))
-        print(f"[compare] {len(specs)} runs, {minutes:.1f} min in this invocation\n"
+        print(f"[compare] {len(specs)} runs, {timing}\n"
               f"[compare] summary: {out / 'summary.md'} and {out / 'summary.json'}\n"
               f"[compare] figures: {out / 'dynamics.png'} (Figure 4), {out / 'ablation.png'} (Figure 5)", flush=True)
     else:
         from real_megatron.repro.stress import stress_markdown
 
         print("\n" + stress_markdown(summary))
-        print(f"[compare] {len(specs)} runs, {minutes:.1f} min in this invocation\n"
+        print(f"[compare] {len(specs)} runs, {timing}\n"
               f"[compare] stress summary: {out / 'stress_summary.md'} and {out / 'stress_summary.json'}\n"
               f"[compare] figures: {out / 'stress.png'}, {out}/stress_dynamics_<cell>.png", flush=True)
     return 0
@@ -502,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stress: sweep updates per rollout batch x learning rate (--cells, default "
                              f"{STRESS_CELLS}) for every loss, plus REAL at tau=1 (unless --tau); writes "
                              "stress_summary.md/.json and stress.png")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate every run's configuration and print the plan (runs, directories, final "
+                             "evaluation); write nothing")
     parser.add_argument("--cells", default=None, metavar="u<UPDATES>_lr<LR>,...",
                         help="the sweep's cells, e.g. u4_lr1e-4,u8_lr3e-4 (implies a sweep; default with "
                              "--preset stress: all four)")

@@ -394,8 +394,8 @@ def test_weight_drift_is_the_relative_distance_between_two_checkpoints(tmp_path)
     assert weight_drift(tmp_path / "a", tmp_path / "b") == pytest.approx(math.sqrt(2) / 2)
 
 
-def test_stress_summary_and_markdown_on_hand_made_runs():
-    from real_megatron.repro.stress import Cell, run_dynamics, stress_markdown, stress_summary
+def test_stress_summary_markdown_and_figure_on_hand_made_runs(tmp_path):
+    from real_megatron.repro.stress import Cell, plot_stress, run_dynamics, stress_markdown, stress_summary
 
     rows = _rows({0: {"level1": 0.2, "level2": 0.2}, 4: {"level1": 0.6, "level2": 0.4}})
     for r in rows[1:]:
@@ -418,6 +418,8 @@ def test_stress_summary_and_markdown_on_hand_made_runs():
     assert "| 4 upd, lr 0.0001 | GRPO (n=2) | 75.0 ± 0.0 |" in md and "**+25.0 [+25.0, +25.0]**" in md
     assert "| 4 upd, lr 0.0001 | REAL (n=2) |" in md and "(reference)" in md
     assert "0.40 %" in md and "2.00e-03" in md
+    assert grpo["final"]["min"] == pytest.approx(0.75) and grpo["best"]["max"] == pytest.approx(0.5)
+    assert plot_stress(s, tmp_path / "stress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(s)
 
 

@@ -161,8 +161,10 @@ def stress_summary(cells: list[Cell], per_cell: dict[str, dict], dynamics: dict[
             collapsed = {str(seed): d["reward_zero_from"] for seed, d in sorted(dyn.items())
                          if d["reward_zero_from"] is not None}
             paired = next((p for p in summary.get("paired", []) if p["label"] == label and p["vs"] == "real"), None)
+            per_seed = row["per_seed"].values()
             rows[label] = {"name": row["name"], "seeds": row["seeds"],
-                           "final": (row["final"] or {}).get("average"), "best": (row["best"] or {}).get("average"),
+                           "final": _agg(r["final"]["pass@1"]["average"] for r in per_seed if r["final"]),
+                           "best": _agg(r["best"]["pass@1"]["average"] for r in per_seed if r["best"]),
                            "vs_real": paired, "dynamics": agg, "reward_zero_from": collapsed}
         out["cells"].append({"cell": cell.name, "updates": cell.updates, "lr": cell.lr, "staleness": cell.staleness,
                              "losses": rows, "start": summary["start"], "final_eval": summary.get("final_eval"),

@@ -275,8 +275,8 @@ def test_micro_comparison_writes_tables_and_figures_and_a_rerun_skips(tmp_path):
     stress += ["--preset", "stress", "--cells", "u1_lr1e-4,u2_lr3e-4"]
     code, fourth, err = _compare_process(stress)
     assert code == 0, err[-3000:]
-    assert "run 5/6: real seed 1: finished before, skipped" in fourth  # the plain cell runs last
-    assert "run 6/6: dapo seed 1: finished before, skipped" in fourth and "real_tau1 seed 1 ->" in fourth
+    assert "run 4/6: real seed 1: finished before, skipped" in fourth  # the plain cell runs last
+    assert "run 5/6: dapo seed 1: finished before, skipped" in fourth and "run 6/6: real_tau1 seed 1 ->" in fourth
     assert "run 1/6: real [u2_lr3e-4] seed 1 ->" in fourth
     assert [m.stat().st_mtime_ns for m in metrics] == stamps
     cfg = (out / "runs" / "u2_lr3e-4" / "dapo" / "seed1" / "config.yaml").read_text()

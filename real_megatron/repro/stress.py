@@ -215,9 +215,11 @@ def stress_markdown(summary: dict) -> str:
                 delta = f"**{text}**" if p["resolved"] else text
             entropy = (f"{_fmt(d['entropy_first'])} → {_fmt(d['entropy_last'])} ({_fmt(d['entropy_max'])})"
                        if d["entropy_first"] else "–")
-            ratio = f"{_fmt(d['ratio_outside_5pct'], 100, 1)} % / {_fmt(d['ratio_outside_20pct'], 100, 2)} %"
+            ratio = (f"{_fmt(d['ratio_outside_5pct'], 100, 1)} % / {_fmt(d['ratio_outside_20pct'], 100, 2)} %"
+                     if d["ratio_outside_5pct"] else "–")
             clip = f"{_fmt(d['clip_fraction'], 100, 2)} %" if d["clip_fraction"] else "–"
-            top = f"{_fmt(d['top1_share_neg'], 100, 1)} / {_fmt(d['top1_share_pos'], 100, 1)} %"
+            top = (f"{_fmt(d['top1_share_neg'], 100, 1)} / {_fmt(d['top1_share_pos'], 100, 1)} %"
+                   if d["top1_share_neg"] or d["top1_share_pos"] else "–")
             size = (f"{_fmt(d['update_size_mean'], 1, 2, 'e')} ({_fmt(d['update_size_max'], 1, 1, 'e')})"
                     if d["update_size_mean"] else "pending")
             drift = _fmt(d["weight_drift"], 1, 3)

@@ -86,6 +86,7 @@ def test_summary_mean_and_sample_std_over_seeds(tmp_path):
     (["--tau", "0.1,-1"], "positive finite"),
     (["--warmup-set", "train.steps=0"], "--warmup-set: train.steps=0 must be >= 1"),
     (["--final-samples", "1"], "--final-samples must be >= 2"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
     (["--final-problems", "-1"], "--final-problems must be >= 0"),
     (["--preset", "stress", "--set", "optim.lr=1e-3"], "the stress cells set optim.lr per cell; choose the cells with --cells"),
     (["--cells", "u3_lr1e-4"], "--cells u3_lr1e-4: 16 prompts per rollout batch do not split into 3 mini-batches"),
@@ -295,6 +296,26 @@ def test_micro_comparison_writes_tables_and_figures_and_a_rerun_skips(tmp_path):
     for fig in ("stress.png", "stress_dynamics_u1_lr1e-4.png", "stress_dynamics_u2_lr3e-4.png"):
         assert (out / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "summary.json").read_text())["losses"] == summary["losses"]  # the plain summary stays
+
+
+@pytest.mark.slow
+def test_jobs_2_trains_two_runs_side_by_side(tmp_path):
+    """``--jobs 2``: after the warm-up a worker process takes the run the main process does not hold."""
+    out = tmp_path / "cmp"
+    small = ["train.rollout_batch_prompts=4", "rollout.n=2", "rollout.max_new_tokens=16", "eval.max_prompts=1",
+             "eval.samples=2", "eval.max_new_tokens=16"]
+    argv = ["--losses", "real,dapo", "--seeds", "1", "--steps", "1", "--out", str(out), "--warmup-steps", "1",
+            "--final-samples", "2", "--final-problems", "1", "--jobs", "2", *[x for s in small for x in ("--set", s)],
+            "--warmup-set", "eval.max_prompts=1", "--warmup-set", "eval.samples=2", "--warmup-set", "eval.max_new_tokens=16"]
+    code, printed, err = _compare_process(argv)
+    assert code == 0, err[-3000:]
+    assert "[compare] 2 processes on" in printed
+    import re
+
+    trained = re.findall(r"^\[compare( worker 2)?\] run \d/2: (\w+) seed 1 -> ", printed, flags=re.M)
+    assert sorted(trained) == [("", "dapo"), (" worker 2", "real")] or sorted(trained) == [("", "real"), (" worker 2", "dapo")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["losses"]) == ["real", "dapo"] and [p["label"] for p in summary["paired"]][0] == "dapo"
 
 
 def test_saved_config_check_names_the_changed_settings(tmp_path):

@@ -3,7 +3,7 @@
     real-megatron compare --losses real,grpo,dapo,gspo,real_bce,real_no_anchor --seeds 3 --out DIR
                           [--steps N] [--set [LABEL:]key=value ...] [--tau 0.1,0.5,1.0] [--warmup-steps N]
                           [--final-samples 20] [--final-problems 0] [--preset stress] [--cells u8_lr3e-4,...]
-                          [--dry-run]
+                          [--jobs N] [--dry-run]
 
 1. the chain task, tokenizer and random base model (``DIR/task``) and one supervised warm-up
    (``DIR/warmup``), both from ``recipe.py``; the warm-up's final evaluation (the start row), once;
@@ -25,8 +25,9 @@ outputs ``DIR/stress_summary.{json,md}``, ``DIR/stress.png`` and ``DIR/stress_dy
 Every run's configuration is built and validated before anything is written (exit 2 naming the run
 and the setting). A finished run (``compare_done.json``) is skipped; an interrupted one resumes from its
 checkpoint; a run directory whose saved ``config.yaml`` differs from what would run now is an error (use a
-new ``--out``). Runs execute one at a time in this process (2 CPU cores); a second ``compare`` process on the
-same ``DIR`` skips the runs the first one holds (a lock per run directory) and waits for them at the end.
+new ``--out``). Runs execute one at a time in this process; ``--jobs N`` adds N − 1 worker processes on the
+same ``DIR`` (one CPU thread each) after the warm-up. Any second ``compare`` process on the same ``DIR`` skips
+the runs another one holds (a lock per run directory) and waits for them at the end.
 
 ``--set key=value`` applies to every RL run, ``--set LABEL:key=value`` to one label's runs (e.g.
 ``--set gspo:loss.hparams.clip_high=1e-3``); ``--warmup-set`` to the warm-up. The losses' own
@@ -133,7 +134,7 @@ def plan_runs(args) -> tuple[list[RunSpec], Plan]:
             raise CompareError(f"--losses: {err}") from err
     if len(set(losses)) != len(losses):
         raise CompareError(f"--losses {args.losses!r} names a loss twice")
-    for flag in ("seeds", "steps", "warmup_steps"):
+    for flag in ("seeds", "steps", "warmup_steps", "jobs"):
         if getattr(args, flag) < 1:
             raise CompareError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.final_samples < 2:
@@ -438,7 +439,8 @@ def run_comparison(args) -> int:
     def one(i: int, spec: RunSpec, *, wait: bool) -> int | None:
         run_dir = spec.run_dir(out)
         cell = "" if spec.cell is None else f" [{spec.cell}]"
-        head = f"[compare] run {i}/{len(specs)}: {spec.label}{cell} seed {spec.seed}"
+        who = f"[compare worker {args.worker}]" if args.worker else "[compare]"
+        head = f"{who} run {i}/{len(specs)}: {spec.label}{cell} seed {spec.seed}"
         done = (run_dir / DONE_MARKER).exists()
         if done and _final_eval_of(run_dir, plan).exists():
             print(f"{head}: finished before, skipped ({run_dir})", flush=True)
@@ -468,17 +470,39 @@ def run_comparison(args) -> int:
         _write_outputs(out, specs, plan, settings)
         return 0
 
+    workers = []
+    if args.jobs > 1 and not args.worker:  # after the warm-up: every process starts from its weights
+        import subprocess
+
+        import torch
+
+        torch.set_num_threads(1)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        for k in range(2, args.jobs + 1):
+            workers.append(subprocess.Popen([sys.executable, "-m", "real_megatron", "compare", *args.argv, "--jobs", "1",
+                                             "--worker", str(k)], env=env))
+        print(f"[compare] {args.jobs} processes on {out}, one CPU thread each (workers: "
+              f"{', '.join(str(w.pid) for w in workers)})", flush=True)
     deferred = []
+    code = 0
     for i, spec in enumerate(specs, 1):
         code = one(i, spec, wait=False)
         if code is None:
             deferred.append((i, spec))
+            code = 0
         elif code != 0:
-            return code
-    for i, spec in deferred:
+            break
+    for i, spec in deferred if code == 0 else ():
         code = one(i, spec, wait=True)
         if code:
-            return code
+            break
+    failed = [w.pid for w in workers if w.wait() != 0]
+    if code or failed:
+        if failed:
+            print(f"[compare] worker process(es) {failed} failed; rerun the same command to resume", flush=True)
+        return code or 1
+    if args.worker:
+        return 0
 
     summary = _write_outputs(out, specs, plan, settings)
     minutes = (time.perf_counter() - started) / 60
@@ -527,6 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stress: sweep updates per rollout batch x learning rate (--cells, default "
                              f"{STRESS_CELLS}) for every loss, plus REAL at tau=1 (unless --tau); writes "
                              "stress_summary.md/.json and stress.png")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="compare processes working on --out at once, one CPU thread each (default 1; 2 on a "
+                             "2-core machine runs two trainings side by side)")
+    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # set by --jobs for its processes
     parser.add_argument("--dry-run", action="store_true",
                         help="validate every run's configuration and print the plan (runs, directories, final "
                              "evaluation); write nothing")
@@ -537,7 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = [a for a in argv]  # a --jobs worker gets the same command (its own --jobs/--worker come last)
     try:
         return run_comparison(args)
     except CompareError as err:

@@ -27,6 +27,12 @@ def test_demo_runs_every_stage_and_prints_start_and_end_pass_at_1(tmp_path):
                       r"([0-9.]+) \(after 1 RL steps\)", out)
     assert match, out[-3000:]
     assert "[demo] per level, before: 1:" in out and "[demo] per level, after:  1:" in out
+    # the gain beside the evaluation's standard error (bound from the per-level pass@1: 30 problems x 4 samples)
+    gain = re.search(r"\[demo\] gain ([+-][0-9.]+); evaluation standard error <= ([0-9.]+) / ([0-9.]+) per evaluation "
+                     r"\(4 samples of the first 30 problems per level\), <= ([0-9.]+) on the gain", out)
+    assert gain, out[-3000:]
+    assert float(gain.group(1)) == pytest.approx(float(match.group(2)) - float(match.group(1)), abs=2e-3)
+    assert float(gain.group(4)) == pytest.approx((float(gain.group(2)) ** 2 + float(gain.group(3)) ** 2) ** 0.5, abs=2e-3)
     assert (run_dir / "real" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (run_dir / "task" / "data").iterdir()) == [
         "level1.parquet", "level2.parquet", "level3.parquet", "level4.parquet", "level5.parquet", "train.parquet",
@@ -39,3 +45,8 @@ def test_demo_runs_every_stage_and_prints_start_and_end_pass_at_1(tmp_path):
         assert r["eval/pass@1"] == pytest.approx(sum(levels) / 5)
     assert float(match.group(1)) == pytest.approx(evals[0]["eval/pass@1"], abs=5e-4)
     assert float(match.group(2)) == pytest.approx(evals[-1]["eval/pass@1"], abs=5e-4)
+    from real_megatron.repro.stats import level_standard_error_bound
+
+    for r, printed in zip(evals, (gain.group(2), gain.group(3)), strict=False):  # the printed bound is the formula's
+        levels = [r[f"eval/level{k}/pass@1"] for k in range(1, 6)]
+        assert float(printed) == pytest.approx(level_standard_error_bound(levels, [30] * 5, 4), abs=5e-4)

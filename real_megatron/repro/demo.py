@@ -32,6 +32,21 @@ def _levels(row: dict) -> str:
     return " ".join(f"{name[len('level'):]}:{row[f'eval/{name}/pass@1']:.2f}" for name in levels)
 
 
+def _standard_errors(row: dict, cfg) -> float:
+    """Upper bound of the sampling standard error of the row's average pass@1, from its per-level pass@1
+    (``stats.level_standard_error_bound``): the trainer logs no per-problem counts."""
+    import pyarrow.parquet as pq
+
+    from real_megatron.repro.stats import level_standard_error_bound
+
+    rates, problems = [], []
+    for f in cfg.data.eval_files:  # one level per file; the row's key is the file's stem
+        rows = pq.ParquetFile(f).metadata.num_rows
+        rates.append(row[f"eval/{Path(f).stem}/pass@1"])
+        problems.append(min(rows, cfg.eval.max_prompts) if cfg.eval.max_prompts else rows)
+    return level_standard_error_bound(rates, problems, cfg.eval.samples)
+
+
 def main(argv=None) -> int:
     from real_megatron.repro import recipe
 
@@ -78,8 +93,14 @@ def main(argv=None) -> int:
     evals = _evals(rl_dir / "metrics.jsonl")
     first, last = evals[0], evals[-1]
     minutes = (time.perf_counter() - started) / 60
+    se_first, se_last = _standard_errors(first, cfg), _standard_errors(last, cfg)
+    gain_se = (se_first ** 2 + se_last ** 2) ** 0.5
     print(f"\n[demo] held-out pass@1 (average of levels 1-5): {first['eval/pass@1']:.3f} (after the warm-up) -> "
           f"{last['eval/pass@1']:.3f} (after {args.steps} RL steps); {minutes:.1f} min")
+    print(f"[demo] gain {last['eval/pass@1'] - first['eval/pass@1']:+.3f}; evaluation standard error <= "
+          f"{se_first:.3f} / {se_last:.3f} per evaluation ({cfg.eval.samples} samples of the first "
+          f"{cfg.eval.max_prompts or 'all'} problems per level), <= {gain_se:.3f} on the gain; one seed: the spread "
+          "over training seeds is not in it (`real-megatron compare` measures that)")
     print(f"[demo] per level, before: {_levels(first)}\n[demo] per level, after:  {_levels(last)}")
     print(f"[demo] run directory: {rl_dir}\n[demo] metrics: {rl_dir / 'metrics.jsonl'}\n[demo] plot: {plot}")
     return 0

@@ -23,8 +23,12 @@ Scaled down from the paper's recipe (docs/method.md §4) for 2 CPU cores, and wh
 - temperature 1.0 for rollouts and evaluation (the paper: 0.6): the warmed-up model's entropy is
   already low (~0.07 nats per token); at 0.6 most groups would be uniform and give no signal;
 - responses up to 96 tokens (the longest reference is 70), prompts up to 96 (the longest is 68);
-- evaluation: 4 samples per problem on the first ``EVAL_PROMPTS_PER_LEVEL`` (30) problems of each
-  level, every 10 rollout steps: one evaluation costs ~3 s, the average's standard error is ~0.02.
+- evaluation during training: 4 samples per problem on the first ``EVAL_PROMPTS_PER_LEVEL`` (30) problems
+  of each level, every 10 rollout steps: one evaluation costs ~3 s, the average's standard error is up to
+  0.02 (2 points; ``stats.eval_standard_error_bound``): the curves and the "best" column;
+- the final evaluation of ``real-megatron compare`` (``final_eval.py``): all 100 problems of each level,
+  ``FINAL_EVAL_SAMPLES`` (20) samples each, one sampling seed ``FINAL_EVAL_SEED`` for every model: standard
+  error <= 0.5 points for any pass rates (q(1 - q) <= 1/4: sqrt(0.25 / (500 * 20)) = 0.005).
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ RL_STEPS = 50  # rollout batches per run
 MAX_PROMPT_TOKENS = 96
 MAX_NEW_TOKENS = 96
 EVAL_PROMPTS_PER_LEVEL = 30
+FINAL_EVAL_SAMPLES = 20  # 5 levels x 100 problems x 20: the average's standard error <= 0.5 points
+FINAL_EVAL_SEED = 271828  # one sampling seed for every final evaluation (the warm-up's included)
 # packed rows on CPU use an explicit block-diagonal mask, whose cost grows with the square of the row:
 # short rows (a few rollouts each) are several times faster than one long row per mini-batch
 MICRO_BATCH_TOKENS = 512

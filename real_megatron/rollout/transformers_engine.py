@@ -12,6 +12,15 @@ what an uninterrupted run would have sampled.
 The engine's per-token log-probs are recorded step by step by :class:`SampledTokenLogprobs`
 (a logits processor), so a call's memory is O(batch × new tokens) on top of the model and its
 KV cache, never O(batch × new tokens × vocabulary) as when every step's logits are kept.
+
+``share_prompt_prefill=True`` (used by ``real-megatron compare``'s large final evaluation) samples
+through :meth:`TransformersEngine._generate_shared` instead of ``model.generate``: each prompt's
+forward pass runs once and its KV cache is repeated for its ``n`` samples, and a row that has
+emitted EOS leaves the batch at once. Same distribution (temperature, then top-p exactly as
+transformers' ``TopPLogitsWarper``, then one draw by inverse CDF) and the same log-prob semantics;
+a different random stream from ``model.generate``'s, so the two paths draw different samples from
+one seed. With many samples per prompt it costs several times less: the prompt is most of the
+tokens a short response's forward passes see, and a batch no longer runs until its longest row.
 """
 from __future__ import annotations
 
@@ -72,6 +81,44 @@ class SampledTokenLogprobs:
         return self._logp[:, :steps].cpu()
 
 
+class _PreallocatedLayer(transformers.DynamicLayer):
+    """A KV-cache layer with room for ``capacity`` positions, written in place: ``DynamicLayer`` concatenates
+    the whole cache at every step, a copy that costs as much as the tiny models' forward pass itself."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = int(capacity)
+        self._length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            batch, heads, _, dim = key_states.shape
+            self._keys = key_states.new_zeros(batch, heads, self.capacity, dim)
+            self._values = value_states.new_zeros(batch, heads, self.capacity, value_states.shape[-1])
+            self.is_initialized = True
+        end = self._length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RolloutEngineError(f"KV cache: {end} positions, room for {self.capacity}")
+        self._keys[:, :, self._length:end] = key_states
+        self._values[:, :, self._length:end] = value_states
+        self._length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._keys = self._keys.repeat_interleave(repeats, dim=0)
+        self._values = self._values.repeat_interleave(repeats, dim=0)
+        self.keys, self.values = self._keys[:, :, :self._length], self._values[:, :, :self._length]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._keys, self._values = self._keys[indices], self._values[indices]
+        self.keys, self.values = self._keys[:, :, :self._length], self._values[:, :, :self._length]
+
+
 class TransformersEngine(RolloutEngine):
     """``generate`` / ``update_weights`` over ``transformers.AutoModelForCausalLM``.
 
@@ -85,7 +132,8 @@ class TransformersEngine(RolloutEngine):
     """
 
     def __init__(self, hf_config, *, eos_token_id: int, pad_token_id: int, dtype=torch.float32,
-                 device: str | torch.device = "cpu", batch_size: int = 64, load_weights_from: str | None = None):
+                 device: str | torch.device = "cpu", batch_size: int = 64, load_weights_from: str | None = None,
+                 share_prompt_prefill: bool = False):
         if isinstance(hf_config, dict):
             config = transformers.AutoConfig.for_model(**{k: v for k, v in hf_config.items()
                                                           if k not in ("architectures",)}) \
@@ -108,6 +156,7 @@ class TransformersEngine(RolloutEngine):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size (sequences per generate call) must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
+        self.share_prompt_prefill = bool(share_prompt_prefill)
         params = dict(self.model.named_parameters())
         # tied embeddings: lm_head.weight is the embedding's tensor and never arrives separately
         self._expected = {n for n in params if not (n == "lm_head.weight" and self.model.config.tie_word_embeddings)}
@@ -151,9 +200,91 @@ class TransformersEngine(RolloutEngine):
             torch.manual_seed(int(sampling.seed))
             if self.device.type == "cuda":
                 torch.cuda.manual_seed(int(sampling.seed))
+            if self.share_prompt_prefill:
+                # whole prompts per chunk: max(1, batch_size // n) prompts, i.e. about batch_size rows
+                per_chunk = max(1, self.batch_size // n)
+                for start in range(0, len(prompt_token_ids), per_chunk):
+                    chunk = [(start + j, list(ids)) for j, ids in enumerate(prompt_token_ids[start:start + per_chunk])]
+                    out.extend(self._generate_shared(chunk, n, sampling))
+                return out
             for start in range(0, len(requests), self.batch_size):
                 out.extend(self._generate_chunk(requests[start:start + self.batch_size], sampling))
         return out
+
+    def _generate_shared(self, prompts, n: int, sampling: SamplingParams) -> list[Completion]:
+        """``n`` samples of each ``(prompt_index, ids)`` in ``prompts``: one prefill per prompt, its KV cache
+        repeated ``n`` times, finished rows dropped from the batch after every step. Prompt-major output."""
+        try:
+            return self._decode_shared(prompts, n, sampling)
+        except RolloutEngineError:
+            raise
+        except Exception as err:
+            raise RolloutEngineError(f"transformers decode failed: {type(err).__name__}: {err}") from err
+
+    def _decode_shared(self, prompts, n: int, sampling: SamplingParams) -> list[Completion]:
+        input_ids, attention = self._left_padded(prompts)
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        steps = int(sampling.max_new_tokens)
+        layers = self.model.config.get_text_config(decoder=True).num_hidden_layers
+        cache = transformers.Cache(layers=[_PreallocatedLayer(input_ids.shape[1] + steps) for _ in range(layers)])
+        position = (attention.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=position,
+                            past_key_values=cache, use_cache=True).logits[:, -1, :]
+        rows = len(prompts) * n
+        logits = logits.repeat_interleave(n, dim=0)
+        attention = attention.repeat_interleave(n, dim=0)
+        cache.batch_repeat_interleave(n)
+        tokens = torch.full((rows, steps), self.pad_token_id, dtype=torch.long)
+        token_logp = torch.zeros(rows, steps, dtype=torch.float32)
+        length = torch.full((rows,), steps, dtype=torch.long)  # a row that never emits EOS runs to max_new_tokens
+        stopped = torch.zeros(rows, dtype=torch.bool)
+        batch_rows = torch.arange(rows)  # output row of each batch row
+        active = torch.ones(rows, dtype=torch.bool)  # batch rows still generating (finished ones wait to be dropped)
+        temperature, top_p = float(sampling.temperature), float(sampling.top_p)
+        for t in range(steps):
+            scaled = logits.float() / temperature
+            logp = torch.log_softmax(scaled, dim=-1)
+            if top_p < 1.0:  # transformers' TopPLogitsWarper on the scaled logits, min_tokens_to_keep = 1
+                sorted_logits, sorted_idx = torch.sort(scaled, descending=False)
+                remove_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+                remove_sorted[..., -1:] = False
+                remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+                probs = torch.softmax(scaled.masked_fill(remove, -float("inf")), dim=-1)
+            else:
+                probs = logp.exp()
+            # inverse CDF: the first token whose cumulative probability exceeds u ~ U[0, total) (a zero-probability
+            # token never does); one uniform per row, cheaper than torch.multinomial at these sizes
+            cdf = probs.double().cumsum(dim=-1)
+            u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+            nxt = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # [batch, 1]
+            sampled, sampled_logp = nxt[:, 0].cpu(), logp.gather(-1, nxt)[:, 0].cpu()
+            out_rows = batch_rows[active]
+            tokens[out_rows, t] = sampled[active]
+            token_logp[out_rows, t] = sampled_logp[active]
+            ended = active & (sampled == self.eos_token_id)
+            length[batch_rows[ended]] = t + 1
+            stopped[batch_rows[ended]] = True
+            active &= ~ended
+            live = int(active.sum())
+            if t == steps - 1 or live == 0:
+                break
+            if live < 0.75 * len(active):  # drop the finished rows (a copy of the cache: not after every EOS)
+                keep = active.nonzero()[:, 0]
+                batch_rows, active = batch_rows[keep], active[keep]
+                keep = keep.to(self.device)
+                cache.batch_select_indices(keep)
+                attention, nxt = attention[keep], nxt[keep]
+            attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
+            position = attention.sum(-1, keepdim=True) - 1
+            logits = self.model(input_ids=nxt, attention_mask=attention, position_ids=position,
+                                past_key_values=cache, use_cache=True).logits[:, -1, :]
+        completions = []
+        for row in range(rows):
+            kept = int(length[row])
+            completions.append(Completion(prompt_index=prompts[row // n][0], token_ids=tokens[row, :kept].tolist(),
+                                          finish_reason="stop" if bool(stopped[row]) else "length",
+                                          logprobs=token_logp[row, :kept].tolist()))
+        return completions
 
     def _generate_chunk(self, requests, sampling: SamplingParams) -> list[Completion]:
         input_ids, attention = self._left_padded(requests)

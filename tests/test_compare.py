@@ -92,7 +92,8 @@ def test_summary_mean_and_sample_std_over_seeds(tmp_path):
     (["--cells", "u3_lr1e-4"], "--cells u3_lr1e-4: 16 prompts per rollout batch do not split into 3 mini-batches"),
     (["--cells", "8x3e-4"], "--cells '8x3e-4': expected u<updates>_lr<lr>[_s<staleness>]"),
     (["--cells", "u4_lr1e-4,u4_lr0.0001"], "names the setting of u4_lr0.0001 twice"),
-    (["--preset", "stress", "--cells", "u4_lr1e-4_s2"], "train.max_staleness is not a setting of this version"),
+    (["--preset", "stress", "--cells", "u4_lr1e-4_s2", "--set", "train.max_staleness=1"],
+     "the stress cells set train.max_staleness per cell"),
 ])
 def test_bad_arguments_fail_before_anything_starts(tmp_path, capsys, monkeypatch, argv, message):
     import real_megatron.repro.recipe
@@ -145,6 +146,10 @@ def test_stress_plan_sweeps_cells_and_shares_the_plain_cell_with_the_plain_compa
     assert [(s.cell, s.label) for s in specs] == [("u8_lr3e-4", "dapo"), ("u8_lr3e-4", "real"),
                                                   ("u8_lr3e-4", "real_tau0.25")]
     assert specs[0].overrides[-1] == "eval.samples=2"
+    # a cell with _s<k> runs asynchronously: rollouts up to k weight versions ahead of training
+    args = build_parser().parse_args(["--cells", "u8_lr1e-4_s1", "--losses", "real", "--seeds", "1", "--out", str(out)])
+    specs, plan = plan_runs(args)
+    assert specs[0].overrides[-3:] == ("train.mini_batch_prompts=2", "optim.lr=0.0001", "train.max_staleness=1")
 
 
 def test_run_locks_let_a_second_process_skip_a_held_run(tmp_path):
@@ -180,12 +185,12 @@ def test_update_size_is_measured_around_each_optimizer_step():
             chunk.bias[0] -= 0.3
         return {"loss": 1.0, **samples}
 
-    trainer = types.SimpleNamespace(chunks=[chunk], policy=types.SimpleNamespace(train_step=train_step))
-    assert _measure_update_sizes(trainer) is True
-    result = trainer.policy.train_step({})
+    policy = types.SimpleNamespace(train_step=train_step)
+    assert _measure_update_sizes(policy, [chunk]) is True
+    result = policy.train_step({})
     assert result["diag/update_rel_norm"] == pytest.approx(0.5 / 4.0)  # sqrt(0.16 + 0.09) / sqrt(16)
-    assert trainer.policy.train_step({"diag/update_rel_norm": 7.0})["diag/update_rel_norm"] == 7.0
-    assert _measure_update_sizes(types.SimpleNamespace()) is False
+    assert policy.train_step({"diag/update_rel_norm": 7.0})["diag/update_rel_norm"] == 7.0
+    assert _measure_update_sizes(types.SimpleNamespace(), [chunk]) is False
 
 
 def _compare_process(argv: list[str]) -> tuple[int, str, str]:

@@ -193,9 +193,6 @@ def plan_runs(args) -> tuple[list[RunSpec], Plan]:
                 spec = RunSpec(label, loss, seed, cell_overrides + tuple(own) + tuple(common)
                                + tuple(per_label.get(label, ())), where)
                 name = f"run {label} (seed {seed}{'' if cell is None else ', cell ' + cell.name})"
-                if cell is not None and cell.staleness is not None and not hasattr(base.train, "max_staleness"):
-                    raise CompareError(f"--cells {cell.name}: train.max_staleness is not a setting of this version "
-                                       "(it comes with asynchronous rollouts); drop the _s<k> part")
                 configs[(label, seed, where)] = build(
                     rl_overrides(placeholder, init_dir=init_dir, run_dir=spec.run_dir(out), loss=loss, seed=seed,
                                  steps=args.steps) + list(spec.overrides), name)
@@ -224,16 +221,15 @@ def _rss_gib() -> float:
         return float("nan")
 
 
-def _measure_update_sizes(trainer) -> bool:
+def _measure_update_sizes(policy, chunks) -> bool:
     """Log ``diag/update_rel_norm`` = ‖θ_after − θ_before‖ / ‖θ_before‖ of every optimizer step (all trainable
-    parameters, one process) by wrapping this trainer's ``policy.train_step``: the trainer copies ``diag/`` keys
+    parameters, one process) by wrapping the run's ``policy.train_step``: the trainer copies ``diag/`` keys
     of the step's result into its metric row. A stand-in until the trainer logs it itself (then it does
     nothing); returns whether it is active."""
     import torch
 
     from real_megatron.repro.stress import UPDATE_SIZE_KEY
 
-    policy, chunks = trainer.parts.policy, trainer.parts.chunks
     if policy is None or chunks is None or not callable(getattr(policy, "train_step", None)):
         return False
     params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
@@ -262,7 +258,7 @@ def _run_training(cfg) -> int:
 
     try:
         trainer = Trainer(build_parts(cfg, build_loss(cfg.loss.name, cfg.loss.hparams)))
-        _measure_update_sizes(trainer)
+        _measure_update_sizes(trainer.parts.policy, trainer.parts.chunks)
         return trainer.run()
     finally:
         if dist.is_initialized():

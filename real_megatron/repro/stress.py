@@ -1,8 +1,8 @@
 """``real-megatron compare --preset stress``: where each loss stays stable as the update grows.
 
 A *cell* is one setting of the step size: ``u<updates>_lr<lr>`` = ``updates`` optimizer updates per rollout
-batch (``train.mini_batch_prompts`` = rollout batch prompts / updates) at learning rate ``lr``, and later
-``_s<k>`` = ``train.max_staleness=k`` (the asynchronous issue's key: refused while the config lacks it).
+batch (``train.mini_batch_prompts`` = rollout batch prompts / updates) at learning rate ``lr``, optionally
+``_s<k>`` = ``train.max_staleness=k`` (rollouts generated up to k weight versions ahead of training).
 The preset sweeps ``STRESS_CELLS`` (the recipe's 4 updates at 1e-4, then 8 updates and/or 3e-4) for the six
 losses and REAL at τ = 1 (its per-rollout weight is bounded by 1/τ = 1 where REAL's default reaches 2,
 about GRPO's |A|: the control for "REAL just takes larger steps"). A cell equal to the plain comparison's
@@ -35,7 +35,7 @@ _CELL = re.compile(r"^u(\d+)_lr([0-9.]+(?:e-?\d+)?)(?:_s(\d+))?$")
 
 @dataclass(frozen=True)
 class Cell:
-    """One step-size setting: ``updates`` per rollout batch at ``lr`` (and ``staleness``, later)."""
+    """One step-size setting: ``updates`` per rollout batch at ``lr``, rollouts up to ``staleness`` versions old."""
 
     name: str
     updates: int

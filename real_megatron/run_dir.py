@@ -121,11 +121,11 @@ def _resolved(config: dict) -> dict:
     return {**config, "loss": {**loss, "hparams": hp}}
 
 
-def _with_defaults(saved: dict, defaults: dict) -> dict:
+def with_defaults(saved: dict, defaults: dict) -> dict:
     """``saved`` over ``defaults``: a setting a run directory predates counts as its default."""
     out = dict(defaults)
     for key, value in saved.items():
-        out[key] = _with_defaults(value, defaults[key]) if isinstance(value, dict) and isinstance(
+        out[key] = with_defaults(value, defaults[key]) if isinstance(value, dict) and isinstance(
             defaults.get(key), dict) and key != "hparams" else value
     return out
 
@@ -133,7 +133,7 @@ def _with_defaults(saved: dict, defaults: dict) -> dict:
 def trajectory_changes(saved: dict, current: dict) -> dict:
     """``{key: (saved, current)}`` of the settings that differ and are not ``SAFE_TO_CHANGE``. The hyperparameters
     of two different losses are not listed: the name says it."""
-    saved = _with_defaults(saved, config_to_dict(RunConfig()))
+    saved = with_defaults(saved, config_to_dict(RunConfig()))
     saved, current = _resolved(saved), _resolved(current)
     if saved.get("loss", {}).get("name") != current.get("loss", {}).get("name"):
         saved, current = ({**c, "loss": {k: v for k, v in c.get("loss", {}).items() if k != "hparams"}}

@@ -333,6 +333,15 @@ def test_saved_config_check_names_the_changed_settings(tmp_path):
     check_saved_config(tmp_path, load_config(None, ["optim.lr=1e-4"]))
     with pytest.raises(ValueError, match=r"other settings \(loss.hparams.tau: None -> 0.1, optim.lr: 0.0001 -> 0.0003\)"):
         check_saved_config(tmp_path, load_config(None, ["optim.lr=3e-4", "loss.hparams.tau=0.1"]))
+    # a setting the saved config predates (written by an older version) counts as its default, not as a change
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["train"]["max_staleness"], saved["rollout"]["partial"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_saved_config(tmp_path, load_config(None, ["optim.lr=1e-4"]))
+    with pytest.raises(ValueError, match=r"train.max_staleness: 0 -> 1"):
+        check_saved_config(tmp_path, load_config(None, ["optim.lr=1e-4", "train.max_staleness=1"]))
 
 
 def _final_eval(correct_per_level: list[list[int]], samples: int = 4, seed: int = 271828) -> dict:

@@ -135,28 +135,20 @@ def run_warmup(run_dir: Path, assets: ChainAssets, *, steps: int = WARMUP_STEPS,
     return out
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):  # an empty mapping adds no key: {} and a missing key are the same settings
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_saved_config(run_dir: Path, cfg) -> None:
     """A run directory written with other settings (its ``config.yaml``) must not be resumed or counted as this
-    run: ValueError listing the first differences. Nothing to check when the directory has no config yet."""
+    run: ValueError listing the first differences. Nothing to check when the directory has no config yet. A
+    setting the saved config predates counts as its default (the rule ``run_dir.with_defaults`` states)."""
     import yaml
 
-    from real_megatron.config import config_to_dict
+    from real_megatron.config import RunConfig, config_to_dict
+    from real_megatron.run_dir import flat, with_defaults
 
     saved_path = Path(run_dir) / "config.yaml"
     if not saved_path.exists():
         return
-    saved = _flat(yaml.safe_load(saved_path.read_text()) or {})
-    now = _flat(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False)))
+    saved = flat(with_defaults(yaml.safe_load(saved_path.read_text()) or {}, config_to_dict(RunConfig())))
+    now = flat(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False)))
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:5])

@@ -99,10 +99,11 @@ def owner_of(run_dir: Path) -> str | None:
 
 
 def flat(d: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a mapping leaf such as ``loss.hparams`` is flattened too)."""
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a mapping leaf such as ``loss.hparams`` is flattened too; an empty
+    mapping adds no key: ``{}`` and a missing key are the same settings)."""
     out = {}
     for key, value in d.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):
             out.update(flat(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value

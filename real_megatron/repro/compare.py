@@ -123,6 +123,7 @@ def plan_runs(args) -> tuple[list[RunSpec], Plan]:
     from real_megatron.losses import LOSSES, check_loss_name
     from real_megatron.repro import stress
     from real_megatron.repro.recipe import ChainAssets, rl_overrides, warmup_overrides
+    from real_megatron.run_dir import check_writable_dir
 
     losses = [name.strip() for name in args.losses.split(",") if name.strip()]
     if not losses:
@@ -156,6 +157,10 @@ def plan_runs(args) -> tuple[list[RunSpec], Plan]:
                                    "choose the cells with --cells, e.g. --cells u4_lr1e-4,u8_lr3e-4")
 
     out = Path(args.out).resolve()
+    try:
+        check_writable_dir(out, "--out")
+    except ConfigError as err:
+        raise CompareError(str(err)) from None
     todo = out / "task" / "<not written yet>"  # validation reads no file: placeholders until the task exists
     placeholder = ChainAssets(todo, todo, (todo,), todo)
     init_dir = out / "warmup" / "hf"

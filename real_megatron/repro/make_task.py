@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
 
@@ -20,30 +21,34 @@ def _levels(text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
+    from real_megatron.arguments import ArgumentParser, positive
     from real_megatron.repro.chains import CHAIN_LEVELS
 
-    parser = argparse.ArgumentParser(prog="real-megatron make-task", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="real-megatron make-task", description=__doc__.split("\n\n")[0])
     parser.add_argument("task", choices=("chains",), help="the task to write")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-levels", type=_levels, default=list(CHAIN_LEVELS),
                         help="comma-separated levels in the train file (default: all)")
-    parser.add_argument("--train-per-level", type=int, default=2500,
+    parser.add_argument("--train-per-level", type=positive, default=2500,
                         help="train problems per level (a smaller level gives all its non-test problems)")
-    parser.add_argument("--test-per-level", type=int, default=100, help="held-out problems per level file")
+    parser.add_argument("--test-per-level", type=positive, default=100, help="held-out problems per level file")
     parser.add_argument("--train-name", default="train.parquet", help="file name of the train file")
     parser.add_argument("--tokenizer", action="store_true", help="also train DIR/tokenizer on the task's text")
     args = parser.parse_args(argv)
 
+    from real_megatron.config import ConfigError
     from real_megatron.repro.chains import chain_splits, chain_texts, write_chain_task
+    from real_megatron.run_dir import check_writable_dir
 
     out = Path(args.out)
     try:
+        check_writable_dir(out, "--out")  # before any problem is generated
         train, tests = write_chain_task(out, seed=args.seed, train_levels=args.train_levels,
                                         n_train_per_level=args.train_per_level, n_test_per_level=args.test_per_level,
                                         train_name=args.train_name)
-    except ValueError as err:
-        print(f"error: {err}", flush=True)
+    except (ConfigError, ValueError) as err:
+        print(f"real-megatron make-task: error: {err}", file=sys.stderr, flush=True)
         return 2
     import pyarrow.parquet as pq
 

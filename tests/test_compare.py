@@ -92,6 +92,9 @@ def test_summary_mean_and_sample_std_over_seeds(tmp_path):
     (["--cells", "u3_lr1e-4"], "--cells u3_lr1e-4: 16 prompts per rollout batch do not split into 3 mini-batches"),
     (["--cells", "8x3e-4"], "--cells '8x3e-4': expected u<updates>_lr<lr>[_s<staleness>]"),
     (["--cells", "u4_lr1e-4,u4_lr0.0001"], "names the setting of u4_lr0.0001 twice"),
+    (["--variant", "real"], "--variant 'real' is not of the form LABEL=LOSS"),
+    (["--variant", "grpo=real"], "the label 'grpo' is already a run label"),
+    (["--variant", "real_s1=reel"], "--variant 'real_s1=reel': unknown loss"),
     (["--preset", "stress", "--cells", "u4_lr1e-4_s2", "--set", "train.max_staleness=1"],
      "the stress cells set train.max_staleness per cell"),
 ])
@@ -117,6 +120,18 @@ def test_plan_is_seed_major_and_a_tau_equal_to_reals_reuses_the_real_run(tmp_pat
     tau = next(s for s in specs if s.label == "real_tau0.1")
     assert tau.loss == "real" and tau.overrides == ("loss.hparams.tau=0.1", "eval.samples=4")
     assert specs[0].overrides == () and not (tmp_path / "cmp").exists()
+
+
+def test_a_variant_is_a_loss_under_its_own_label_set_apart_by_its_sets(tmp_path):
+    args = build_parser().parse_args(["--losses", "real", "--seeds", "1", "--out", str(tmp_path / "cmp"),
+                                      "--variant", "real_s1=real", "--set", "real_s1:train.max_staleness=1",
+                                      "--variant", "real_s1_trunc=real", "--set", "real_s1_trunc:train.max_staleness=1",
+                                      "--set", "real_s1_trunc:loss.hparams.behaviour_correction=truncate"])
+    specs, _ = plan_runs(args)
+    assert [(s.label, s.loss, s.overrides) for s in specs] == [
+        ("real", "real", ()), ("real_s1", "real", ("train.max_staleness=1",)),
+        ("real_s1_trunc", "real", ("train.max_staleness=1", "loss.hparams.behaviour_correction=truncate"))]
+    assert specs[1].run_dir(tmp_path) == tmp_path / "runs" / "real_s1" / "seed1"
 
 
 def test_stress_plan_sweeps_cells_and_shares_the_plain_cell_with_the_plain_comparison(tmp_path):

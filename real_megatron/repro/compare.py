@@ -3,7 +3,7 @@
     real-megatron compare --losses real,grpo,dapo,gspo,real_bce,real_no_anchor --seeds 3 --out DIR
                           [--steps N] [--set [LABEL:]key=value ...] [--tau 0.1,0.5,1.0] [--warmup-steps N]
                           [--final-samples 20] [--final-problems 0] [--preset stress] [--cells u8_lr3e-4,...]
-                          [--jobs N] [--dry-run]
+                          [--variant LABEL=LOSS ...] [--jobs N] [--dry-run]
 
 1. the chain task, tokenizer and random base model (``DIR/task``) and one supervised warm-up
    (``DIR/warmup``), both from ``recipe.py``; the warm-up's final evaluation (the start row), once;
@@ -30,8 +30,11 @@ same ``DIR`` (one CPU thread each) after the warm-up. Any second ``compare`` pro
 the runs another one holds (a lock per run directory) and waits for them at the end.
 
 ``--set key=value`` applies to every RL run, ``--set LABEL:key=value`` to one label's runs (e.g.
-``--set gspo:loss.hparams.clip_high=1e-3``); ``--warmup-set`` to the warm-up. The losses' own
-hyperparameters are the library's defaults (``losses/hparams.py``: the paper's).
+``--set gspo:loss.hparams.clip_high=1e-3``); ``--warmup-set`` to the warm-up. ``--variant LABEL=LOSS`` adds runs
+of a loss under a label of their own, to be set apart with ``--set LABEL:...`` (asynchronous REAL against the
+synchronous one: ``--variant real_s1=real --set real_s1:train.max_staleness=1``); the paired table compares
+every label with ``real``. The losses' own hyperparameters are their defaults (each loss class's ``DEFAULTS``:
+the paper's).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -80,6 +84,32 @@ class Plan:
     final: dict  # samples, problems, temperature, top_p, max_new_tokens, max_prompt_length, reward_timeout_s
     cells: list | None = None  # stress.Cell list; None: a plain comparison
     cell_of: dict = field(default_factory=dict)  # cell name -> RunSpec.cell (None for the plain settings' cell)
+
+
+_LABEL = re.compile(r"^[a-z][a-z0-9_.]*$")
+
+
+def _parse_variants(items: list[str], labels: dict) -> list[tuple[str, str]]:
+    """``--variant LABEL=LOSS`` entries -> (label, loss): more runs of a loss under their own label, told apart
+    by ``--set LABEL:key=value`` (e.g. ``real_s1=real`` with ``--set real_s1:train.max_staleness=1``)."""
+    from real_megatron.losses import check_loss_name
+
+    out, seen = [], set(labels)
+    for item in items:
+        label, _, loss = item.partition("=")
+        label, loss = label.strip(), loss.strip()
+        if not _LABEL.match(label) or not loss:
+            raise CompareError(f"--variant {item!r} is not of the form LABEL=LOSS (e.g. real_s1=real; a label is "
+                               "lower-case letters, digits, '_' and '.')")
+        if label in seen:
+            raise CompareError(f"--variant {item!r}: the label {label!r} is already a run label of this comparison")
+        try:
+            check_loss_name(loss)
+        except ValueError as err:
+            raise CompareError(f"--variant {item!r}: {err}") from err
+        seen.add(label)
+        out.append((label, loss))
+    return out
 
 
 def _parse_sets(items: list[str], labels: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -149,6 +179,8 @@ def plan_runs(args) -> tuple[list[RunSpec], Plan]:
     labels = {name: (name, ()) for name in losses}
     for tau in taus:
         labels[f"real_tau{tau:g}"] = ("real", (f"loss.hparams.tau={tau!r}",))
+    for label, loss in _parse_variants(args.variant, labels):
+        labels[label] = (loss, ())
     common, per_label = _parse_sets(args.set, list(labels))
     if sweep:
         for item in [*common, *(x for v in per_label.values() for x in v)]:
@@ -413,7 +445,7 @@ def run_comparison(args) -> int:
               f"{f['samples']} samples (temperature {f['temperature']:g}, top-p {f['top_p']:g}), the warm-up's too")
         return 0
     settings = {"preset": args.preset or "", "losses": args.losses, "seeds": args.seeds, "steps": args.steps,
-                "tau": args.tau if args.tau is not None else "", "warmup_steps": args.warmup_steps,
+                "tau": args.tau if args.tau is not None else "", "variant": list(args.variant), "warmup_steps": args.warmup_steps,
                 "final_samples": args.final_samples, "final_problems": args.final_problems or "all",
                 "set": list(args.set), "warmup_set": list(args.warmup_set)}
     if plan.cells is not None:
@@ -539,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
     parser.add_argument("--steps", type=int, default=RL_STEPS, help=f"rollout batches per run (default {RL_STEPS})")
     parser.add_argument("--tau", default=None, help="REAL's τ sweep, e.g. 0.1,0.5,1.0 (adds runs real_tau<τ>)")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=LOSS",
+                        help="more runs of LOSS under LABEL (repeatable), set apart with --set LABEL:KEY=VALUE, e.g. "
+                             "--variant real_s1=real --set real_s1:train.max_staleness=1")
     parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS,
                         help=f"supervised warm-up steps (default {WARMUP_STEPS})")
     parser.add_argument("--set", action="append", default=[], metavar="[LABEL:]KEY=VALUE",

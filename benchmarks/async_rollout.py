@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     names = [n for n in args.settings.split(",") if n]
     unknown = sorted(set(names) - set(SETTINGS))
     if unknown or args.steps < 3:
-        parser.error(f"unknown settings {unknown} (choose from {list(SETTINGS)})" if unknown else "--steps must be >= 3")
+        parser.error(f"unknown settings {unknown} (choose from {list(SETTINGS)})" if unknown
+                     else "--steps must be >= 3")
     import sglang_server
 
 

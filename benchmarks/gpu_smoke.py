@@ -62,7 +62,8 @@ def run(dtype, full, transformer_impl):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(result["loss"])
-    return {"first_loss": metrics["loss"], "losses": losses, "grad": grad, "step_ms": 1000 * statistics.median(times[1:]),
+    return {"first_loss": metrics["loss"], "losses": losses, "grad": grad,
+            "step_ms": 1000 * statistics.median(times[1:]),
             "uses_te": any("transformer_engine" in type(m).__module__ for m in chunks[0].modules()),  # TE layers built
             "param_dtype": str(next(chunks[0].parameters()).dtype)}
 

@@ -41,10 +41,12 @@ if __name__ == "__main__":
     t2 = time.time()
     rows = [json.loads(line) for line in (out / "real" / "metrics.jsonl").read_text().splitlines()]
     sft_rows = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
-    print("SFT", [(r["step"], r.get("train/loss"), r.get("eval/pass@1")) for r in sft_rows if r["step"] in (0, 1, 300, 600)])
+    print("SFT", [(r["step"], r.get("train/loss"), r.get("eval/pass@1")) for r in sft_rows
+                  if r["step"] in (0, 1, 300, 600)])
     from real_megatron.rewards import math_reward
     print("MATHREWARD", math_reward("\\boxed{7}", "7"))
-    keys = ["reward/crashes", "reward/timeouts", "train/skipped_steps", "train/response_length_mean", "train/loss", "train/reward_mean", "train/entropy", "train/grad_norm", "rollout/logprob_abs_diff_mean",
+    keys = ["reward/crashes", "reward/timeouts", "train/skipped_steps", "train/response_length_mean", "train/loss",
+            "train/reward_mean", "train/entropy", "train/grad_norm", "rollout/logprob_abs_diff_mean",
             "time/rollout_s", "time/logprob_s", "time/update_s", "time/sync_s"]
     print("EVAL", [(r["step"], r["eval/pass@1"]) for r in rows if "eval/pass@1" in r])
     for r in rows:

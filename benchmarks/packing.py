@@ -69,8 +69,8 @@ def bench_plan(args) -> int:
         rows.append((real / plan.processed_tokens(samples), max(per_rank) / statistics.mean(per_rank),
                      base_eff, base_imb, plan.mode))
     eff, imb, b_eff, b_imb, modes = zip(*rows, strict=True)
-    print(f"recipe: {PROMPTS} prompts x G={G}, {DP} DP ranks, budget {args.budget} tokens/micro-batch, cp={args.cp}, pp={args.pp}, "
-          f"{args.repeats} mini-batches (modes: {sorted(set(modes))})")
+    print(f"recipe: {PROMPTS} prompts x G={G}, {DP} DP ranks, budget {args.budget} tokens/micro-batch, "
+          f"cp={args.cp}, pp={args.pp}, {args.repeats} mini-batches (modes: {sorted(set(modes))})")
     print(f"token efficiency  packed: mean {statistics.mean(eff):.3f} worst {min(eff):.3f}   "
           f"padded (before): mean {statistics.mean(b_eff):.3f}   target >= 0.95")
     print(f"rank imbalance    packed: mean {statistics.mean(imb):.3f} worst {max(imb):.3f}   "
@@ -120,8 +120,10 @@ def padded_micro_batches(samples, indices, rows: int = 8):
     batches = []
     for start in range(0, len(indices), rows):
         parts = [build_micro_batch(samples, [i], row_length=longest) for i in indices[start:start + rows]]
-        batch = {k: torch.cat([p[k] for p in parts]) for k in ("tokens", "labels", "loss_mask", "old_logp", "sample_index")}
-        batch["position_ids"] = torch.arange(longest).expand(len(parts), longest).contiguous()  # one causal block per row
+        batch = {k: torch.cat([p[k] for p in parts])
+                 for k in ("tokens", "labels", "loss_mask", "old_logp", "sample_index")}
+        # one causal block per row
+        batch["position_ids"] = torch.arange(longest).expand(len(parts), longest).contiguous()
         batch["segment"] = torch.stack([torch.where(p["segment"][0] >= 0, j, -1) for j, p in enumerate(parts)])
         batches.append(batch)
     return batches, longest
@@ -150,7 +152,8 @@ def bench_step(args) -> int:
     _, longest = padded_micro_batches(samples, list(range(len(samples))))
     print(f"{len(samples)} rollouts, {real} tokens (16-512, log-normal); packed: {plan.mode}, "
           f"{sum(len(r) for r in plan.rank_micro_batches)} rows of <= 2048 positions, {plan.processed_tokens(samples)} "
-          f"positions; padded: {-(-len(samples) // 8)} micro-batches of 8 x {longest}, {len(samples) * longest} positions")
+          f"positions; padded: {-(-len(samples) // 8)} micro-batches of 8 x {longest}, "
+          f"{len(samples) * longest} positions")
     _timed(lambda: policy.train_step(samples)), _timed(lambda: padded.train_step(samples))  # warm-up
     times = {"packed": [], "padded": []}
     for _ in range(args.repeats):
@@ -187,10 +190,12 @@ def bench_skip(args) -> int:
           f"{sk['metrics']['hook/trained_rollout_fraction']:.2f} with skipping, "
           f"{pl['metrics']['hook/trained_rollout_fraction']:.2f} without")
     print(f"later mini-batch (stale old log-probs): {med['skip']['later']:.2f} s vs {med['plain']['later']:.2f} s "
-          f"= {later:.2f}; extra forward: {sk['metrics']['hook/extra_forward']:.0f} vs {pl['metrics']['hook/extra_forward']:.0f}")
+          f"= {later:.2f}; extra forward: {sk['metrics']['hook/extra_forward']:.0f} vs "
+          f"{pl['metrics']['hook/extra_forward']:.0f}")
     print(f"first mini-batch (fresh old log-probs):  {med['skip']['first']:.2f} s vs {med['plain']['first']:.2f} s "
           f"= {first:.2f}; extra forward: {sk['first_metrics']['hook/extra_forward']:.0f} vs "
-          f"{pl['first_metrics']['hook/extra_forward']:.0f}   (target: both ratios <= 0.6, no extra forward on the first)")
+          f"{pl['first_metrics']['hook/extra_forward']:.0f}   "
+          "(target: both ratios <= 0.6, no extra forward on the first)")
     return 0 if later <= 0.6 and first <= 0.6 and sk["first_metrics"]["hook/extra_forward"] == 0 else 1
 
 

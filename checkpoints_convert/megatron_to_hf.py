@@ -1,6 +1,7 @@
-"""Megatron checkpoint (any TP/PP) -> HF directory (same as `real-megatron convert megatron-to-hf`).
+r"""Megatron checkpoint (any TP/PP) -> HF directory (same as `real-megatron convert megatron-to-hf`).
 
-    python checkpoints_convert/megatron_to_hf.py --megatron-dir MEG --out HF2 [--hf-config-from HF] [--max-shard-size 5GB]
+    python checkpoints_convert/megatron_to_hf.py --megatron-dir MEG --out HF2 \
+        [--hf-config-from HF] [--max-shard-size 5GB]
 """
 import sys
 

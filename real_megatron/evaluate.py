@@ -107,7 +107,8 @@ def evaluate_benchmarks(engine, reward_pool, tokenizer, records, prompt_ids, *, 
         result.update({f"pass@{k}": sum(pass_at_k(samples, c, k) for c in correct) / len(correct)
                        for k in report_ks(samples) if k > 1})
         result.update({"problems": len(rows), "samples": samples,
-                       "response_length_mean": sum(overall["length_per_problem"][i] for i in rows) / (len(rows) * samples),
+                       "response_length_mean": sum(overall["length_per_problem"][i]
+                                                   for i in rows) / (len(rows) * samples),
                        "correct_per_problem": correct})
         benchmarks[name] = result
     return {"overall": overall, "benchmarks": benchmarks}

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--loss", help="policy loss: real (default) or a baseline such as grpo; sets loss.name")
     what.add_argument("--data", choices=sorted(TRAIN_SETS), help="training set shortcut; sets data.train_files")
     what.add_argument("--name", help="experiment/job name (default: recipe[-loss])")
-    what.add_argument("--dryrun", action="store_true", help="print the torchrun command / sbatch script; submit nothing")
+    what.add_argument("--dryrun", action="store_true",
+                      help="print the torchrun command / sbatch script; submit nothing")
     ex = p.add_argument_group("executor")
     ex.add_argument("--executor", choices=("local", "slurm"), default="local")
     ex.add_argument("--gpus", type=int, default=None, help="local: processes (GPUs) on this machine")
@@ -80,14 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--rdzv-endpoint", help="local, --nnodes > 1: HOST:PORT of the c10d rendezvous (on node 0)")
     ex.add_argument("--nodes", type=int, default=1, help="slurm: number of nodes")
     ex.add_argument("--gpus-per-node", type=int, default=8,
-                    help="slurm: GPUs (= torchrun processes) per node; 0: CPU nodes, one gloo process each, no GPU request")
+                    help="slurm: GPUs (= torchrun processes) per node; 0: CPU nodes, one gloo process each, "
+                         "no GPU request")
     ex.add_argument("--rdzv-port", type=int, default=29500, help="slurm: c10d rendezvous port on the first node")
     ex.add_argument("--account", help="slurm: account")
     ex.add_argument("--partition", help="slurm: partition")
     ex.add_argument("--time", default="04:00:00", help="slurm: wall-clock limit")
     ex.add_argument("--container-image", help="slurm, optional: pyxis/enroot image with the [gpu] extra installed; "
                     "without it the job runs in the nodes' own environment (this Python's bin first on PATH)")
-    ex.add_argument("--container-mounts", action="append", default=[], help="slurm with a container: SRC:DST (repeatable)")
+    ex.add_argument("--container-mounts", action="append", default=[],
+                    help="slurm with a container: SRC:DST (repeatable)")
     ex.add_argument("--tunnel", choices=("local", "ssh"), default="local",
                     help="slurm: submit from this machine (local: a login node) or through SSH")
     ex.add_argument("--ssh-host", help="slurm --tunnel ssh: login host")

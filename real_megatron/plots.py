@@ -30,7 +30,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
     a last line without its newline — a run killed mid-write — is left out."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory written by `real-megatron train`?")
+        raise FileNotFoundError(f"{path} does not exist: "
+                                f"is {run_dir} a run directory written by `real-megatron train`?")
     lines = path.read_text(errors="replace").split("\n")  # the last item is what follows the last newline
     rows = []
     for lineno, line in enumerate(lines[:-1], 1):

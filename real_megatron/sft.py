@@ -44,7 +44,8 @@ def run_sft(cfg) -> int:
 
 
 def _sft_loop(cfg, parts) -> int:
-    """``train.steps`` optimizer steps on reference solutions, evaluations as ``train.eval_every`` says, the HF export."""
+    """``train.steps`` optimizer steps on reference solutions, evaluations as ``train.eval_every`` says,
+    the HF export."""
     from real_megatron.megatron.batch import Sample
 
     if parts.rank == 0:

@@ -34,7 +34,8 @@ def warm_assets(random_assets, tmp_path_factory):
     held-out problems at temperature 1, so RL groups have mixed rewards and nonzero gradients.
     """
     run_dir = tmp_path_factory.mktemp("warm") / "sft"
-    args = [f"run_dir={run_dir}", f"model.hf_dir={random_assets['base']}", f"data.train_files=[{random_assets['train']}]",
+    args = [f"run_dir={run_dir}", f"model.hf_dir={random_assets['base']}",
+            f"data.train_files=[{random_assets['train']}]",
             f"data.eval_files=[{random_assets['test']}]", "data.max_prompt_length=64", "rollout.max_new_tokens=24",
             "eval.max_prompts=8", "eval.samples=2", "eval.max_new_tokens=8", "train.steps=300",
             "train.mini_batch_prompts=16", "train.rollout_batch_prompts=16", "train.micro_batch_rollouts=64",

@@ -122,7 +122,8 @@ def check_fields(endpoint: str, body) -> dict:
 
 
 def _is_ids(x) -> bool:
-    return isinstance(x, list) and len(x) > 0 and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x)
+    return isinstance(x, list) and len(x) > 0 and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                      for t in x)
 
 
 def check_sampling(d, where: str) -> None:
@@ -466,7 +467,8 @@ def running_process(*args: str):
     try:
         line = proc.stdout.readline()
         if not line.startswith("PORT "):
-            raise RuntimeError(f"stand-in did not start: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}")
+            raise RuntimeError(f"stand-in did not start: {line!r} "
+                               f"{proc.stderr.read() if proc.poll() is not None else ''}")
         yield f"http://127.0.0.1:{int(line.split()[1])}"
     finally:
         proc.kill()

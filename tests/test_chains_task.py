@@ -99,7 +99,8 @@ def test_train_and_test_are_disjoint_and_levels_are_separate(task, tmp_path):
 def test_reference_solutions_score_one_and_wrong_answers_zero(task):
     from real_megatron.rewards import RewardPool
 
-    records = [r for path in task["tests"].values() for r in load_prompts(path)] + list(load_prompts(task["train"]))[::40]
+    records = ([r for path in task["tests"].values() for r in load_prompts(path)]
+               + list(load_prompts(task["train"]))[::40])
     responses, truths, wrong = [], [], []
     for r in records:
         start, steps = parse_prompt(r.messages[0]["content"])
@@ -107,7 +108,8 @@ def test_reference_solutions_score_one_and_wrong_answers_zero(task):
         *lines, boxed = solution.split("\n")
         value = start
         assert len(lines) == len(steps)
-        for line, (op, b) in zip(lines, steps, strict=True):  # each line is the next step of the prompt's chain, computed right
+        # each line is the next step of the prompt's chain, computed right
+        for line, (op, b) in zip(lines, steps, strict=True):
             a, line_op, line_b, c = _STEP_LINE.fullmatch(line).groups()
             assert (int(a), line_op, int(line_b)) == (value, op, b), (line, r.row)
             assert op != "/" or value % b == 0, (line, r.row)

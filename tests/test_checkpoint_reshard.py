@@ -254,7 +254,8 @@ def test_reshard_bf16_state_round_trip_with_fp32_norm_weights(tmp_path):
         chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True, dtype=torch.bfloat16)
         load_full_state_dict(chunks[0], fixed_full_state_dict(TINY_QWEN2))
         optimizer = build_optimizer(chunks, lr=1e-2)
-        return chunks, optimizer, MegatronPolicy(chunks, optimizer, loss=build_loss("real"), max_tokens_per_micro_batch=128)
+        return chunks, optimizer, MegatronPolicy(chunks, optimizer, loss=build_loss("real"),
+                                                 max_tokens_per_micro_batch=128)
 
     chunks, optimizer, policy = fresh()
     assert {p.dtype for p in chunks[0].parameters()} == {torch.bfloat16, torch.float32}

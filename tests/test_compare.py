@@ -88,7 +88,8 @@ def test_summary_mean_and_sample_std_over_seeds(tmp_path):
     (["--final-samples", "1"], "--final-samples must be >= 2"),
     (["--jobs", "0"], "--jobs must be >= 1"),
     (["--final-problems", "-1"], "--final-problems must be >= 0"),
-    (["--preset", "stress", "--set", "optim.lr=1e-3"], "the stress cells set optim.lr per cell; choose the cells with --cells"),
+    (["--preset", "stress", "--set", "optim.lr=1e-3"],
+     "the stress cells set optim.lr per cell; choose the cells with --cells"),
     (["--cells", "u3_lr1e-4"], "--cells u3_lr1e-4: 16 prompts per rollout batch do not split into 3 mini-batches"),
     (["--cells", "8x3e-4"], "--cells '8x3e-4': expected u<updates>_lr<lr>[_s<staleness>]"),
     (["--cells", "u4_lr1e-4,u4_lr0.0001"], "names the setting of u4_lr0.0001 twice"),
@@ -229,7 +230,8 @@ def test_micro_comparison_writes_tables_and_figures_and_a_rerun_skips(tmp_path):
     argv = ["--losses", "real,dapo", "--seeds", "2", "--steps", "2", "--out", str(out), "--warmup-steps", "2",
             "--final-samples", "2", "--final-problems", "3",
             *[x for s in small for x in ("--set", s)],
-            "--warmup-set", "eval.max_prompts=1", "--warmup-set", "eval.samples=2", "--warmup-set", "eval.max_new_tokens=24"]
+            "--warmup-set", "eval.max_prompts=1", "--warmup-set", "eval.samples=2",
+            "--warmup-set", "eval.max_new_tokens=24"]
     code, first, err = _compare_process(argv)
     assert code == 0, err[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -270,7 +272,8 @@ def test_micro_comparison_writes_tables_and_figures_and_a_rerun_skips(tmp_path):
     assert code == 0, err[-3000:]
     assert "run 1/4: real seed 1: finished before, skipped" in second
     assert "run 4/4: dapo seed 2: finished before, skipped" in second
-    assert [m.stat().st_mtime_ns for m in metrics + [out / "runs" / "real" / "seed1" / "final_eval_n2_p3.json"]] == stamps
+    assert [m.stat().st_mtime_ns
+            for m in metrics + [out / "runs" / "real" / "seed1" / "final_eval_n2_p3.json"]] == stamps
     assert json.loads((out / "summary.json").read_text())["losses"] == summary["losses"]
 
     # an interrupted run (no done marker) resumes from its checkpoint: here the last one, so nothing retrains;
@@ -326,14 +329,16 @@ def test_jobs_2_trains_two_runs_side_by_side(tmp_path):
              "eval.samples=2", "eval.max_new_tokens=16"]
     argv = ["--losses", "real,dapo", "--seeds", "1", "--steps", "1", "--out", str(out), "--warmup-steps", "1",
             "--final-samples", "2", "--final-problems", "1", "--jobs", "2", *[x for s in small for x in ("--set", s)],
-            "--warmup-set", "eval.max_prompts=1", "--warmup-set", "eval.samples=2", "--warmup-set", "eval.max_new_tokens=16"]
+            "--warmup-set", "eval.max_prompts=1", "--warmup-set", "eval.samples=2",
+            "--warmup-set", "eval.max_new_tokens=16"]
     code, printed, err = _compare_process(argv)
     assert code == 0, err[-3000:]
     assert "[compare] 2 processes on" in printed
     import re
 
     trained = re.findall(r"^\[compare( worker 2)?\] run \d/2: (\w+) seed 1 -> ", printed, flags=re.M)
-    assert sorted(trained) == [("", "dapo"), (" worker 2", "real")] or sorted(trained) == [("", "real"), (" worker 2", "dapo")]
+    assert (sorted(trained) == [("", "dapo"), (" worker 2", "real")]
+            or sorted(trained) == [("", "real"), (" worker 2", "dapo")])
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["losses"]) == ["real", "dapo"] and [p["label"] for p in summary["paired"]][0] == "dapo"
 
@@ -346,7 +351,8 @@ def test_saved_config_check_names_the_changed_settings(tmp_path):
     check_saved_config(tmp_path, load_config(None, ["optim.lr=1e-4"]))  # nothing saved yet: nothing to compare
     save_config(load_config(None, ["optim.lr=1e-4"]), tmp_path / "config.yaml")
     check_saved_config(tmp_path, load_config(None, ["optim.lr=1e-4"]))
-    with pytest.raises(ValueError, match=r"other settings \(loss.hparams.tau: None -> 0.1, optim.lr: 0.0001 -> 0.0003\)"):
+    with pytest.raises(ValueError,
+                       match=r"other settings \(loss.hparams.tau: None -> 0.1, optim.lr: 0.0001 -> 0.0003\)"):
         check_saved_config(tmp_path, load_config(None, ["optim.lr=3e-4", "loss.hparams.tau=0.1"]))
     # a setting the saved config predates (written by an older version) counts as its default, not as a change
     import yaml
@@ -440,7 +446,8 @@ def test_weight_drift_is_the_relative_distance_between_two_checkpoints(tmp_path)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     save_file({"w": torch.ones(4), "v": torch.zeros(2)}, str(tmp_path / "a" / "model.safetensors"))
-    save_file({"w": torch.tensor([1.0, 1.0, 1.0, 2.0]), "v": torch.tensor([0.0, 1.0])}, str(tmp_path / "b" / "model.safetensors"))
+    save_file({"w": torch.tensor([1.0, 1.0, 1.0, 2.0]), "v": torch.tensor([0.0, 1.0])},
+              str(tmp_path / "b" / "model.safetensors"))
     assert weight_drift(tmp_path / "a", tmp_path / "b") == pytest.approx(math.sqrt(2) / 2)
 
 

@@ -50,7 +50,8 @@ def test_a_known_difference_is_resolved_and_its_interval_holds_it():
     base = [rng.uniform(0.2, 0.8, 100) for _ in range(5)]
     y = {s: [b + rng.normal(0, 0.05, 100) for b in base] for s in (1, 2, 3)}
     # X is 5 points better on every problem, seed effects of about a point, small per-cell noise
-    x = {s: [yy + 0.05 + shift + rng.normal(0, 0.05, 100) for yy in y[s]] for s, shift in zip((1, 2, 3), (0.01, -0.01, 0.0), strict=False)}
+    x = {s: [yy + 0.05 + shift + rng.normal(0, 0.05, 100) for yy in y[s]]
+         for s, shift in zip((1, 2, 3), (0.01, -0.01, 0.0), strict=False)}
     r = paired_difference(x, y)
     assert r["n_seeds"] == 3 and r["resolved"] is True
     assert r["ci_low"] < 0.05 < r["ci_high"] and r["ci_low"] > 0

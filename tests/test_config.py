@@ -57,11 +57,13 @@ def test_bad_overrides(override, message):
     # hyperparameters the trainer sets per mini-batch itself: never silently dropped
     (["loss.name=grpo", "loss.hparams={advantages: [1.0]}"], 1,
      r"loss.hparams.advantages cannot be set: the trainer computes each mini-batch's group advantages"),
-    (["loss.hparams={normalizer: 8}"], 1, r"loss.hparams.normalizer cannot be set: the trainer sets the loss denominator"),
+    (["loss.hparams={normalizer: 8}"], 1,
+     r"loss.hparams.normalizer cannot be set: the trainer sets the loss denominator"),
     (["loss.hparams={num_groups: 8}"], 1, r"loss.hparams.num_groups cannot be set"),
     (["loss.hparams={kl_coef: 0.01, kl_target: reff}"], 1,
      r"loss.hparams: kl_target must be one of \('ref', 'old'\).*got 'reff'"),
-    (["loss.name=dapo", "loss.hparams={kl_coef: 0.01}"], 1, r"unknown hyperparameter\(s\) \['kl_coef'\] for loss 'dapo'"),
+    (["loss.name=dapo", "loss.hparams={kl_coef: 0.01}"], 1,
+     r"unknown hyperparameter\(s\) \['kl_coef'\] for loss 'dapo'"),
     (["loss.name=gspo", "loss.hparams={kl_target: old}"], 1, r"unknown hyperparameter\(s\) \['kl_target'\]"),
 ])
 def test_impossible_configs_fail_before_start(overrides, world, message):

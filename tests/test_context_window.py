@@ -14,7 +14,8 @@ HF = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2
 def test_the_rule_is_prompt_plus_new_tokens_within_max_position_embeddings():
     assert model_context(HF) == 128 and model_context({}) is None
     assert context_overflow(100, 28, HF) is None  # exactly full: allowed
-    assert context_overflow(100, 29, HF) == "100 + 29 = 129 tokens exceeds the model's context (max_position_embeddings=128)"
+    assert context_overflow(100, 29, HF) == ("100 + 29 = 129 tokens exceeds the model's context "
+                                             "(max_position_embeddings=128)")
     assert context_overflow(10**6, 10**6, {}) is None  # no stated context: no limit
 
 

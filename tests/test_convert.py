@@ -740,7 +740,8 @@ def test_views_go_file_to_file_unless_written_to(tmp_path, monkeypatch):
         assert st_io.file_region(big[1:]) is not None and st_io.file_region(big.t()) is None  # not contiguous
         assert st_io.file_region(big.double()) is None and st_io.file_region(big.clone()) is None
         blocks = [big[:1001], big[1001:1002], big[1002:]]  # row slices of one view
-        writer = st_io.SafetensorsWriter(out, [("big", big.dtype, tuple(big.shape)), ("half", half.dtype, tuple(half.shape)),
+        writer = st_io.SafetensorsWriter(out, [("big", big.dtype, tuple(big.shape)),
+                                               ("half", half.dtype, tuple(half.shape)),
                                                ("flags", flags.dtype, tuple(flags.shape)),
                                                ("touched", touched.dtype, tuple(touched.shape)),
                                                ("cast", torch.float64, tuple(big.shape))])

@@ -32,7 +32,8 @@ def test_demo_runs_every_stage_and_prints_start_and_end_pass_at_1(tmp_path):
                      r"\(4 samples of the first 30 problems per level\), <= ([0-9.]+) on the gain", out)
     assert gain, out[-3000:]
     assert float(gain.group(1)) == pytest.approx(float(match.group(2)) - float(match.group(1)), abs=2e-3)
-    assert float(gain.group(4)) == pytest.approx((float(gain.group(2)) ** 2 + float(gain.group(3)) ** 2) ** 0.5, abs=2e-3)
+    assert float(gain.group(4)) == pytest.approx((float(gain.group(2)) ** 2 + float(gain.group(3)) ** 2) ** 0.5,
+                                                 abs=2e-3)
     assert (run_dir / "real" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (run_dir / "task" / "data").iterdir()) == [
         "level1.parquet", "level2.parquet", "level3.parquet", "level4.parquet", "level5.parquet", "train.parquet",

@@ -73,7 +73,8 @@ def test_recipes_load_and_validate_against_model_shapes(recipe):
         assert (cfg.train.rollout_batch_prompts, cfg.train.mini_batch_prompts) == (128, 32)
         assert cfg.data.max_prompt_length == 1024
         assert (cfg.optim.weight_decay, cfg.optim.clip_grad) == (0.01, 1.0)
-        assert (cfg.eval.samples, cfg.eval.temperature, cfg.eval.top_p, cfg.eval.max_new_tokens) == (16, 0.6, 0.95, 8192)
+        assert ((cfg.eval.samples, cfg.eval.temperature, cfg.eval.top_p, cfg.eval.max_new_tokens)
+                == (16, 0.6, 0.95, 8192))
         assert len(cfg.data.eval_files) == 6 and cfg.data.answer_after_think
         assert cfg.model.dtype == "bfloat16"
     expected = {"real_1p5b": (2e-6, 1400), "real_7b": (1e-6, 1000)}.get(recipe)
@@ -88,7 +89,8 @@ def test_tiny_cpu_recipe_is_the_demos_rl_stage():
     from real_megatron.repro import recipe
 
     demo = Path("runs/demo")
-    assets = recipe.ChainAssets(rl_train=demo / "task/data/train.parquet", warmup_train=demo / "task/data/warmup.parquet",
+    assets = recipe.ChainAssets(rl_train=demo / "task/data/train.parquet",
+                                warmup_train=demo / "task/data/warmup.parquet",
                                 eval_files=tuple(demo / f"task/data/level{k}.parquet" for k in range(1, 6)),
                                 base_model=demo / "task/base_model")
     want = load_config(None, recipe.rl_overrides(assets, init_dir=demo / "warmup/hf", run_dir=Path("runs/tiny_cpu"),
@@ -274,7 +276,8 @@ def test_slurm_flags_are_required(tmp_path, capsys):
                         "--dryrun"]) == 2
     assert "--ssh-host" in capsys.readouterr().err
     # a LocalTunnel copies nothing: sbatch finds the script only in NeMo-Run's experiment directory
-    assert launch.main(["--recipe", "real_7b", *slurm_flags(tmp_path), "--job-dir", str(tmp_path / "x"), "--dryrun"]) == 2
+    assert launch.main(["--recipe", "real_7b", *slurm_flags(tmp_path), "--job-dir", str(tmp_path / "x"),
+                        "--dryrun"]) == 2
     assert "NEMORUN_HOME" in capsys.readouterr().err
     assert launch.main(["--dryrun"]) == 2
     assert "--recipe" in capsys.readouterr().err

@@ -128,7 +128,8 @@ def direct_real_loss(s, positive, gids, tau, variant):
         if not pos or not neg:
             continue
         if variant == "real":
-            total += math.log(1 + sum(math.exp(-x / tau) for x in pos)) + math.log(1 + sum(math.exp(x / tau) for x in neg))
+            total += (math.log(1 + sum(math.exp(-x / tau) for x in pos))
+                      + math.log(1 + sum(math.exp(x / tau) for x in neg)))
         elif variant == "real_no_anchor":
             total += math.log(1 + sum(math.exp((j - i) / tau) for j in neg for i in pos))
     return total / len(ids)
@@ -226,7 +227,8 @@ def test_extreme_scores_are_finite(name, magnitude):
     for dtype in (torch.float64, torch.float32):
         logp = s.to(dtype)[:, None].clone().requires_grad_(True)
         loss, metrics = policy_loss(name, logp=logp, old_logp=torch.zeros_like(logp), mask=torch.ones_like(logp),
-                                    rewards=torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0]), group_ids=torch.zeros(5, dtype=torch.long))
+                                    rewards=torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0]),
+                                    group_ids=torch.zeros(5, dtype=torch.long))
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(logp.grad).all(), (name, dtype)
         assert loss.item() > 1000  # the anti-confident members dominate: a real, large loss

@@ -1,4 +1,5 @@
-"""Megatron glue, single process: log-probs/entropy, layout validation, Llama/Qwen2 build (plans and packed rows: test_packing.py)."""
+"""Megatron glue, single process: log-probs/entropy, layout validation, Llama/Qwen2 build
+(plans and packed rows: test_packing.py)."""
 from __future__ import annotations
 
 import sys
@@ -92,7 +93,8 @@ def test_impossible_layout_fails_before_any_process_group(monkeypatch):
         dist.destroy_process_group()
     monkeypatch.setenv("WORLD_SIZE", "2")
     already = dist.is_initialized()
-    with pytest.raises(LayoutError, match=r"parallel.tp=3 does not divide num_attention_heads=4.*valid choices: \[1, 2\]"):
+    with pytest.raises(LayoutError,
+                       match=r"parallel.tp=3 does not divide num_attention_heads=4.*valid choices: \[1, 2\]"):
         initialize_parallel(tp=3, hf_config=TINY_QWEN2)
     with pytest.raises(LayoutError, match=r"parallel.pp=3 does not divide num_hidden_layers=4"):
         initialize_parallel(pp=3, hf_config=TINY_QWEN2)
@@ -134,7 +136,8 @@ def test_non_finite_step_is_skipped_and_weights_untouched():
     full = fixed_full_state_dict(TINY_QWEN2)
     full["decoder.layers.1.mlp.linear_fc2.weight"][0, 0] = float("inf")
     load_full_state_dict(chunks[0], full)
-    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=0.1), loss=build_loss("real"), max_tokens_per_micro_batch=128)
+    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=0.1), loss=build_loss("real"),
+                            max_tokens_per_micro_batch=128)
     result = policy.train_step(fixed_samples())
     assert result["skipped"] == 1.0
     after = gather_full_state_dict(chunks[0])

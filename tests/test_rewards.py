@@ -89,7 +89,8 @@ def test_every_benchmark_ground_truth_rewards_itself():
 
 def test_dapo_sample_ground_truths_reward_themselves():
     sample = _dapo_sample()
-    failures = [(r.row, r.ground_truth) for r in sample if math_reward(f"\\boxed{{{r.ground_truth}}}", r.ground_truth) != 1.0]
+    failures = [(r.row, r.ground_truth) for r in sample
+                if math_reward(f"\\boxed{{{r.ground_truth}}}", r.ground_truth) != 1.0]
     assert failures == [k[1:] for k in KNOWN_UNVERIFIABLE if k[0] == "dapo-math-17k"], failures
 
 

@@ -32,7 +32,8 @@ GREEDY = SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=12, seed=0) 
 def perturbed(state: dict, seed: int, scale: float = 0.5) -> dict[str, torch.Tensor]:
     """Clearly different weights (greedy outputs change), same names and shapes."""
     gen = torch.Generator().manual_seed(seed)
-    return {k: v + scale * v.float().std().clamp_min(1e-2) * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+    return {k: v + scale * v.float().std().clamp_min(1e-2) * torch.randn(v.shape, generator=gen)
+            for k, v in state.items()}
 
 
 def buckets_of(state: dict, bucket_bytes: int = 64 << 10) -> list[list[tuple[str, torch.Tensor]]]:

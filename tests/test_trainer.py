@@ -305,6 +305,7 @@ def test_distributed_optimizer_resume_matches_an_uninterrupted_run(assets, tmp_p
         for key in a:
             assert close(a[key], b[key]), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
     assert res_rows[-1]["train/skipped_steps"] == 0
-    want, got = load_file(reference / "hf_final" / "model.safetensors"), load_file(split / "hf_final" / "model.safetensors")
+    want, got = (load_file(reference / "hf_final" / "model.safetensors"),
+                 load_file(split / "hf_final" / "model.safetensors"))
     for name, tensor in want.items():
         assert torch.isfinite(got[name]).all() and torch.allclose(got[name], tensor, rtol=1e-6, atol=1e-7), name

@@ -27,7 +27,8 @@ class HFCheckpoint:
     def __init__(self, hf_dir: str | Path):
         self.dir = Path(hf_dir)
         if not self.dir.is_dir():
-            raise ConversionError(f"{self.dir}: not a directory; pass a HF model directory (config.json + *.safetensors)")
+            raise ConversionError(f"{self.dir}: not a directory; "
+                                  "pass a HF model directory (config.json + *.safetensors)")
         self.config = read_config(self.dir)
         index = self.dir / INDEX
         if index.is_file():
@@ -72,7 +73,8 @@ class HFCheckpoint:
             fname = self.weight_map.get(name)
             if fname is None:
                 raise ConversionError(f"{self.dir}: tensor {name!r} is missing from the checkpoint (config.json "
-                                      f"implies it); the checkpoint is incomplete or config.json belongs to another model")
+                                      "implies it); the checkpoint is incomplete or config.json belongs to "
+                                      "another model")
             reader = self._reader(fname)
             if name not in reader:
                 raise ConversionError(f"{self.dir / fname}: tensor {name!r} is listed in {INDEX} but not in the file; "

@@ -82,7 +82,8 @@ class PolicyLoss:
             raise ValueError(f"{key} cannot be set: {self.PER_CALL[key]}")
         unknown = sorted(set(hparams) - set(self.DEFAULTS))
         if unknown:
-            raise ValueError(f"unknown hyperparameter(s) {unknown} for loss {name!r}; accepted: {sorted(self.DEFAULTS)}")
+            raise ValueError(f"unknown hyperparameter(s) {unknown} for loss {name!r}; "
+                             f"accepted: {sorted(self.DEFAULTS)}")
         self.name = name
         self.hp = {**self.DEFAULTS, **hparams}
         self._check()

@@ -174,7 +174,8 @@ class RealLoss(PolicyLoss):
                                                           self.hp["include_uniform_groups"], log_w)
         return per_group, contributing
 
-    def denominator(self, num_groups: int, num_contributing: int, *, normalizer=None, num_groups_override=None) -> float:
+    def denominator(self, num_groups: int, num_contributing: int, *, normalizer=None,
+                    num_groups_override=None) -> float:
         check_denominator(normalizer, "normalizer")
         check_denominator(num_groups_override, "num_groups")
         if num_groups_override is not None and self.hp["group_norm"] != "all_groups":

@@ -175,11 +175,13 @@ def plan_micro_batches(samples: list[Sample], *, dp_size: int, max_tokens_per_mi
     groups = _groups_in_order(samples, indices)
     cap = max_rollouts_per_micro_batch
     if not sequence_level_groups:
-        mode, reason = "additive", "the loss is a sum over tokens/rollouts: any split is exact with the mini-batch's advantages and denominator"
+        mode, reason = "additive", ("the loss is a sum over tokens/rollouts: any split is exact with the "
+                                    "mini-batch's advantages and denominator")
     elif force_exact:
         mode, reason = "exact", "exact mode requested"
     elif len(groups) < dp_size:
-        mode, reason = "exact", f"{len(groups)} groups for {dp_size} data-parallel ranks: groups must be split across ranks"
+        mode, reason = "exact", (f"{len(groups)} groups for {dp_size} data-parallel ranks: "
+                                 "groups must be split across ranks")
     elif max(sum(size[i] for i in g) for g in groups) > budget:
         g = max(groups, key=lambda g: sum(size[i] for i in g))
         mode, reason = "exact", (f"a group of {len(g)} rollouts takes {sum(size[i] for i in g)} positions, more than "

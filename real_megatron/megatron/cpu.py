@@ -13,7 +13,8 @@ megatron-core assumes CUDA in a handful of places that the CPU path reaches:
 ``current_device`` returns ``"cpu"``, the CUDA RNG calls act on the CPU generator (the tracker
 saves and restores around its own use, so the default stream is left as it was), ``synchronize``
 is a no-op, and a ``TorchFunctionMode`` rewrites ``device="cuda"`` arguments of tensor factories
-and ``Tensor.cuda()`` to the CPU, and makes ``Tensor.type()`` report the CUDA type name. It is a no-op when CUDA is available, so GPU runs are untouched.
+and ``Tensor.cuda()`` to the CPU, and makes ``Tensor.type()`` report the CUDA type name. It is a
+no-op when CUDA is available, so GPU runs are untouched.
 Nothing else in the project patches torch or megatron.
 """
 from __future__ import annotations

@@ -89,7 +89,8 @@ class ChainProblem:
     def solution(self) -> str:
         """The reference response: one ``a<op>b=c`` line per step, then ``\\boxed{answer}``."""
         values = self.values()
-        lines = [f"{a}{op}{b}={c}" for a, (op, b), c in zip(values, self.steps, values[1:], strict=False)]  # values has one more
+        # values has one more
+        lines = [f"{a}{op}{b}={c}" for a, (op, b), c in zip(values, self.steps, values[1:], strict=False)]
         return "\n".join(lines + [f"\\boxed{{{values[-1]}}}"])
 
 

@@ -126,7 +126,8 @@ def _parse_sets(items: list[str], labels: list[str]) -> tuple[list[str], dict[st
             if label not in labels:
                 raise CompareError(f"--set {label}:{item}: {label!r} is not a run label of this comparison {labels}")
         if key.strip() in RESERVED_KEYS:
-            raise CompareError(f"--set {item}: {key} is set by compare for every run (reserved: {list(RESERVED_KEYS)}); "
+            raise CompareError(f"--set {item}: {key} is set by compare for every run "
+                               f"(reserved: {list(RESERVED_KEYS)}); "
                                "choose the losses with --losses and the seeds with --seeds")
         (per_label.setdefault(label, []) if label else common).append(item)
     return common, per_label
@@ -277,7 +278,8 @@ def _measure_update_sizes(policy, chunks) -> bool:
         result = inner(samples)
         if isinstance(result, dict) and UPDATE_SIZE_KEY not in result:
             with torch.no_grad():
-                delta = sum(float((p.detach().double() - b.double()).pow(2).sum()) for p, b in zip(params, before, strict=True))
+                delta = sum(float((p.detach().double() - b.double()).pow(2).sum())
+                            for p, b in zip(params, before, strict=True))
                 norm = sum(float(b.double().pow(2).sum()) for b in before)
             result[UPDATE_SIZE_KEY] = math.sqrt(delta / norm) if norm > 0 else 0.0
         return result
@@ -440,7 +442,8 @@ def run_comparison(args) -> int:
                                                   for c in plan.cells))
         for i, spec in enumerate(specs, 1):
             extra = " ".join(spec.overrides)
-            print(f"[compare]   {i}. {spec.label} seed {spec.seed} -> {spec.run_dir(out)}{'  ' + extra if extra else ''}")
+            print(f"[compare]   {i}. {spec.label} seed {spec.seed} -> {spec.run_dir(out)}"
+                  f"{'  ' + extra if extra else ''}")
         print(f"[compare] final evaluation: {'all' if not f['problems'] else f['problems']} problems per level x "
               f"{f['samples']} samples (temperature {f['temperature']:g}, top-p {f['top_p']:g}), the warm-up's too")
         return 0
@@ -514,8 +517,8 @@ def run_comparison(args) -> int:
         torch.set_num_threads(1)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         for k in range(2, args.jobs + 1):
-            workers.append(subprocess.Popen([sys.executable, "-m", "real_megatron", "compare", *args.argv, "--jobs", "1",
-                                             "--worker", str(k)], env=env))
+            workers.append(subprocess.Popen([sys.executable, "-m", "real_megatron", "compare", *args.argv,
+                                             "--jobs", "1", "--worker", str(k)], env=env))
         print(f"[compare] {args.jobs} processes on {out}, one CPU thread each (workers: "
               f"{', '.join(str(w.pid) for w in workers)})", flush=True)
     deferred = []
@@ -581,8 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for the warm-up (repeatable)")
     parser.add_argument("--final-samples", type=int, default=FINAL_EVAL_SAMPLES,
-                        help=f"samples per problem in each run's final evaluation (default {FINAL_EVAL_SAMPLES}: standard "
-                             "error <= 0.5 points over 5 levels x 100 problems)")
+                        help=f"samples per problem in each run's final evaluation (default {FINAL_EVAL_SAMPLES}: "
+                             "standard error <= 0.5 points over 5 levels x 100 problems)")
     parser.add_argument("--final-problems", type=int, default=0,
                         help="first N held-out problems per level in the final evaluation (default 0: all)")
     parser.add_argument("--preset", choices=("stress",), default=None,

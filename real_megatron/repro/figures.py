@@ -86,7 +86,8 @@ def plot_weights(out: Path, *, tau: float = 0.5, c: float = 4.0, clip_eps: float
 
 
 def main_plot_weights(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="real-megatron plot-weights", description="Figure 1 of the paper: gradient weight |W| vs s")
+    parser = argparse.ArgumentParser(prog="real-megatron plot-weights",
+                                     description="Figure 1 of the paper: gradient weight |W| vs s")
     parser.add_argument("--out", type=Path, default=Path("runs/figure1_gradient_weights.png"))
     parser.add_argument("--tau", type=float, default=0.5)
     parser.add_argument("--c", type=float, default=4.0, help="C+ = C- of Eq. 9 (integer >= 1)")

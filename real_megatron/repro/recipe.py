@@ -97,7 +97,8 @@ def _common(assets: ChainAssets, seed: int) -> list[str]:
             f"train.max_tokens_per_micro_batch={MICRO_BATCH_TOKENS}"]
 
 
-def warmup_overrides(assets: ChainAssets, *, run_dir: Path, steps: int = WARMUP_STEPS, seed: int = TASK_SEED) -> list[str]:
+def warmup_overrides(assets: ChainAssets, *, run_dir: Path, steps: int = WARMUP_STEPS,
+                     seed: int = TASK_SEED) -> list[str]:
     """``real-megatron sft`` settings of the warm-up (cross-entropy on the easy levels' reference solutions)."""
     return _common(assets, seed) + [
         f"run_dir={run_dir}", f"model.hf_dir={assets.base_model}", f"data.train_files=[{assets.warmup_train}]",

@@ -170,7 +170,8 @@ def paired_difference(x: Mapping[int, Rates], y: Mapping[int, Rates] | Rates, *,
     n_seeds, n_levels = len(seeds), len(diffs[0])
     per_seed = np.array([np.mean([np.mean(level) for level in d]) for d in diffs])
     mean = float(per_seed.mean())
-    out = {"mean_diff": mean, "n_seeds": n_seeds, "per_seed": {int(s): float(v) for s, v in zip(seeds, per_seed, strict=True)},
+    out = {"mean_diff": mean, "n_seeds": n_seeds,
+           "per_seed": {int(s): float(v) for s, v in zip(seeds, per_seed, strict=True)},
            "ci_low": None, "ci_high": None, "resolved": False, "se": None, "se_seeds": None, "se_problems": None,
            }
     if n_seeds < 2:

@@ -123,7 +123,8 @@ def weight_drift(initial_dir: Path, final_dir: Path) -> float:
     """‖θ_final − θ_initial‖ / ‖θ_initial‖ over every tensor of two HF checkpoints (``model.safetensors``)."""
     from safetensors.torch import load_file
 
-    a, b = load_file(str(Path(initial_dir) / "model.safetensors")), load_file(str(Path(final_dir) / "model.safetensors"))
+    a, b = (load_file(str(Path(initial_dir) / "model.safetensors")),
+            load_file(str(Path(final_dir) / "model.safetensors")))
     if set(a) != set(b):
         raise ValueError(f"{initial_dir} and {final_dir} hold different tensors")
     diff = sum(float((b[k].double() - a[k].double()).pow(2).sum()) for k in a)
@@ -202,7 +203,8 @@ def stress_markdown(summary: dict) -> str:
         "| clipped | top 1 % neg / pos | ‖Δθ‖/‖θ‖ per step | drift | reward 0 from |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell in summary["cells"]:
-        head = f"{cell['updates']} upd, lr {cell['lr']:g}" + (f", stale {cell['staleness']}" if cell["staleness"] else "")
+        head = (f"{cell['updates']} upd, lr {cell['lr']:g}"
+                + (f", stale {cell['staleness']}" if cell["staleness"] else ""))
         for label, row in cell["losses"].items():
             d = row["dynamics"]
             p = row["vs_real"]
@@ -230,7 +232,8 @@ def stress_markdown(summary: dict) -> str:
         fe = cell.get("final_eval")
         if fe:
             lines += ["", f"Final evaluations of cell {cell['cell']}: standard error {fe['standard_error_mean']:.2f} "
-                      f"points on average (max {fe['standard_error_max']:.2f}, bound {fe['standard_error_bound']:.2f}); "
+                      f"points on average (max {fe['standard_error_max']:.2f}, "
+                      f"bound {fe['standard_error_bound']:.2f}); "
                       f"start (warm-up, one evaluation) {100 * cell['start']['average']['mean']:.1f}."]
             break
     for cell in summary["cells"]:
@@ -263,7 +266,8 @@ def plot_stress(summary: dict, out: Path) -> Path:
     xs = list(range(len(cells)))
     for ax, (title, get, _) in zip(axes.flat, panels, strict=False):
         for i, label in enumerate(labels):
-            pts = [(x, get(cell["losses"][label])) for x, cell in zip(xs, cells, strict=True) if label in cell["losses"]]
+            pts = [(x, get(cell["losses"][label])) for x, cell in zip(xs, cells, strict=True)
+                   if label in cell["losses"]]
             pts = [(x, s) for x, s in pts if s]
             if not pts:
                 continue

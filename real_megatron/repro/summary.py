@@ -103,7 +103,8 @@ def _points(d: dict) -> dict:
             "se": scale(d["se"]), "se_seeds": scale(d["se_seeds"]), "se_problems": scale(d["se_problems"])}
 
 
-def paired_table(final_evals: dict[str, dict[int, dict]], start_eval: dict | None, *, reference: str = "real") -> list[dict]:
+def paired_table(final_evals: dict[str, dict[int, dict]], start_eval: dict | None, *,
+                 reference: str = "real") -> list[dict]:
     """Every label against ``reference`` (when it has final evaluations), then every label against the start."""
     from real_megatron.repro.final_eval import level_rates
 

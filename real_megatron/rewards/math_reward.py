@@ -24,7 +24,8 @@ from real_megatron.data.prompts import ground_truth_candidates
 MAX_ANSWER_CHARS = 1000
 
 # Same idea for nesting: math-verify's LaTeX parser slows down sharply with depth (400 nested braces
-# run past a 1.5 s deadline), while the deepest ground truth in the shipped data (DAPO-Math-17k included) nests 3 levels.
+# run past a 1.5 s deadline), while the deepest ground truth in the shipped data (DAPO-Math-17k
+# included) nests 3 levels.
 MAX_BRACE_DEPTH = 32
 
 THINK_END = "</think>"
@@ -51,7 +52,8 @@ def last_boxed_answer(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``, or ``\\boxed 5``) in ``text``.
 
     The last box command decides: when its braces never close (a truncated response) or nest deeper
-    than MAX_BRACE_DEPTH the result is None rather than an earlier box. Escaped braces ``\\{`` ``\\}`` do not count for nesting.
+    than MAX_BRACE_DEPTH the result is None rather than an earlier box. Escaped braces ``\\{`` ``\\}``
+    do not count for nesting.
     """
     start = max(text.rfind(cmd) for cmd in _BOX_COMMANDS)
     if start < 0:

@@ -71,7 +71,8 @@ class RolloutEngine:
     def memory_tags(self) -> list[str]:
         """What ``release_memory`` can free while the trainer trains (e.g. ``["weights", "kv_cache"]``); the
         trainer resumes ``"weights"`` first, the rest after the weight sync."""
-        raise NotImplementedError(f"{type(self).__name__} does not release memory; set rollout.sglang_release_memory=false")
+        raise NotImplementedError(f"{type(self).__name__} does not release memory; "
+                                  "set rollout.sglang_release_memory=false")
 
     def release_memory(self, tags: Sequence[str] | None = None) -> None:
         """Free the memory of ``tags`` (all: None) until ``resume_memory``."""

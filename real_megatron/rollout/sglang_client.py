@@ -279,7 +279,8 @@ class SGLangServer:
             token_ids = out.get("output_ids")
             raw_lp = meta.get("output_token_logprobs")
         except (KeyError, AttributeError, TypeError) as err:
-            raise SGLangError(f"SGLang {self.name} /generate output {j} is malformed ({err!r}): {str(out)[:500]}") from err
+            raise SGLangError(f"SGLang {self.name} /generate output {j} is malformed ({err!r}): "
+                              f"{str(out)[:500]}") from err
         if ftype == "abort":
             raise SGLangError(f"SGLang {self.name} aborted output {j}: {finish.get('message', finish)}")
         if token_ids is None:
@@ -293,7 +294,8 @@ class SGLangServer:
             logprobs = [float(entry[0]) if entry[0] is not None else math.nan for entry in raw_lp]
             if len(logprobs) != len(token_ids):
                 logprobs = None
-        if ftype == "stop" and isinstance(finish.get("matched"), int) and (not token_ids or token_ids[-1] != finish["matched"]):
+        if (ftype == "stop" and isinstance(finish.get("matched"), int)
+                and (not token_ids or token_ids[-1] != finish["matched"])):
             token_ids.append(int(finish["matched"]))  # keep the EOS the loss needs; no log-prob for it
             logprobs = None
         reason = {"stop": "stop", "length": "length"}.get(ftype, str(ftype))

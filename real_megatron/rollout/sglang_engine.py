@@ -106,7 +106,8 @@ class SGLangEngine(RolloutEngine):
                 raise ValueError(f"prompt {i}: token ids must be a non-empty list of non-negative ints")
         if self._closed:
             raise SGLangError("SGLangEngine is closed; cannot generate")
-        ranges = {id(s): r for s, r in zip(self.servers, split_prompts(len(prompt_token_ids), len(self.servers)), strict=True)}
+        ranges = {id(s): r for s, r in zip(self.servers, split_prompts(len(prompt_token_ids), len(self.servers)),
+                                           strict=True)}
         servers = [s for s in self.servers if len(ranges[id(s)])]
         results = on_each(servers, lambda s: s.generate(
             [prompt_token_ids[i] for i in ranges[id(s)]], n, sampling, first_prompt=ranges[id(s)].start))

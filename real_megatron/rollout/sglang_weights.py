@@ -252,7 +252,8 @@ def push_weights(servers: Sequence[SGLangServer], buckets: Iterable[Bucket], sen
             bucket = list(bucket)
             names = [n for n, _ in bucket]
             if len(set(names)) != len(names):
-                raise ValueError(f"a weight bucket names a tensor twice: {sorted(n for n in names if names.count(n) > 1)}")
+                raise ValueError("a weight bucket names a tensor twice: "
+                                 f"{sorted(n for n in names if names.count(n) > 1)}")
             sender.send(bucket, version)
             stats["buckets"] += 1
             stats["bytes"] += bucket_nbytes(bucket)

@@ -50,13 +50,15 @@ def main() -> None:
     errors = {}
     kl_cases = [("real", {"kl_coef": 0.3}), ("real", {"kl_coef": 0.3, "kl_target": "old"}),
                 ("real_bce", {"kl_coef": 0.3}), ("grpo", {"kl_coef": 0.3})]
-    for loss, hparams in [(name, {}) for name in ("real", "real_bce", "real_no_anchor", "gspo", "grpo", "dapo")] + kl_cases:
+    for loss, hparams in ([(name, {}) for name in ("real", "real_bce", "real_no_anchor", "gspo", "grpo", "dapo")]
+                          + kl_cases):
         batch = ref_batch if hparams else plain_batch
         def context(cp_size, cp_group, loss=loss, hparams=hparams):
             return LossContext(loss=build_loss(loss, hparams), temperature=0.7, vocab_size=vocab, rewards=rewards,
                                group_ids=group_ids,
                                normalizer=loss_normalizer(loss, mask=resp_mask, rewards=rewards, group_ids=group_ids),
-                               advantages=group_advantages(rewards, group_ids) if loss in ("grpo", "dapo", "gspo") else None,
+                               advantages=(group_advantages(rewards, group_ids) if loss in ("grpo", "dapo", "gspo")
+                                           else None),
                                weights=None, scale=1.0, cp_group=cp_group, cp_size=cp_size)
 
         full = logits_full.clone().requires_grad_(True)

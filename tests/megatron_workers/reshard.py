@@ -70,7 +70,8 @@ def run_job(job: dict, hf: dict) -> dict:
             policy.optimizer = optimizer
         # every parameter's Adam step after the load: its value, and whether it is its own tensor
         steps = [s["step"] for inner in inner_optimizers(optimizer) for s in inner.state.values()]
-        loaded_steps = {"values": sorted({float(s) for s in steps}), "distinct": len({id(s) for s in steps}) == len(steps)}
+        loaded_steps = {"values": sorted({float(s) for s in steps}),
+                        "distinct": len({id(s) for s in steps}) == len(steps)}
     losses, grad_norms = {}, {}
     for step in range(start, int(job["steps"])):
         if job.get("save") and step == int(job["save_at"]):

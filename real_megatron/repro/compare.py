@@ -448,7 +448,8 @@ def run_comparison(args) -> int:
               f"{f['samples']} samples (temperature {f['temperature']:g}, top-p {f['top_p']:g}), the warm-up's too")
         return 0
     settings = {"preset": args.preset or "", "losses": args.losses, "seeds": args.seeds, "steps": args.steps,
-                "tau": args.tau if args.tau is not None else "", "variant": list(args.variant), "warmup_steps": args.warmup_steps,
+                "tau": args.tau if args.tau is not None else "", "variant": list(args.variant),
+                "warmup_steps": args.warmup_steps,
                 "final_samples": args.final_samples, "final_problems": args.final_problems or "all",
                 "set": list(args.set), "warmup_set": list(args.warmup_set)}
     if plan.cells is not None:

@@ -79,18 +79,28 @@ class EngineProcess(RolloutEngine):
             raise RolloutEngineError(f"the {name} process could not start: {detail}")
         log.info("%s: process %d (generates beside training)", name, self._proc.pid)
 
+    def _died(self, err: BaseException) -> RolloutEngineError:
+        self._proc.join(timeout=1)  # its exit code, when it is gone
+        return RolloutEngineError(f"the {self.name} process died (exit code {self._proc.exitcode}); its log is above "
+                                  f"({type(err).__name__})")
+
+    def _send(self, message) -> None:
+        try:
+            self._conn.send(message)
+        except (EOFError, OSError) as err:  # a broken pipe: the process is gone (a send can fail before a receive)
+            raise self._died(err) from err
+
     def _receive(self):
         try:
             return self._conn.recv()
         except (EOFError, OSError) as err:
-            raise RolloutEngineError(f"the {self.name} process died (exit code {self._proc.exitcode}); "
-                                     "its log is above") from err
+            raise self._died(err) from err
 
     def _call(self, method: str, args):
         with self._lock:
             if self._closed:
                 raise RolloutEngineError(f"the {self.name} process is closed")
-            self._conn.send((method, args))
+            self._send((method, args))
             status, result = self._receive()
         if status != "ok":
             raise RolloutEngineError(f"{self.name}: {result}")
@@ -103,8 +113,8 @@ class EngineProcess(RolloutEngine):
         with self._lock:  # the whole update is one call: no generation sees half of it
             for bucket in buckets:
                 # copies: the trainer's tensors (often views of Megatron's buffers) never move to shared memory
-                self._conn.send(("bucket", [(name, tensor.detach().clone()) for name, tensor in bucket]))
-            self._conn.send(("commit", None))
+                self._send(("bucket", [(name, tensor.detach().clone()) for name, tensor in bucket]))
+            self._send(("commit", None))
             status, result = self._receive()
         if status != "ok":
             raise RolloutEngineError(f"{self.name}: {result}")

@@ -483,24 +483,3 @@ def test_stress_summary_markdown_and_figure_on_hand_made_runs(tmp_path):
 def test_help_names_the_stress_preset():
     text = build_parser().format_help()
     assert "--preset {stress}" in text and "--cells" in text and "--dry-run" in text
-
-
-def test_every_compare_command_in_the_results_doc_plans_with_dry_run(tmp_path, monkeypatch, capsys):
-    """docs/results.md's commands, as written plus --dry-run (every run's config built and validated, the plan
-    printed, nothing written); the micro comparison above runs both modes end to end at the smallest size."""
-    import re
-    import shlex
-    from pathlib import Path
-
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text()
-    commands = [line.strip() for block in re.findall(r"```(?:bash)?\n(.*?)```", doc, flags=re.S)
-                for line in block.splitlines() if re.match(r"\s*(\.venv/bin/)?real-megatron compare", line)]
-    assert len(commands) >= 2 and any("--preset stress" in c for c in commands), commands
-    monkeypatch.chdir(tmp_path)
-    for command in commands:
-        argv = shlex.split(command.split("#")[0])
-        assert argv[1] == "compare"
-        assert compare_main([*argv[2:], "--dry-run"]) == 0, command
-        printed = capsys.readouterr().out
-        assert "[compare] dry run:" in printed and "final evaluation: all problems per level x 20 samples" in printed
-    assert list(tmp_path.iterdir()) == []  # nothing written

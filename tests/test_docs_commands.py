@@ -225,6 +225,11 @@ RUNNERS: dict[str, Runner] = {
         Runner(expect="real_1p5b.launch.yaml"),
     "make sglang-env": Runner(extra="-n", expect="tests/sglang_env/build.sh",
                               why="make's dry run: the build takes ~10 min once, and `make test` runs it"),
+    # --- docs/results.md: hours of CPU each; the plan is every run's config built and validated
+    ".venv/bin/real-megatron compare --out runs/compare":
+        Runner(extra="--dry-run", expect="[compare] dry run: 18 runs", why="hours of CPU: the plan, nothing written"),
+    ".venv/bin/real-megatron compare --preset stress --losses real,grpo,dapo --out runs/compare":
+        Runner(extra="--dry-run", expect="[compare] dry run: 48 runs", why="hours of CPU: the plan, nothing written"),
     # --- docs/testing.md
     ".venv/bin/ruff check .": Runner(where="repo"),
     '.venv/bin/python -m pytest -q -m "not slow"': Runner(extra="--collect-only", where="repo"),

@@ -230,6 +230,11 @@ RUNNERS: dict[str, Runner] = {
         Runner(extra="--dry-run", expect="[compare] dry run: 18 runs", why="hours of CPU: the plan, nothing written"),
     ".venv/bin/real-megatron compare --preset stress --losses real,grpo,dapo --out runs/compare":
         Runner(extra="--dry-run", expect="[compare] dry run: 48 runs", why="hours of CPU: the plan, nothing written"),
+    ".venv/bin/real-megatron compare --losses real --out runs/compare --variant real_s1=real "
+    "--set real_s1:train.max_staleness=1 --variant real_s1_trunc=real --set real_s1_trunc:train.max_staleness=1 "
+    "--set real_s1_trunc:loss.hparams.behaviour_correction=truncate --variant real_s2=real "
+    "--set real_s2:train.max_staleness=2":
+        Runner(extra="--dry-run", expect="[compare] dry run: 12 runs", why="hours of CPU: the plan, nothing written"),
     # --- docs/testing.md
     ".venv/bin/ruff check .": Runner(where="repo"),
     '.venv/bin/python -m pytest -q -m "not slow"': Runner(extra="--collect-only", where="repo"),

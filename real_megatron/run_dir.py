@@ -32,7 +32,8 @@ from pathlib import Path
 from real_megatron.config import ConfigError, RunConfig, config_to_dict
 
 RUN_FILE = "run.json"
-JOBS = ("train", "sft")
+TRAIN_JOB, SFT_JOB = "train", "sft"  # the commands that own run directories (not loss names)
+JOBS = (TRAIN_JOB, SFT_JOB)
 # settings a resumed ``train`` may change; everything else is compared with the checkpoint's
 SAFE_TO_CHANGE = ("run_dir", "train.steps", "train.eval_every", "train.save_every", "train.max_tokens_per_micro_batch",
                   "train.micro_batch_rollouts", "eval.", "data.eval_files", "logging.", "parallel.",
@@ -92,9 +93,9 @@ def owner_of(run_dir: Path) -> str | None:
     if record is not None:
         return record["job"]
     if (run_dir / "checkpoints").exists():
-        return "train"
+        return TRAIN_JOB
     if (run_dir / "hf").exists():
-        return "sft"
+        return SFT_JOB
     return None
 
 
@@ -165,7 +166,7 @@ def check_run_dir(cfg: RunConfig, job: str) -> str:
     if owner is not None and owner != job:
         raise ConfigError(f"run_dir={run_dir} is a `real-megatron {owner}` run directory; `real-megatron {job}` "
                           f"never writes into it. Give {job} a new run_dir")
-    if job == "sft":
+    if job == SFT_JOB:
         if (run_dir / "hf").exists():
             raise ConfigError(f"run_dir={run_dir} already holds a finished SFT model ({run_dir / 'hf'}); give a new "
                               "run_dir, or delete that directory to train it again")

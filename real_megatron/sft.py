@@ -33,8 +33,9 @@ def _solution(record) -> str:
 def run_sft(cfg) -> int:
     """``real-megatron sft`` on a loaded config: the run's parts with the cross-entropy loss, then the loop."""
     from real_megatron.losses import SFTLoss
+    from real_megatron.run_dir import SFT_JOB
 
-    parts = build_parts(cfg, SFTLoss(), job="sft", sampler_batch=cfg.train.mini_batch_prompts)
+    parts = build_parts(cfg, SFTLoss(), job=SFT_JOB, sampler_batch=cfg.train.mini_batch_prompts)
     try:
         return _sft_loop(cfg, parts)
     except EngineSyncError as err:  # the engine only evaluates here; nothing is lost but the run

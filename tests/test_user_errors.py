@@ -217,7 +217,10 @@ def test_a_failed_first_rollout_step_leaves_a_directory_the_fixed_command_uses(a
 
 def test_ctrl_c_during_start_up_is_one_line_and_leaves_no_directory(assets, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "real_megatron", "train", *train_args(assets, run_dir)],
+    # three rollout steps: a signal that lands in the first one stops the run after it (with one step, a slow
+    # start could let that step finish the run normally)
+    proc = subprocess.Popen([sys.executable, "-m", "real_megatron", "train",
+                             *train_args(assets, run_dir, **{"train.steps": 3})],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     # interrupt once the run has said what runs where (its parts are built; training has not begun)
     lines, deadline = [], time.monotonic() + 240

@@ -293,12 +293,15 @@ def _run_training(cfg) -> int:
 
     from real_megatron.losses import build_loss
     from real_megatron.parts import build_parts
+    from real_megatron.run_dir import NothingToDo
     from real_megatron.trainer import Trainer
 
     try:
         trainer = Trainer(build_parts(cfg, build_loss(cfg.loss.name, cfg.loss.hparams)))
         _measure_update_sizes(trainer.parts.policy, trainer.parts.chunks)
         return trainer.run()
+    except NothingToDo:  # trained to the end before it was marked done (stopped after training)
+        return 0
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -328,6 +331,15 @@ def _cpu_minutes() -> float:
 
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return (own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime) / 60
+
+
+def _drop_results(run_dir: Path) -> None:
+    """Before an unfinished run trains: remove what compare itself wrote into it (final evaluations, weight
+    drift). They are stale (redone after training), and the trainer refuses a run directory holding files
+    that are not a run's own."""
+    if run_dir.is_dir():
+        for path in [*run_dir.glob("final_eval_n*.json"), run_dir / "weight_drift.json"]:
+            path.unlink(missing_ok=True)
 
 
 def _final_eval_of(run_dir: Path, plan: Plan) -> Path:
@@ -496,6 +508,7 @@ def run_comparison(args) -> int:
                 resuming = (run_dir / "checkpoints").exists()
                 print(f"{head} -> {run_dir}{' (resuming from its checkpoint)' if resuming else ''}", flush=True)
                 t0, cpu0 = time.perf_counter(), _cpu_minutes()
+                _drop_results(run_dir)
                 code = _run_training(configs[spec])
                 minutes, cpu = (time.perf_counter() - t0) / 60, _cpu_minutes() - cpu0
                 if code != 0:

@@ -380,11 +380,12 @@ def output_hidden_states(model):
 
 def model_logprobs(model, hidden: torch.Tensor, target: torch.Tensor, *, temperature: float = 1.0,
                    vocab_size: int | None = None, with_entropy: bool = True, token_mask: torch.Tensor | None = None,
-                   chunk_tokens: int | None = None):
+                   chunk_tokens: int | None = None, vocab_block: int | None = None):
     """``fused_logprobs`` with the weight, TP group and sequence parallelism of ``model``'s output layer:
     the drop-in for ``vocab_parallel_logprobs(logits, target, tp_group=<TP group>, ...)``."""
     gpt = unwrap(model)
     layer = gpt.output_layer
     return fused_logprobs(hidden, output_weight(model), target, temperature=temperature, vocab_size=vocab_size,
                           tp_group=layer.tp_group, sequence_parallel=bool(layer.sequence_parallel),
-                          with_entropy=with_entropy, token_mask=token_mask, chunk_tokens=chunk_tokens)
+                          with_entropy=with_entropy, token_mask=token_mask, chunk_tokens=chunk_tokens,
+                          vocab_block=vocab_block)

@@ -169,7 +169,9 @@ class _FusedLinearLogProb(torch.autograd.Function):
                 if with_entropy:
                     e = bufs.extra[: x.numel()].view(x.shape)
                     torch.exp(x, out=e)
-                    tile_z, tile_zx = e.sum(1), torch.linalg.vecdot(e, x)
+                    # Σ e·(x − m) row by row as a batched dot product: linalg.vecdot would
+                    # materialise the tile-sized product on the CPU
+                    tile_z, tile_zx = e.sum(1), torch.bmm(e[:, None, :], x[:, :, None]).view(-1)
                 else:
                     tile_z, tile_zx = x.exp_().sum(1), None
                 if cm is None:

@@ -19,16 +19,19 @@ fresh process (``--child``), so no allocator cache carries over from one to the 
   vocabulary 151,936, 1,024 tokens, fused ÷ unfused: CPU time of one thread (``thread_time``, which
   other jobs on the machine do not inflate), the minimum over ``--reps`` alternating processes.
 * **Whole step**: a ``GPTModel`` of the 1.5B shapes (hidden 1,536, FFN 8,960, 12 heads / 2 KV heads,
-  vocabulary 151,936, tied embeddings, local spec, fp32) with 2 layers, one packed row of 1,024
-  tokens (4 sequences), forward + the training hook's loss (log-probs, no entropy) + backward; the
-  optimizer step is left out (it does not depend on the output layer, and leaving it out makes the
-  ratio larger, not smaller). Per-layer time = step(2 layers) − step(the same model with its second
+  vocabulary 151,936, tied embeddings, local spec, fp32) with 2 layers, one packed row of 512
+  tokens (4 sequences, each 1/8 prompt and 7/8 response), forward + the training hook's loss (mean
+  log-prob of the response tokens, no entropy) + backward. Fused as the hook is to call it:
+  ``token_mask`` = the response tokens (the only log-probs the loss reads); also measured without
+  it (every position in forward; backward still skips the g = 0 rows). The optimizer step is left
+  out (it does not depend on the output layer, and leaving it out makes the ratio larger). Per-layer time = step(2 layers) − step(the same model with its second
   layer removed from the layer list), unfused; the 28-layer step = step(2 layers) + 26 × per-layer
   time, fused and unfused. One thread, CPU time, minimum over ``--reps``.
 
 The last line printed is one JSON object: ``fused_peak_ratio`` / ``unfused_peak_ratio`` (the largest
 over the token counts, forward+backward), ``fused_fwd_peak_ratio`` / ``unfused_fwd_peak_ratio``,
-``head_time_ratio``, ``step_time_ratio`` and the measurements behind them.
+``head_time_ratio``, ``step_time_ratio`` (``step_time_ratio_no_token_mask``) and the measurements
+behind them.
 
     python benchmarks/logprob_memory.py [--reps 2] [--tokens 2048,8192,16384]
 """
@@ -128,21 +131,24 @@ def child_step(tokens: int, reps: int) -> dict:
     gpt = unwrap(model)
     g = torch.Generator().manual_seed(0)
     per = tokens // 4
-    samples = [Sample(torch.randint(1, VOCAB, (per // 4,), generator=g).tolist(),
-                      torch.randint(1, VOCAB, (per - per // 4,), generator=g).tolist(), 1.0, k) for k in range(4)]
+    # prompt 1/8 of each sequence: the recipes' prompts (≤ 1,024) are short beside their responses
+    # (up to 8,192); only response tokens carry a log-prob the loss reads
+    samples = [Sample(torch.randint(1, VOCAB, (per // 8,), generator=g).tolist(),
+                      torch.randint(1, VOCAB, (per - per // 8,), generator=g).tolist(), 1.0, k) for k in range(4)]
     batch = build_micro_batch(samples, [0, 1, 2, 3])
     mask = batch["loss_mask"] > 0
     layers = gpt.decoder.layers
 
-    def step(fused: bool, num_layers: int) -> float:
+    def step(fused: bool, num_layers: int, token_mask: bool = True) -> float:
         gpt.decoder.layers = layers if num_layers == 2 else torch.nn.ModuleList(list(layers)[:num_layers])
         model.zero_grad(set_to_none=False)
         start = time.thread_time()
-        if fused:  # the hook's training call, fused: log-probs only (the entropy is a forward-only metric)
+        if fused:  # the hook's training call, fused: log-probs only (the entropy is a forward-only metric),
+            # of the response tokens only when token_mask (else every position, and backward skips g = 0 rows)
             with output_hidden_states(model):
                 hidden = run_packed(model, batch)
             logp, _ = model_logprobs(model, hidden, batch["labels"], temperature=TEMPERATURE, vocab_size=VOCAB,
-                                     with_entropy=False)
+                                     with_entropy=False, token_mask=mask if token_mask else None)
         else:  # the hook's training call today
             logits = run_packed(model, batch)
             logp, _ = vocab_parallel_logprobs(logits, batch["labels"], temperature=TEMPERATURE, vocab_size=VOCAB,
@@ -154,21 +160,28 @@ def child_step(tokens: int, reps: int) -> dict:
         gpt.decoder.layers = layers
         return elapsed
 
-    times = {"unfused_2": [], "fused_2": [], "unfused_1": []}
+    times = {"unfused_2": [], "fused_2": [], "fused_2_no_mask": [], "unfused_1": []}
     step(False, 1)  # warm-up: first-touch of the gradient buffers, one-off allocations
     for _ in range(reps):
         times["unfused_2"].append(step(False, 2))
         times["fused_2"].append(step(True, 2))
+        times["fused_2_no_mask"].append(step(True, 2, token_mask=False))
         times["unfused_1"].append(step(False, 1))
-    return {k: min(v) for k, v in times.items()} | {"all": times, "tokens": tokens}
+    return {k: min(v) for k, v in times.items()} | {"all": times, "tokens": tokens,
+                                                     "response_fraction": float(mask.float().mean())}
 
 
 # ------------------------------------------------------------------------------------------ parent
 
+CHILD_SECONDS: dict[str, float] = {}  # wall seconds of each child process, for the record
+
+
 def run_child(*args: str, timeout: float = 900) -> dict | None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, __file__, "--child", *args]
+    began = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    CHILD_SECONDS[" ".join(args)] = round(time.perf_counter() - began, 1)
     if proc.returncode != 0:
         print(f"  child {' '.join(args)} failed (rc {proc.returncode}): {proc.stderr.strip()[-600:]}", flush=True)
         return None
@@ -186,7 +199,8 @@ def mem_available_gib() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", default="2048,8192,16384", help="token counts of the memory sweep")
-    parser.add_argument("--time-tokens", type=int, default=1024, help="tokens of the timed head and step runs")
+    parser.add_argument("--time-tokens", type=int, default=1024, help="tokens of the timed head runs")
+    parser.add_argument("--step-tokens", type=int, default=512, help="tokens of the whole-step runs (one packed row)")
     parser.add_argument("--reps", type=int, default=2, help="alternating repetitions of each timed run")
     parser.add_argument("--skip-step", action="store_true", help="leave out the whole-step measurement")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -252,17 +266,20 @@ def main() -> None:
     step = None
     step_ratio = None
     if not args.skip_step:
-        step = run_child("step", str(n), str(args.reps), timeout=1500)
+        step = run_child("step", str(args.step_tokens), str(args.reps), timeout=1500)
+    step_ratio_no_mask = None
     if step:
         per_layer = step["unfused_2"] - step["unfused_1"]
         unfused_28 = step["unfused_2"] + 26 * per_layer
         fused_28 = step["fused_2"] + 26 * per_layer
         step_ratio = fused_28 / unfused_28
-        print(f"\nstep, 1.5B shapes, {n} tokens (one thread, CPU s, min of {args.reps}): 2 layers unfused "
-              f"{step['unfused_2']:.2f}, fused {step['fused_2']:.2f}; 1 layer unfused {step['unfused_1']:.2f}; "
-              f"per layer {per_layer:.2f}")
+        step_ratio_no_mask = (step["fused_2_no_mask"] + 26 * per_layer) / unfused_28
+        print(f"\nstep, 1.5B shapes, {args.step_tokens} tokens, {step['response_fraction']:.1%} of them response "
+              f"(one thread, CPU s, min of {args.reps}): 2 layers unfused {step['unfused_2']:.2f}, fused "
+              f"{step['fused_2']:.2f} (no token mask {step['fused_2_no_mask']:.2f}); 1 layer unfused "
+              f"{step['unfused_1']:.2f}; per layer {per_layer:.2f}")
         print(f"  28 layers: unfused {unfused_28:.1f} s, fused {fused_28:.1f} s, fused / unfused = {step_ratio:.3f} "
-              f"(target <= 1.05)")
+              f"(no token mask: {step_ratio_no_mask:.3f}; target <= 1.05)")
 
     def largest(variant, mode):
         values = [row[(variant, mode)]["ratio"] for row in sweep.values() if row.get((variant, mode))]
@@ -271,13 +288,14 @@ def main() -> None:
     result = {
         "fused_peak_ratio": largest("fused", "fb"), "unfused_peak_ratio": largest("unfused", "fb"),
         "fused_fwd_peak_ratio": largest("fused", "fwd"), "unfused_fwd_peak_ratio": largest("unfused", "fwd"),
-        "head_time_ratio": head_ratio, "step_time_ratio": step_ratio,
+        "head_time_ratio": head_ratio, "step_time_ratio": step_ratio, "step_time_ratio_no_token_mask": step_ratio_no_mask,
         "peak_ratio_by_tokens": {str(t): {f"{v}_{m}": round(r["ratio"], 4) for (v, m), r in row.items() if r}
                                  for t, row in sweep.items()},
         "hidden1536_check": {f"{v}_{m}": round(r["ratio"], 4) for v, m, r in
                              [(v, "fb", rs[0]) for v, rs in head.items() if rs] +
                              [(v, "fwd", r) for v, r in fwd_check.items() if r]},
         "head_cpu_s": head_cpu, "head_tokens": n, "step": step, "seconds": round(time.perf_counter() - began, 1),
+        "child_seconds": CHILD_SECONDS,
     }
     print(json.dumps(result))
 

@@ -110,6 +110,22 @@ def test_token_mask_skips_positions_and_changes_nothing_else():
     assert worker.rel_err(dh, ref["grad/hidden"])[0] <= 1e-12 and worker.rel_err(dw, ref["grad/weight"])[0] <= 1e-12
 
 
+def test_backward_recomputes_only_tokens_with_gradient(monkeypatch):
+    # the loss reads some positions only (g = 0 elsewhere, as for prompts): backward skips those rows
+    # and the gradients are unchanged; the rows the tiles saw, forward vs backward, show the skip
+    h, w, target, coef = _op_case(torch.float64)
+    coef = coef * (torch.rand(coef.shape, generator=torch.Generator().manual_seed(8)) < 0.4)
+    live = int((coef != 0).sum())
+    assert 0 < live < coef.numel()
+    seen = []
+    real_logits = fo._Tiles.logits
+    monkeypatch.setattr(fo._Tiles, "logits", lambda self, h, w, t: seen.append(h.shape[0]) or real_logits(self, h, w, t))
+    ref = _run(False, h, w, target, coef, temperature=0.7, vocab=50)
+    got = _run(True, h, w, target, coef, temperature=0.7, vocab=50, chunk_tokens=4, vocab_block=1000)
+    assert sum(seen) == coef.numel() + live  # forward: every token; backward: only the live ones
+    assert max(_errors(got, ref).values()) <= TOL["float64"]
+
+
 def test_no_logits_sized_tensor_is_ever_created():
     # every tensor any aten op produces during forward + backward, by size: none may approach the
     # [tokens, V] logits; the largest temporaries are tiles (chunk_tokens × vocab_block)

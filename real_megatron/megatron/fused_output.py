@@ -21,9 +21,11 @@ the per-token maxima and one all-reduce(SUM) of [Σ exp, Σ exp·x, x_target] �
 ``logprobs.py`` makes, once per call instead of once per chunk. Vocabulary padding (entries ≥
 ``vocab_size``) is never multiplied at all: only the real rows of W enter the matmuls, so padded
 entries get probability 0 and a zero gradient row. Backward saves only [tokens] floats (the
-log-sum-exp) from forward; it runs vocabulary blocks outside and token chunks inside, so each
-block's ∂L/∂W rows are summed over all tokens in a block-sized buffer and written once, and ∂L/∂h
-accumulates over blocks in a [tokens, H] buffer (the returned gradient itself in fp32).
+log-sum-exp) from forward and recomputes only the tokens whose log-prob has a nonzero gradient (a
+loss that reads the response tokens gives the prompts g = 0, and their rows of G are exactly 0). It
+runs vocabulary blocks outside and token chunks inside, so each block's ∂L/∂W rows are summed over
+all tokens in a block-sized buffer and written once, and ∂L/∂h accumulates over blocks in a
+[tokens, H] buffer (the returned gradient itself in fp32).
 
 Cost: forward one matmul (logits), backward three (logits again, ∂h, ∂W) where the unfused layer
 does three in all — the recomputation is the price of not keeping softmax(x); see
@@ -215,10 +217,18 @@ class _FusedLinearLogProb(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_entropy):
         hidden, weight, target, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n = hidden.shape[0]
+        all_rows = hidden.shape[0]
         work = lse.dtype
         dev = hidden.device
         g_t = grad_logp.to(work) / ctx.temperature  # g/T per token
+        # a token whose log-prob the loss does not use (a prompt, row padding) has g = 0: its row of
+        # G is exactly 0 and adds nothing to ∂h or ∂W, so it is not recomputed at all
+        rows = None
+        live = g_t != 0
+        if not bool(live.all()):
+            rows = live.nonzero().squeeze(1)
+            hidden, target, lse, g_t = hidden.index_select(0, rows), target[rows], lse[rows], g_t[rows]
+        n = hidden.shape[0]
         neg_g_t = -g_t
         local_t = target - ctx.start
         same = hidden.dtype == work
@@ -256,6 +266,8 @@ class _FusedLinearLogProb(torch.autograd.Function):
         del bufs
         if dh is not None and not same:
             dh = dh.to(hidden.dtype)
+        if dh is not None and rows is not None:
+            dh = dh.new_zeros((all_rows, dh.shape[1])).index_copy_(0, rows, dh)
         return dh, dw, None, None, None, None, None, None, None
 
 

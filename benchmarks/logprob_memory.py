@@ -24,9 +24,11 @@ fresh process (``--child``), so no allocator cache carries over from one to the 
   log-prob of the response tokens, no entropy) + backward. Fused as the hook is to call it:
   ``token_mask`` = the response tokens (the only log-probs the loss reads); also measured without
   it (every position in forward; backward still skips the g = 0 rows). The optimizer step is left
-  out (it does not depend on the output layer, and leaving it out makes the ratio larger). Per-layer time = step(2 layers) − step(the same model with its second
-  layer removed from the layer list), unfused; the 28-layer step = step(2 layers) + 26 × per-layer
-  time, fused and unfused. One thread, CPU time, minimum over ``--reps``.
+  out (it does not depend on the output layer, and leaving it out makes the ratio larger).
+  Per-layer time: the first decoder layer alone, forward + backward on exactly the inputs the
+  model gave it (captured by a forward pre-hook), minimum of 2 × ``--reps`` runs; the 28-layer step
+  = step(2 layers) + 26 × per-layer time, fused and unfused. One thread, CPU time, minimum over
+  ``--reps``.
 
 The last line printed is one JSON object: ``fused_peak_ratio`` / ``unfused_peak_ratio`` (the largest
 over the token counts, forward+backward), ``fused_fwd_peak_ratio`` / ``unfused_fwd_peak_ratio``,
@@ -137,10 +139,8 @@ def child_step(tokens: int, reps: int) -> dict:
                       torch.randint(1, VOCAB, (per - per // 8,), generator=g).tolist(), 1.0, k) for k in range(4)]
     batch = build_micro_batch(samples, [0, 1, 2, 3])
     mask = batch["loss_mask"] > 0
-    layers = gpt.decoder.layers
 
-    def step(fused: bool, num_layers: int, token_mask: bool = True) -> float:
-        gpt.decoder.layers = layers if num_layers == 2 else torch.nn.ModuleList(list(layers)[:num_layers])
+    def step(fused: bool, token_mask: bool = True) -> float:
         model.zero_grad(set_to_none=False)
         start = time.thread_time()
         if fused:  # the hook's training call, fused: log-probs only (the entropy is a forward-only metric),
@@ -156,17 +156,38 @@ def child_step(tokens: int, reps: int) -> dict:
             del logits
         loss = -(logp * mask).sum() / mask.sum()
         loss.backward()
-        elapsed = time.thread_time() - start
-        gpt.decoder.layers = layers
-        return elapsed
+        return time.thread_time() - start
 
-    times = {"unfused_2": [], "fused_2": [], "fused_2_no_mask": [], "unfused_1": []}
-    step(False, 1)  # warm-up: first-touch of the gradient buffers, one-off allocations
+    # one decoder layer alone, forward + backward, on exactly the inputs the model gives it
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+
+    handle = gpt.decoder.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        run_packed(model, batch)
+    handle.remove()
+
+    def layer() -> float:
+        args, kwargs = list(captured["args"]), dict(captured["kwargs"])
+        if args:
+            args[0] = args[0].detach().requires_grad_(True)
+        else:
+            kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
+        start = time.thread_time()
+        out, _ = gpt.decoder.layers[0](*args, **kwargs)
+        out.backward(torch.ones_like(out))
+        return time.thread_time() - start
+
+    times = {"unfused_2": [], "fused_2": [], "fused_2_no_mask": [], "layer": []}
+    step(False)  # warm-up: first-touch of the gradient buffers, one-off allocations
     for _ in range(reps):
-        times["unfused_2"].append(step(False, 2))
-        times["fused_2"].append(step(True, 2))
-        times["fused_2_no_mask"].append(step(True, 2, token_mask=False))
-        times["unfused_1"].append(step(False, 1))
+        times["unfused_2"].append(step(False))
+        times["fused_2"].append(step(True))
+        times["fused_2_no_mask"].append(step(True, token_mask=False))
+        times["layer"].append(layer())
+        times["layer"].append(layer())
     return {k: min(v) for k, v in times.items()} | {"all": times, "tokens": tokens,
                                                      "response_fraction": float(mask.float().mean())}
 
@@ -269,15 +290,15 @@ def main() -> None:
         step = run_child("step", str(args.step_tokens), str(args.reps), timeout=1500)
     step_ratio_no_mask = None
     if step:
-        per_layer = step["unfused_2"] - step["unfused_1"]
+        per_layer = step["layer"]
         unfused_28 = step["unfused_2"] + 26 * per_layer
         fused_28 = step["fused_2"] + 26 * per_layer
         step_ratio = fused_28 / unfused_28
         step_ratio_no_mask = (step["fused_2_no_mask"] + 26 * per_layer) / unfused_28
         print(f"\nstep, 1.5B shapes, {args.step_tokens} tokens, {step['response_fraction']:.1%} of them response "
               f"(one thread, CPU s, min of {args.reps}): 2 layers unfused {step['unfused_2']:.2f}, fused "
-              f"{step['fused_2']:.2f} (no token mask {step['fused_2_no_mask']:.2f}); 1 layer unfused "
-              f"{step['unfused_1']:.2f}; per layer {per_layer:.2f}")
+              f"{step['fused_2']:.2f} (no token mask {step['fused_2_no_mask']:.2f}); one layer alone "
+              f"{per_layer:.2f}")
         print(f"  28 layers: unfused {unfused_28:.1f} s, fused {fused_28:.1f} s, fused / unfused = {step_ratio:.3f} "
               f"(no token mask: {step_ratio_no_mask:.3f}; target <= 1.05)")
 

@@ -327,7 +327,9 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Ten
     tile = TILE_ELEMENTS.get(hidden.device.type, TILE_ELEMENTS["cuda"])
     rows = max(1, flat.shape[0])
     chunk_tokens = int(chunk_tokens) if chunk_tokens else min(rows, DEFAULT_CHUNK_TOKENS)
-    vocab_block = int(vocab_block) if vocab_block else max(1, tile // chunk_tokens)
+    # a multiple of 128 entries: tile rows start 512-byte aligned (a block of 9,362 made the CPU's matmul
+    # and elementwise passes ~25% slower than one of 9,216)
+    vocab_block = int(vocab_block) if vocab_block else max(128, tile // chunk_tokens // 128 * 128)
     logp, entropy = _FusedLinearLogProb.apply(flat, weight, flat_target, float(temperature), vocab_size, tp_group,
                                               bool(with_entropy), chunk_tokens, vocab_block)
     if keep is not None:  # back to every position; the masked ones stay 0

@@ -112,18 +112,26 @@ class _Tiles:
         self.low = torch.empty(elements, dtype=compute, device=device) if compute != work else None
         self.extra = torch.empty(elements, dtype=work, device=device) if extra else None
 
-    def logits(self, h: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:
-        """``h·wᵀ / T`` as a ``[len(h), len(w)]`` work-dtype view of the buffer."""
+    def logits(self, h: torch.Tensor, w: torch.Tensor, temperature: float, shift: torch.Tensor | None = None):
+        """``h·wᵀ / T − shift`` (``shift``: one value per row, or none) as a ``[len(h), len(w)]`` work-dtype
+        view of the buffer."""
         shape = (h.shape[0], w.shape[0])
         x = self.work[: shape[0] * shape[1]].view(shape)
         if self.low is None:
-            torch.mm(h, w.t(), out=x)
-        else:  # multiply in the low dtype (the logits Megatron's layer would write), reduce in fp32
-            low = self.low[: x.numel()].view(shape)
-            torch.mm(h, w.t(), out=low)
-            x.copy_(low)
+            # 1/T and the shift inside the matmul call (BLAS's alpha and C): no extra passes over the tile
+            if shift is None:
+                x.addmm_(h, w.t(), beta=0.0, alpha=1.0 / temperature)  # beta = 0: the buffer's old contents are ignored
+            else:
+                torch.addmm(shift[:, None].neg(), h, w.t(), alpha=1.0 / temperature, out=x)
+            return x
+        # multiply in the low dtype (the logits Megatron's layer would write), then fp32
+        low = self.low[: x.numel()].view(shape)
+        torch.mm(h, w.t(), out=low)
+        x.copy_(low)
         if temperature != 1.0:
-            x.div_(temperature)  # divided as logprobs.py divides, so fp32 logits agree to the bit
+            x.div_(temperature)
+        if shift is not None:
+            x.sub_(shift[:, None])
         return x
 
     def lowered(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,12 +237,19 @@ class _FusedLinearLogProb(torch.autograd.Function):
             rows = live.nonzero().squeeze(1)
             hidden, target, lse, g_t = hidden.index_select(0, rows), target[rows], lse[rows], g_t[rows]
         n = hidden.shape[0]
-        neg_g_t = -g_t
         local_t = target - ctx.start
         same = hidden.dtype == work
+        # G = diag(g/T)·(onehot − softmax) = −diag(g/T)·Q with Q = softmax − onehot, so the tile only
+        # becomes Q (one exp pass and a scatter); the per-token factor −g/T is applied to the
+        # [tokens, H] operands instead: ∂h = −diag(g/T)·(Q·W), ∂W = Qᵀ·(−diag(g/T)·h)
+        neg_g_t = -g_t
+        scaled_h = hidden * neg_g_t[:, None].to(hidden.dtype) if need_w else None
+        minus_one = torch.full((), -1.0, dtype=work, device=dev)
+        nothing = torch.zeros((), dtype=work, device=dev)
         # accumulators: the returned gradients themselves when they are in the work dtype
         dh = torch.zeros(hidden.shape, dtype=work, device=dev) if need_h else None
         dw = torch.zeros_like(weight) if need_w else None
+        qw = torch.empty(min(n, ctx.chunk_tokens), hidden.shape[1], dtype=hidden.dtype, device=dev) if need_h else None
         bufs = _Tiles(_tile_size(n, ctx.real, ctx.chunk_tokens, ctx.vocab_block), work, hidden.dtype, dev)
         for v0, v1 in _tiles(ctx.real, ctx.vocab_block):
             w = weight[v0:v1]
@@ -242,25 +257,24 @@ class _FusedLinearLogProb(torch.autograd.Function):
             if need_w:  # this block's rows, summed over every token chunk in the work dtype
                 dw_block = dw[v0:v1] if weight.dtype == work else torch.zeros(w.shape, dtype=work, device=dev)
             for a, b in _tiles(n, ctx.chunk_tokens):
-                x = bufs.logits(hidden[a:b], w, ctx.temperature)
-                x.sub_(lse[a:b, None]).exp_()  # softmax over the whole (all-rank) vocabulary
-                x.mul_(neg_g_t[a:b, None])  # −softmax·g/T
+                x = bufs.logits(hidden[a:b], w, ctx.temperature, shift=lse[a:b])
+                x.exp_()  # softmax over the whole (all-rank) vocabulary
                 t = local_t[a:b]
                 here = (t >= v0) & (t < v1)
                 col = (t - v0).clamp(0, v1 - v0 - 1)
-                # + g/T at the target: (onehot − softmax)·g/T; rows whose target is elsewhere add 0
-                x.scatter_add_(1, col[:, None], torch.where(here, g_t[a:b], torch.zeros((), dtype=work, device=dev))[:, None])
-                grad = bufs.lowered(x)
+                # − 1 at the target (rows whose target is elsewhere add 0): Q = softmax − onehot, formed in
+                # the work dtype before any cast, so a confident token's small 1 − p survives in bf16
+                x.scatter_add_(1, col[:, None], torch.where(here, minus_one, nothing)[:, None])
+                q = bufs.lowered(x)
                 if need_h:
-                    if same:
-                        dh[a:b].addmm_(grad, w)
-                    else:
-                        dh[a:b] += torch.mm(grad, w)
+                    prod = qw[: b - a]
+                    torch.mm(q, w, out=prod)
+                    dh[a:b].addcmul_(prod, neg_g_t[a:b, None])
                 if need_w:
                     if same:
-                        dw_block.addmm_(grad.t(), hidden[a:b])
+                        dw_block.addmm_(q.t(), scaled_h[a:b])
                     else:
-                        dw_block += torch.mm(grad.t(), hidden[a:b])
+                        dw_block += torch.mm(q.t(), scaled_h[a:b])
             if need_w and weight.dtype != work:
                 dw[v0:v1] = dw_block
         del bufs

@@ -185,6 +185,7 @@ def model_mode(args) -> dict:
         return records, grads
 
     def compare(fused, ref, fused_grads=None, ref_grads=None) -> dict:
+        # (also used with the float32 unfused run as "fused" and the float64 one as "ref")
         err = {}
         if ps.is_pipeline_last_stage():  # the log-probs exist there only
             for key in ("logp", "entropy", "loss"):
@@ -197,11 +198,13 @@ def model_mode(args) -> dict:
         return max_over_ranks(err)
 
     result = {}
+    refs = {}
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         model = build_model(hf, wrap_ddp=True, transformer_impl="local", dtype=dtype)[0]
         load_full_state_dict(model, fixed_full_state_dict(hf))
         ref, ref_grads = run(model, fused=False, forward_only=False)
+        refs[dtype_name] = (ref, ref_grads)
         fused, fused_grads = run(model, fused=True, forward_only=False)
         result[f"{dtype_name}/train"] = compare(fused, ref, fused_grads, ref_grads)
         ref_fwd, _ = run(model, fused=False, forward_only=True)
@@ -213,6 +216,9 @@ def model_mode(args) -> dict:
                 with mutations([name]):
                     mutated, mutated_grads = run(model, fused=True, forward_only=False)
                 result[f"mutated/{name}"] = compare(mutated, ref, mutated_grads, ref_grads)
+    if {"float32", "float64"} <= set(refs):  # the float32 rounding floor: the unfused path against itself in float64
+        (ref32, grads32), (ref64, grads64) = refs["float32"], refs["float64"]
+        result["floor/unfused_float32_vs_float64"] = compare(ref32, ref64, grads32, grads64)
     result["layout"] = {"tp": args.tp, "pp": args.pp, "dp": dp, "tied": args.tied,
                         "shapes": [tuple(b["tokens"].shape) for b in batches]}
     return result

@@ -118,16 +118,14 @@ class _Tiles:
         shape = (h.shape[0], w.shape[0])
         x = self.work[: shape[0] * shape[1]].view(shape)
         if self.low is None:
-            # 1/T and the shift inside the matmul call (BLAS's alpha and C): no extra passes over the tile
-            if shift is None:
-                x.addmm_(h, w.t(), beta=0.0, alpha=1.0 / temperature)  # beta = 0: the buffer's old contents are ignored
-            else:
-                torch.addmm(shift[:, None].neg(), h, w.t(), alpha=1.0 / temperature, out=x)
-            return x
-        # multiply in the low dtype (the logits Megatron's layer would write), then fp32
-        low = self.low[: x.numel()].view(shape)
-        torch.mm(h, w.t(), out=low)
-        x.copy_(low)
+            torch.mm(h, w.t(), out=x)
+        else:  # multiply in the low dtype (the logits Megatron's layer would write), then fp32
+            low = self.low[: x.numel()].view(shape)
+            torch.mm(h, w.t(), out=low)
+            x.copy_(low)
+        # divided, not multiplied by 1/T inside the matmul: the same rounding as logprobs.py's
+        # logits / T, and backward's recomputed tile equal to forward's to the bit (a 1-ulp
+        # difference in x moves the entropy and ∂h by ~|x|·1e-7, a visible share of the 1e-6 bar)
         if temperature != 1.0:
             x.div_(temperature)
         if shift is not None:

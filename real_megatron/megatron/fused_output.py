@@ -62,9 +62,10 @@ from real_megatron.megatron.logprobs import PAD_LOGIT
 from real_megatron.megatron.model import unwrap
 
 # Floats in one tile of logits (tokens × vocabulary entries). 2**22 fp32 = 16 MiB: big enough that
-# every matmul runs near the CPU's peak (measured: [1024, 1536]·[1536, 4096] tiles as fast as one
-# unchunked matmul), small enough that the few tiles alive at once stay under a tenth of the logits
-# of even a 2k-token micro-batch at Qwen2's vocabulary. On a GPU the matmuls want larger tiles.
+# the matmuls run near the CPU's peak (measured, one thread: [1024, 1536]·[1536, 4096] tiles within
+# 5% of one unchunked matmul's time), small enough that the two or three tiles alive at once stay
+# far under a tenth of the logits of a 2k-token micro-batch at Qwen2's vocabulary (1.16 GiB). On a
+# GPU the matmuls want larger tiles; 2**24 there is a guess, not a measurement.
 TILE_ELEMENTS = {"cpu": 2**22, "cuda": 2**24}
 DEFAULT_CHUNK_TOKENS = 1024
 

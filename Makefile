@@ -18,8 +18,11 @@ $(STAMP): setup.py pyproject.toml requirements.lock
 
 install: $(STAMP)
 
+# DEMO_ARGS: the demo's own flags, e.g. make demo DEMO_ARGS="--warmup-steps 2 --steps 1" (its smallest size,
+# which the docs-command test runs)
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(PY) -m real_megatron demo
+	$(PY) -m real_megatron demo $(DEMO_ARGS)
 
 # The real-SGLang tests need the pinned SGLang server environment (.venv-sglang/, ~10 min once,
 # then reused while tests/sglang_env/requirements.lock and build.sh are unchanged). A failed build

@@ -99,7 +99,7 @@ def dist_and_plain_saves(hf: dict, args, work: Path, results: dict) -> tuple[int
         path = timed("save", lambda: mgr.save(1, {"layout": layout},
                                               lambda d: save_training_state(chunks, optimizer, d)), results, args.cold)
         timed("baseline save", plain_save, results, args.cold)
-        timed("load", lambda: mgr.load(path, layout=layout,
+        timed("load", lambda path=path: mgr.load(path, layout=layout,
                                        read_state=lambda d: load_training_state(chunks, optimizer, d)),
               results, args.cold)
     return size_of(mgr.latest()), plain

@@ -219,7 +219,7 @@ def main() -> None:
             to_meg, to_hf = modes[mode]
             base_key, base, base_text = baselines[mode]
             h2m, m2h = res[to_meg]["seconds"], res[to_hf]["seconds"]
-            paired = [(h + m) / b for b, h, m in zip(seconds[base_key], seconds[to_meg], seconds[to_hf])]
+            paired = [(h + m) / b for b, h, m in zip(seconds[base_key], seconds[to_meg], seconds[to_hf], strict=True)]
             flag = "--no-fsync" if mode == "plain" else "default, fsynced"
             print(f"{mode} ({flag}): round trip {h2m:.1f} + {m2h:.1f} = {h2m + m2h:.1f} s vs {base_text} "
                   f"{base:.1f} s: {(h2m + m2h) / base:.2f}x [target <= 2x]; each repeat's own ratio "

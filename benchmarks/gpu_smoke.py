@@ -40,9 +40,9 @@ def samples_for(vocab: int):
 
 def run(dtype, full, transformer_impl):
     from real_megatron.megatron.model import build_model
-    from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
     from real_megatron.megatron.optimizer import build_optimizer
     from real_megatron.megatron.policy import MegatronPolicy
+    from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
 
     chunks = build_model(HF, dtype=dtype, transformer_impl=transformer_impl, wrap_ddp=True)
     load_full_state_dict(chunks[0], full)
@@ -50,7 +50,7 @@ def run(dtype, full, transformer_impl):
     policy = MegatronPolicy(chunks, optimizer, loss_name="real", temperature=0.6, max_tokens_per_micro_batch=4096)
     samples = samples_for(HF["vocab_size"])
     logps, _ = policy.compute_logprobs(samples)
-    for s, lp in zip(samples, logps):
+    for s, lp in zip(samples, logps, strict=True):
         s.old_logp = lp
     metrics = policy.forward_backward(samples)
     grad = torch.cat([t.flatten() for t in gather_full_state_dict(chunks[0], "grad").values()])

@@ -12,11 +12,12 @@ from pathlib import Path
 if __name__ == "__main__":
     import torch
     import torch.distributed as dist
+
     from real_megatron.config import load_config
-    from real_megatron.task_assets import build_arithmetic_assets as build_assets
-    from real_megatron.sft import run_sft
     from real_megatron.job_runner import setup_logging
-    from real_megatron.trainer import Trainer
+    from real_megatron.repro.assets import build_arithmetic_assets as build_assets
+    from real_megatron.sft import run_sft
+    from real_megatron.trainer import train as run_training
 
     setup_logging()
     out = Path(sys.argv[1])
@@ -36,7 +37,7 @@ if __name__ == "__main__":
                                       "train.rollout_batch_prompts=16", "train.mini_batch_prompts=16",
                                       "train.eval_every=10", "train.save_every=10", "rollout.n=8",
                                       "rollout.temperature=1.0", "optim.lr=1e-4", "optim.weight_decay=0.0"])
-    assert Trainer(cfg).run() == 0
+    assert run_training(cfg) == 0
     t2 = time.time()
     rows = [json.loads(line) for line in (out / "real" / "metrics.jsonl").read_text().splitlines()]
     sft_rows = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]

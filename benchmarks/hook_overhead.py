@@ -35,9 +35,9 @@ def main() -> None:
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from real_megatron.megatron.batch import Sample, build_micro_batch
-    from real_megatron.megatron.packed_forward import run_packed
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.optimizer import build_optimizer
+    from real_megatron.megatron.packed_forward import run_packed
     from real_megatron.megatron.policy import MegatronPolicy
 
     initialize_parallel(hf_config=HF)

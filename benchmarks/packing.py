@@ -68,7 +68,7 @@ def bench_plan(args) -> int:
         per_rank = plan.rank_tokens(samples)
         rows.append((real / plan.processed_tokens(samples), max(per_rank) / statistics.mean(per_rank),
                      base_eff, base_imb, plan.mode))
-    eff, imb, b_eff, b_imb, modes = zip(*rows)
+    eff, imb, b_eff, b_imb, modes = zip(*rows, strict=True)
     print(f"recipe: {PROMPTS} prompts x G={G}, {DP} DP ranks, budget {args.budget} tokens/micro-batch, cp={args.cp}, pp={args.pp}, "
           f"{args.repeats} mini-batches (modes: {sorted(set(modes))})")
     print(f"token efficiency  packed: mean {statistics.mean(eff):.3f} worst {min(eff):.3f}   "
@@ -173,10 +173,10 @@ def bench_skip(args) -> int:
         results[name] = {"later": [], "first": [], "metrics": metrics}
     for _ in range(args.repeats):
         for name, policy in (("skip", skipping), ("plain", plain)):
-            results[name]["later"].append(_timed(lambda: policy.train_step(samples)))
+            results[name]["later"].append(_timed(lambda policy=policy: policy.train_step(samples)))
             logps, _ = policy.compute_logprobs(samples)  # the first mini-batch after a rollout
             fresh = [type(s)(s.prompt_ids, s.response_ids, s.reward, s.group_id, lp, None, policy.version)
-                     for s, lp in zip(samples, logps)]
+                     for s, lp in zip(samples, logps, strict=True)]
             start = time.perf_counter()
             results[name]["first_metrics"] = policy.train_step(fresh)
             results[name]["first"].append(time.perf_counter() - start)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 def build_model(out: Path) -> Path:
     import transformers
 
-    from real_megatron.task_assets import build_arithmetic_assets as build_assets
+    from real_megatron.repro.assets import build_arithmetic_assets as build_assets
 
     _, _, base = build_assets(out / "assets", seed=7)  # the project's tokenizer and tiny Qwen2 config
     tokenizer = transformers.AutoTokenizer.from_pretrained(base)
@@ -85,7 +85,7 @@ def main() -> int:
                         eng.init_weights_update_group("127.0.0.1", sglang_server.free_port(), backend="gloo",
                                                       timeout_s=120)
                     try:
-                        seconds = best_of(args.repeats, lambda: eng.update_weights(buckets))
+                        seconds = best_of(args.repeats, lambda eng=eng: eng.update_weights(buckets))
                     finally:
                         eng.close()
                     rate = nbytes / seconds

@@ -17,8 +17,8 @@ file, fsync, rename). A crash at any point leaves ``latest`` pointing at the pre
 checkpoint. Re-saving an existing step moves the old directory aside first; if the crash came
 between the two renames, ``latest`` falls back to the moved copy and the next save moves it back.
 
-Format ``real-megatron/per-rank-v1`` (before reshardable checkpoints: ``rank_00000.pt`` files, no
-``format`` in ``meta.json``) still loads, at the layout that wrote it (``load_per_rank``).
+Only this format (``FORMAT``) is read; a checkpoint of another (the per-rank files of the first
+versions) is refused with a message naming it.
 """
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ import torch
 
 LATEST = "latest"
 FORMAT = "real-megatron/dist-v1"
-PER_RANK_FORMAT = "real-megatron/per-rank-v1"
 STATE_DIR = "state"
 RNG_DIR = "rng"
 
@@ -138,9 +137,10 @@ class CheckpointManager:
         self._broadcast = broadcast or (lambda obj: obj)
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, meta: dict, write_state) -> Path:
+    def save(self, step: int, meta: dict, write_state, write_extra=None) -> Path:
         """Every rank calls: ``write_state(directory)`` writes the sharded model + optimizer state
-        (collectively), each rank adds its RNG streams, rank 0 adds ``meta``; atomic for the set."""
+        (collectively), each rank adds its RNG streams, rank 0 adds ``meta`` and, with ``write_extra(directory)``,
+        files of its own (e.g. rollouts generated ahead of training); atomic for the set."""
         token = self._broadcast(uuid.uuid4().hex[:8] if self.rank == 0 else None)
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{final.name}-{token}"
@@ -154,6 +154,8 @@ class CheckpointManager:
         torch.save(rng_state(), tmp / RNG_DIR / f"rank_{self.rank:05d}.pt")
         self._barrier()
         if self.rank == 0:
+            if write_extra is not None:
+                write_extra(tmp)
             files = _files_with_sizes(tmp)
             for rel in files:  # the shard writers fsync theirs already; this covers the rest
                 fsync_path(tmp / rel)
@@ -204,9 +206,6 @@ class CheckpointManager:
                                   "or delete it")
         return path
 
-    def format_of(self, path: Path) -> str:
-        return read_meta(path).get("format", PER_RANK_FORMAT)
-
     def load(self, path: Path, *, layout: dict, read_state) -> dict:
         """Load a reshardable checkpoint at this run's ``layout``; returns its meta.
 
@@ -216,8 +215,9 @@ class CheckpointManager:
         """
         meta = read_meta(path)
         if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path}/meta.json has format {meta.get('format', PER_RANK_FORMAT)!r}, this "
-                                  f"loader reads {FORMAT!r}")
+            found = meta.get("format", "real-megatron/per-rank-v1 (no format entry)")
+            raise CheckpointError(f"{path}/meta.json has format {found!r}; this version reads only {FORMAT!r}. "
+                                  "Start a new run_dir (or resume it with the version that wrote it)")
         saved = meta.get("layout", {})
         for key in ("distributed_optimizer", "dtype"):
             if key in saved and key in layout and saved[key] != layout[key]:
@@ -241,26 +241,3 @@ class CheckpointManager:
             log.info("resharded resume from %s: layout %s; per-rank RNG streams start fresh from the seed",
                      path, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
         return meta
-
-    def load_per_rank(self, path: Path, *, layout: dict) -> tuple[dict, dict]:
-        """A ``per-rank-v1`` checkpoint: ``(meta, this rank's state)`` at the layout that wrote it;
-        RNG states are restored as a side effect."""
-        meta = read_meta(path)
-        saved = meta.get("layout") or {}
-        changes = {k: v for k, v in layout_changes(saved, layout).items() if k in saved}
-        if meta.get("world_size") != self.world_size or changes:
-            raise CheckpointError(
-                f"{path} is a per-rank checkpoint (format {PER_RANK_FORMAT}, written before checkpoints were "
-                f"reshardable) saved with layout {saved} and world size {meta.get('world_size')}; it loads only "
-                "there. Resume once with that layout (e.g. train.steps=<its step>): the resume rewrites it in the "
-                f"reshardable format ({FORMAT}), which then loads at any layout")
-        rank_file = path / f"rank_{self.rank:05d}.pt"
-        if not rank_file.exists():
-            raise CheckpointError(f"{rank_file} is missing: the checkpoint is incomplete")
-        try:
-            state = torch.load(rank_file, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise CheckpointError(f"{rank_file} could not be read ({type(err).__name__}: {err}): the checkpoint "
-                                  "is corrupt; point `latest` at an earlier step_* directory") from err
-        set_rng_state(state.pop("rng"))
-        return meta, state

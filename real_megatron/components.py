@@ -43,7 +43,10 @@ def load_prompt_files(files, *, tokenizer, max_prompt_length: int, on_bad_row: s
 
     records, skipped = [], {}
     for f in files:
-        part = load_prompts(f, max_prompt_length=max_prompt_length, tokenizer=tokenizer, on_bad_row=on_bad_row)
+        try:
+            part = load_prompts(f, max_prompt_length=max_prompt_length, tokenizer=tokenizer, on_bad_row=on_bad_row)
+        except ValueError as err:  # the message names the file and the row; a config error, not a bug
+            raise ConfigError(str(err)) from err
         for reason, count in part.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + count
         records.extend(part)
@@ -80,27 +83,38 @@ def load_initial_weights(cfg: RunConfig, chunks) -> str:
     return cfg.model.hf_dir
 
 
-def make_engine(rollout: RolloutConfig, hf_dir, tokenizer, *, dtype: str, load_weights: bool = False):
+def make_engine(rollout: RolloutConfig, hf_dir, tokenizer, *, dtype: str, load_weights: bool = False,
+                background: bool = False):
     """The rollout engine ``rollout.engine`` names, for the model in ``hf_dir`` (rank 0 only).
 
     ``load_weights=False`` (training): the embedded engine starts with random weights and gets the
-    trainer's right after; ``True`` (evaluation): it loads ``hf_dir``'s weights itself. An SGLang
-    engine always holds its server's (or its in-process engine's ``model_path``) weights; with
-    ``rollout.sglang_weight_sync=distributed`` it joins the weight broadcast group here.
+    trainer's right after; ``True`` (evaluation): it loads ``hf_dir``'s weights itself. ``background``: the
+    embedded engine generates beside training (``train.max_staleness`` ≥ 1), so it runs in a process of its
+    own (``rollout/engine_process.py``). An SGLang engine always holds its server's (or its in-process
+    engine's ``model_path``) weights; with ``rollout.sglang_weight_sync=distributed`` it joins the weight
+    broadcast group here.
     """
+    from functools import partial
+
     from real_megatron.distributed import compute_device
 
     if rollout.engine == "embedded":
         from real_megatron.rollout.transformers_engine import TransformersEngine
 
-        return TransformersEngine(hf_dir, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id_of(tokenizer),
-                                  dtype=torch_dtype(dtype), device=compute_device(),
-                                  batch_size=rollout.embedded_batch_size,
-                                  load_weights_from=str(hf_dir) if load_weights else None)
+        factory = partial(TransformersEngine, str(hf_dir), eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=pad_id_of(tokenizer), dtype=torch_dtype(dtype), device=compute_device(),
+                          batch_size=rollout.embedded_batch_size,
+                          load_weights_from=str(hf_dir) if load_weights else None)
+        if background:
+            from real_megatron.rollout.engine_process import EngineProcess
+
+            return EngineProcess(factory, name="embedded rollout engine")
+        return factory()
     from real_megatron.rollout.sglang_engine import SGLangEngine
 
     common = {"eos_token_id": tokenizer.eos_token_id, "weight_sync": rollout.sglang_weight_sync,
-              "tp_size": rollout.sglang_tp_size, "request_timeout_s": rollout.sglang_timeout_s}
+              "tp_size": rollout.sglang_tp_size, "request_timeout_s": rollout.sglang_timeout_s,
+              "partial": rollout.partial}
     if not rollout.sglang_urls:
         return SGLangEngine(engine_kwargs={"model_path": str(hf_dir), "tp_size": rollout.sglang_tp_size}, **common)
     engine = SGLangEngine(rollout.sglang_urls, **common)

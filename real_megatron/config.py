@@ -20,7 +20,7 @@ from typing import Literal
 
 import yaml
 
-from real_megatron.context_window import context_overflow, model_context
+from real_megatron.context_window import context_fix, context_overflow
 from real_megatron.hf_model import LayoutError, check_layout, check_world, divisors
 from real_megatron.weight_buckets import DEFAULT_BUCKET_BYTES
 
@@ -68,6 +68,9 @@ class RolloutConfig:
     # embedded engine: sequences per transformers generate call (the prompts x n rollouts are cut into such
     # chunks, in order); 64 is what the engine used before this setting existed
     embedded_batch_size: int = 64
+    # SGLang with train.max_staleness >= 1: new weights reach the servers during generation (requests in flight
+    # are paused, take them, and continue), each token records the version that sampled it
+    partial: bool = False
 
 
 @dataclass
@@ -103,6 +106,9 @@ class TrainConfig:
     micro_batch_rollouts: int = 0  # optional cap on rollouts per micro-batch (0: none, the token budget decides)
     eval_every: int = 50
     save_every: int = 50
+    # rollout batches generated ahead of training (rollout/producer.py): 0 = the synchronous loop; S >= 1: a
+    # batch is trained on at most S weight versions after the weights that sampled it (1: one-step-off)
+    max_staleness: int = 0
 
 
 @dataclass
@@ -259,6 +265,66 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 # ----------------------------------------------------------------------------- validation
 
 
+def _positive(v) -> bool:
+    return v > 0 and math.isfinite(v)
+
+
+def _non_negative(v) -> bool:
+    return v >= 0 and math.isfinite(v)
+
+
+# Every numeric field's rule, written once: (field, test, what a valid value is); the parallel sizes have the
+# layout rule of ``hf_model.check_layout``. ``validate_config`` applies
+# them to a run's config; commands with flags of their own (``evaluate``) apply them to the same fields
+# (``check_values`` with their flag names), so a value means the same thing everywhere.
+VALUE_RULES = (
+    ("rollout.temperature", _positive, "> 0 (log-probs divide by it)"),
+    ("rollout.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("rollout.max_new_tokens", lambda v: v >= 1, ">= 1 (a response needs at least its EOS)"),
+    ("rollout.embedded_batch_size", lambda v: v >= 1, ">= 1 (sequences per generate call of the embedded engine)"),
+    ("rollout.sglang_tp_size", lambda v: v >= 1, ">= 1"),
+    ("rollout.sglang_timeout_s", _positive, "> 0 seconds"),
+    ("rollout.weight_bucket_mb", lambda v: v >= 1, ">= 1 MiB"),
+    ("reward.num_workers", lambda v: v >= 1, ">= 1 (rewards are verified in worker processes)"),
+    ("reward.timeout_s", _positive, "> 0 seconds"),
+    ("data.max_prompt_length", lambda v: v >= 1, ">= 1 token"),
+    ("optim.lr", _positive, "> 0"),
+    ("optim.weight_decay", _non_negative, ">= 0"),
+    ("optim.clip_grad", _non_negative, ">= 0 (0: no clipping)"),
+    ("optim.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.adam_eps", _positive, "> 0"),
+    ("train.steps", lambda v: v >= 1, ">= 1"),
+    ("train.rollout_batch_prompts", lambda v: v >= 1, ">= 1"),
+    ("train.mini_batch_prompts", lambda v: v >= 1, ">= 1"),
+    ("train.max_tokens_per_micro_batch", lambda v: v >= 1, ">= 1"),
+    ("train.micro_batch_rollouts", lambda v: v >= 0, ">= 0 (0: no cap)"),
+    ("train.eval_every", lambda v: v >= 0, ">= 0 (0: no evaluation during training)"),
+    ("train.save_every", lambda v: v >= 1, ">= 1"),
+    ("train.max_staleness", lambda v: v >= 0, ">= 0 (0: the synchronous loop; S: batches generated up to S ahead)"),
+    ("eval.samples", lambda v: v >= 1, ">= 1 sample per problem"),
+    ("eval.temperature", _positive, "> 0"),
+    ("eval.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("eval.max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("eval.max_prompts", lambda v: v >= 0, ">= 0 (0: every prompt of each file)"),
+    ("seed", lambda v: v >= 0, ">= 0"),
+)
+
+
+def check_values(cfg, *, fields: typing.Iterable[str] | None = None, names: dict[str, str] | None = None) -> None:
+    """Apply ``VALUE_RULES`` (all, or those of ``fields``) to ``cfg``; a ``ConfigError`` names the first bad value
+    by its field, or by ``names[field]`` (a command's flag, e.g. ``{"eval.samples": "--samples"}``)."""
+    names = names or {}
+    for path, ok, requirement in VALUE_RULES:
+        if fields is not None and path not in fields:
+            continue
+        value = cfg
+        for part in path.split("."):
+            value = getattr(value, part)
+        if not ok(value):
+            raise ConfigError(f"{names.get(path, path)}={value!r} must be {requirement}")
+
+
 def _check_token_budget(cfg: RunConfig) -> None:
     """The packed micro-batch must hold the longest rollout, in the positions its slot takes (megatron/batch.py, rule 1)."""
     t = cfg.train
@@ -281,41 +347,38 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
     ``hf_config``: the model's config as ``hf_model.read_hf_config`` returns it; without it the
     checks that need the model's shapes (layout, context) are left to the trainer, which has it.
     """
-    from real_megatron.losses import check_loss_name, resolve_hparams
-    from real_megatron.losses.hparams import TRAINER_SET_HPARAMS
+    from real_megatron.losses import LOSSES, build_loss, check_loss_name
 
     check_allowed_values(cfg)
     try:
         check_loss_name(cfg.loss.name)
     except ValueError as err:
         raise ConfigError(f"loss.name: {err}") from err
-    try:
-        resolve_hparams(cfg.loss.name, dict(cfg.loss.hparams))
-    except ValueError as err:
-        raise ConfigError(f"loss.hparams: {err}") from err
-    for key, why in TRAINER_SET_HPARAMS.items():
+    for key, why in LOSSES[cfg.loss.name].PER_CALL.items():
         if key in cfg.loss.hparams:
             raise ConfigError(f"loss.hparams.{key} cannot be set: {why}; remove it from the config")
+    try:
+        build_loss(cfg.loss.name, dict(cfg.loss.hparams))
+    except ValueError as err:
+        raise ConfigError(f"loss.hparams: {err}") from err
     if cfg.rollout.engine == "sglang" and cfg.rollout.sglang_weight_sync == "distributed" and not cfg.rollout.sglang_urls:
         raise ConfigError("rollout.sglang_weight_sync=distributed is for separate SGLang servers: set rollout.sglang_urls")
     if not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in cfg.rollout.sglang_urls):
         raise ConfigError(f"rollout.sglang_urls={cfg.rollout.sglang_urls!r}: each entry must be a URL starting with "
                           "http:// or https:// (e.g. [http://10.0.0.5:30000, http://10.0.0.6:30000])")
     if cfg.rollout.n < 2:
-        raise ConfigError(f"rollout.n={cfg.rollout.n}: REAL classifies rollouts within a group, G must be >= 2")
-    if not 0 < cfg.rollout.temperature:
-        raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be > 0 (log-probs divide by it)")
-    if not 0 < cfg.rollout.top_p <= 1:
-        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
-    if cfg.rollout.embedded_batch_size < 1:
-        raise ConfigError(f"rollout.embedded_batch_size={cfg.rollout.embedded_batch_size} must be >= 1 "
-                          "(sequences per generate call of the embedded engine)")
+        raise ConfigError(f"rollout.n={cfg.rollout.n}: loss {cfg.loss.name} compares the rollouts of a prompt with "
+                          "each other (labels within a group, or group-normalised advantages), so each prompt needs "
+                          "rollout.n >= 2 rollouts")
+    check_values(cfg)
     t = cfg.train
-    for name in ("steps", "rollout_batch_prompts", "mini_batch_prompts", "max_tokens_per_micro_batch"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 1")
-    if t.micro_batch_rollouts < 0:
-        raise ConfigError(f"train.micro_batch_rollouts={t.micro_batch_rollouts} must be >= 0 (0: no cap)")
+    if cfg.rollout.partial and (cfg.rollout.engine != "sglang" or t.max_staleness < 1):
+        raise ConfigError("rollout.partial=true pushes weights into SGLang requests in flight: it needs "
+                          "rollout.engine=sglang and train.max_staleness >= 1 (the embedded engine samples each "
+                          "batch with one weight version)")
+    if t.max_staleness >= 1 and cfg.rollout.sglang_release_memory:
+        raise ConfigError("rollout.sglang_release_memory frees the engine's memory while the trainer trains, but "
+                          f"train.max_staleness={t.max_staleness} generates during training: use one or the other")
     if t.rollout_batch_prompts % t.mini_batch_prompts:
         raise ConfigError(
             f"train.rollout_batch_prompts={t.rollout_batch_prompts} is not divisible by train.mini_batch_prompts="
@@ -337,8 +400,8 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
     for name, new_tokens in generating.items():
         overflow = context_overflow(cfg.data.max_prompt_length, new_tokens, hf_config)
         if overflow:
-            raise ConfigError(f"data.max_prompt_length + {name}: {overflow}; lower {name} to <= "
-                              f"{model_context(hf_config) - cfg.data.max_prompt_length} or data.max_prompt_length")
+            raise ConfigError(f"data.max_prompt_length + {name}: {overflow}; "
+                              + context_fix(cfg.data.max_prompt_length, name, "data.max_prompt_length", hf_config))
     if cfg.parallel.cp > 1 and cfg.model.transformer_impl == "local":
         raise ConfigError("parallel.cp > 1 needs Transformer Engine attention; set model.transformer_impl=auto on a GPU "
                           "machine with transformer-engine installed, or parallel.cp=1")

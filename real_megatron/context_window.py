@@ -24,3 +24,15 @@ def context_overflow(prompt_tokens: int, max_new_tokens: int, hf_config: dict) -
         return None
     return (f"{prompt_tokens} + {max_new_tokens} = {prompt_tokens + max_new_tokens} tokens exceeds the model's context "
             f"(max_position_embeddings={context})")
+
+
+def context_fix(prompt_tokens: int, new_tokens_name: str, prompt_name: str, hf_config: dict) -> str:
+    """The fix for an overflow, as advice that can be followed: lower ``new_tokens_name`` to what is left after
+    the prompt, or — when the prompt alone fills the context — lower ``prompt_name`` first."""
+    context = model_context(hf_config)
+    room = context - prompt_tokens
+    if room < 1:
+        return (f"the prompt alone ({prompt_tokens} tokens) fills the model's context of {context}: lower "
+                f"{prompt_name} below {context} (and leave room for {new_tokens_name}), or use a model with a longer "
+                "context")
+    return f"lower {new_tokens_name} to <= {room} or {prompt_name}"

@@ -4,14 +4,14 @@
     check_layout(hf, tp=2, pp=1, cp=1, world_size=8)     # LayoutError naming the option and valid values
 
 Used by the Megatron model provider, the converters, config validation (``train`` / ``sft``), the
-launcher (``examples/launch.py``, before submitting) and ``evaluate``. Imports neither torch nor
+launcher (``real-megatron launch``, before submitting) and ``evaluate``. Imports neither torch nor
 Megatron, so checks run in a second.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
 _ARCH_OF_MODEL_TYPE = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+import time
 
 import torch.distributed as dist
 
+from real_megatron.arguments import ArgumentParser
 from real_megatron.config import ConfigError, load_config
 from real_megatron.distributed import world
 
@@ -26,25 +29,63 @@ def setup_logging() -> None:
 
 def parse_job_args(argv, prog: str, description: str) -> argparse.Namespace:
     """``--config FILE`` and dotted overrides (``loss.name=grpo parallel.tp=2``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML config file (see examples/configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.name=grpo parallel.tp=2")
     return parser.parse_args(argv)
 
 
+def _tell_torchrun(message: str) -> None:
+    """Under torchrun, record ``message`` in the worker's error file, so that torchrun's failure summary names it
+    as the root cause instead of pointing at a traceback (torchrun prints that summary whatever the child does)."""
+    import json
+    import os
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as fh:
+                json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                        "timestamp": str(int(time.time()))}}}, fh)
+        except OSError:  # the summary then lacks the message; the message itself was printed
+            pass
+
+
 def run_job(argv, prog: str, description: str, job) -> int:
-    """Parse, run ``job(cfg)`` and return its exit code; a config that cannot work exits 2, a ``JobFailed``
-    exits 1 (each with its message); the process group is always torn down."""
+    """Parse, run ``job(cfg)`` and return its exit code; the process group is always torn down.
+
+    A config that cannot work exits 2, a ``JobFailed`` 1, each with its one-line message on stderr, said once
+    (by rank 0: under torchrun every rank meets the same check and exits with the same code); a run already
+    done (``NothingToDo``) says so and exits 0; Ctrl-C before training begins exits 130 without a traceback
+    (the trainer itself finishes a rollout step and saves on SIGINT once it runs)."""
+    from real_megatron.run_dir import NothingToDo, release_unused
+
     args = parse_job_args(argv, prog, description)
     setup_logging()
+    rank, _ = world()
+
+    def say(message: str) -> None:
+        _tell_torchrun(message)
+        if rank == 0:
+            print(message, file=sys.stderr, flush=True)
+        else:  # torchrun stops every worker once one exits: let rank 0, which says it, exit first
+            time.sleep(2.0)
+
     try:
         return job(load_config(args.config, args.overrides))
     except ConfigError as err:
-        print(f"config error: {err}", flush=True)
+        say(f"config error: {err}")
         return 2
     except JobFailed as err:
-        print(f"error: {err}", flush=True)
+        say(f"error: {err}")
         return 1
+    except NothingToDo as done:
+        say(str(done))
+        return 0
+    except KeyboardInterrupt:
+        release_unused()
+        say(f"{prog}: interrupted before training began; nothing was saved. Rerun the same command to start")
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

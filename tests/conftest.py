@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="session")
 def random_assets(tmp_path_factory):
     """The demo's tiny setup, built once: task files, a tokenizer trained on them, a random tiny Qwen2."""
-    from real_megatron.task_assets import build_arithmetic_assets as build_assets
+    from real_megatron.repro.assets import build_arithmetic_assets as build_assets
 
     train, test, base = build_assets(tmp_path_factory.mktemp("assets"), seed=7)
     return {"train": train, "test": test, "base": base}

@@ -65,7 +65,10 @@ def _ready(url: str) -> bool:
 class Server:
     """One ``python -m sglang.launch_server`` process on 127.0.0.1 (its own process group)."""
 
-    def __init__(self, model_dir, log_path, *, cpus: str = "0-1", max_running_requests: int = 4, wait: bool = True):
+    def __init__(self, model_dir, log_path, *, cpus: str = "0-1", max_running_requests: int = 4, wait: bool = True,
+                 taskset: str | None = None, max_total_tokens: int = 2048):
+        """``cpus``: the cores its OpenMP threads bind to; ``taskset``: pin the whole server (every process) to
+        these cores too (a benchmark's placement)."""
         require_env()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -74,12 +77,14 @@ class Server:
                "PYTHONPATH": str(ENV_DIR / "stubs"), "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
         args = [str(PYTHON), "-m", "sglang.launch_server", "--model-path", str(model_dir), "--device", "cpu",
                 "--attention-backend", "torch_native", "--dtype", "float32",
-                "--disable-cuda-graph", "--max-total-tokens", "2048",
+                "--disable-cuda-graph", "--max-total-tokens", str(max_total_tokens),
                 "--max-running-requests", str(max_running_requests), "--host", "127.0.0.1", "--port", str(self.port),
                 "--skip-server-warmup", "--log-level", "warning",
                 # An idle CPU scheduler otherwise busy-polls a whole core for as long as the
                 # session-scoped server lives, halving the speed of every later test on 2 cores.
                 "--sleep-on-idle"]
+        if taskset:
+            args = ["taskset", "-c", taskset, *args]
         self._log = open(self.log_path, "w")
         self._t0 = time.monotonic()
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -102,7 +107,7 @@ class Server:
         self.start_s = time.monotonic() - t0
 
     @classmethod
-    def several(cls, model_dir, log_dir, count: int, **kw) -> list["Server"]:
+    def several(cls, model_dir, log_dir, count: int, **kw) -> list[Server]:
         """``count`` servers launched at once (one core each: ``cpus`` 0, 1, ...), then waited for."""
         servers = [cls(model_dir, Path(log_dir) / f"server{k}.log", cpus=str(k % 2), wait=False, **kw)
                    for k in range(count)]

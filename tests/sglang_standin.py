@@ -111,7 +111,7 @@ def check_fields(endpoint: str, body) -> dict:
     unknown = sorted(set(body) - set(required) - set(optional))
     if unknown:
         raise BadRequest(f"{endpoint}: unknown field(s) {unknown}")
-    for name, kind in required.items():
+    for name in required:
         if name not in body:
             raise BadRequest(f"{endpoint}: missing required field {name!r}")
     for name, value in body.items():
@@ -231,7 +231,7 @@ class StandIn:
             raise BadRequest("generate: return_logprob must be a bool or a list of bools")
         if body.get("stream"):
             raise BadRequest("generate: this stand-in does not stream")
-        outs = [self.fake_output(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, sps))]
+        outs = [self.fake_output(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, sps, strict=True))]
         if not rl:
             for o in outs:
                 o["meta_info"].pop("output_token_logprobs")
@@ -315,7 +315,7 @@ class StandIn:
         import torch
         import torch.distributed as dist
 
-        for name, dtype, shape in zip(names, dtypes, shapes):
+        for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
             if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
                 raise BadRequest(f"update_weights_from_distributed: shape of {name!r} must be a list of ints")
             t = torch.empty(shape, dtype=getattr(torch, dtype))

@@ -106,7 +106,7 @@ class SlurmCluster:
         self.env = {**os.environ, "SLURM_CONF": str(self.conf), "PATH": SEARCH_PATH}
 
     # ------------------------------------------------------------------ set-up
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         t0 = time.monotonic()
         try:
             self._start_munge()
@@ -153,7 +153,7 @@ class SlurmCluster:
 
     def _nodes_idle(self) -> bool:
         out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout.split()
-        states = dict(zip(out[::2], out[1::2]))
+        states = dict(zip(out[::2], out[1::2], strict=True))
         return all(states.get(node) == "idle" for node in NODES)
 
     def _start_munge(self):
@@ -197,7 +197,7 @@ class SlurmCluster:
         memory_mb = min(4000, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 // 2)
         r = self.root
         nodes = "\n".join(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs={cpus} "
-                          f"RealMemory={memory_mb} State=UNKNOWN" for n, p in zip(NODES, self.node_ports))
+                          f"RealMemory={memory_mb} State=UNKNOWN" for n, p in zip(NODES, self.node_ports, strict=True))
         self.conf.write_text(f"""\
 ClusterName=rmtest
 SlurmctldHost={host}(127.0.0.1)
@@ -285,7 +285,7 @@ LogFile={r}/log/slurmdbd.log
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
                 time.sleep(0.2)
-        for name, proc, _ in reversed(self.procs):
+        for _name, proc, _ in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:

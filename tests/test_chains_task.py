@@ -1,4 +1,4 @@
-"""The multi-step arithmetic-chain task (real_megatron/data/chains.py): files, splits, rewards, lengths.
+"""The multi-step arithmetic-chain task (real_megatron/repro/chains.py): files, splits, rewards, lengths.
 
 Problems are read back from the written parquet files and parsed from their prompt text here, so
 the checks hold for what a trainer would load, not for the generator's own objects.
@@ -11,9 +11,18 @@ import statistics
 import pyarrow.parquet as pq
 import pytest
 
-from real_megatron.data import (CHAIN_LEVELS, CHAINS_DATA_SOURCE, PROMPT_SUFFIX, chain_splits, chain_texts,
-                                load_prompts, train_task_tokenizer, write_chain_task)
-from real_megatron.data.chains import LEVEL_STEPS, MAX_VALUE, count_level_problems
+from real_megatron.data import PROMPT_SUFFIX, load_prompts
+from real_megatron.repro.chains import (
+    CHAIN_LEVELS,
+    CHAINS_DATA_SOURCE,
+    LEVEL_STEPS,
+    MAX_VALUE,
+    chain_splits,
+    chain_texts,
+    count_level_problems,
+    write_chain_task,
+)
+from real_megatron.repro.tokenizer import train_task_tokenizer
 
 SMALL = {"n_train_per_level": 300, "n_test_per_level": 100}
 _WORDS = {"add": "+", "subtract": "-", "multiply by": "*", "divide by": "/"}
@@ -98,7 +107,7 @@ def test_reference_solutions_score_one_and_wrong_answers_zero(task):
         *lines, boxed = solution.split("\n")
         value = start
         assert len(lines) == len(steps)
-        for line, (op, b) in zip(lines, steps):  # each line is the next step of the prompt's chain, computed right
+        for line, (op, b) in zip(lines, steps, strict=True):  # each line is the next step of the prompt's chain, computed right
             a, line_op, line_b, c = _STEP_LINE.fullmatch(line).groups()
             assert (int(a), line_op, int(line_b)) == (value, op, b), (line, r.row)
             assert op != "/" or value % b == 0, (line, r.row)

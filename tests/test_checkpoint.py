@@ -121,8 +121,9 @@ def test_state_reader_failure_names_the_state_directory(tmp_path):
         mgr.load(path, layout=LAYOUT, read_state=broken)
 
 
-def test_per_rank_checkpoint_loads_at_its_layout_and_explains_the_upgrade_elsewhere(tmp_path):
-    """The format before reshardable checkpoints: meta.json without "format", one rank_*.pt per rank."""
+def test_a_checkpoint_of_another_format_is_refused_naming_it(tmp_path):
+    """The per-rank format of the first versions (meta.json without "format", one rank_*.pt per rank) is no
+    longer read: the load says which format it found and what to do, before touching the state."""
     step = tmp_path / "checkpoints" / "step_000003"
     step.mkdir(parents=True)
     torch.save({"model": [{"w": torch.ones(2)}], "optimizer": {}, "rng": rng_state()}, step / "rank_00000.pt")
@@ -130,10 +131,10 @@ def test_per_rank_checkpoint_loads_at_its_layout_and_explains_the_upgrade_elsewh
                                                 "layout": {"tp": 1, "pp": 1, "cp": 1, "world_size": 1}}))
     (tmp_path / "checkpoints" / "latest").write_text("step_000003")
     mgr = CheckpointManager(tmp_path)
-    assert mgr.format_of(mgr.latest()) == "real-megatron/per-rank-v1"
-    meta, state = mgr.load_per_rank(mgr.latest(), layout=LAYOUT)
-    assert meta["rollout_step"] == 3 and torch.equal(state["model"][0]["w"], torch.ones(2))
-    with pytest.raises(CheckpointError, match=r"per-rank checkpoint .* Resume once with that layout"):
-        mgr.load_per_rank(mgr.latest(), layout={**LAYOUT, "tp": 2})
-    with pytest.raises(CheckpointError, match="format 'real-megatron/per-rank-v1'"):
-        mgr.load(mgr.latest(), layout=LAYOUT, read_state=reader({}))
+
+    def never(d):
+        raise AssertionError("the state must not be read")
+
+    with pytest.raises(CheckpointError, match=r"format 'real-megatron/per-rank-v1 \(no format entry\)'; this version "
+                                              r"reads only 'real-megatron/dist-v1'\. Start a new run_dir"):
+        mgr.load(mgr.latest(), layout=LAYOUT, read_state=never)

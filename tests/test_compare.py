@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from real_megatron.compare import build_parser, plan_runs
-from real_megatron.compare import main as compare_main
-from real_megatron.compare_summary import run_result, summarize, summary_markdown
+from real_megatron.repro.compare import build_parser, plan_runs
+from real_megatron.repro.compare import main as compare_main
+from real_megatron.repro.summary import run_result, summarize, summary_markdown
 
 
 def _eval_row(step: int, levels: dict[str, float]) -> dict:
@@ -87,12 +87,12 @@ def test_summary_mean_and_sample_std_over_seeds(tmp_path):
     (["--warmup-set", "train.steps=0"], "--warmup-set: train.steps=0 must be >= 1"),
 ])
 def test_bad_arguments_fail_before_anything_starts(tmp_path, capsys, monkeypatch, argv, message):
-    import real_megatron.chain_recipe
+    import real_megatron.repro.recipe
 
     def started(*args, **kwargs):
         raise AssertionError("the comparison started despite a bad argument")
 
-    monkeypatch.setattr(real_megatron.chain_recipe, "build_chain_assets", started)
+    monkeypatch.setattr(real_megatron.repro.recipe, "build_chain_assets", started)
     out = tmp_path / "cmp"
     assert compare_main(["--losses", "real,grpo", "--seeds", "1", "--out", str(out), *argv]) == 2
     assert message in capsys.readouterr().err
@@ -172,8 +172,8 @@ def test_micro_comparison_writes_tables_and_figures_and_a_rerun_skips(tmp_path):
 
 def test_saved_config_check_names_the_changed_settings(tmp_path):
     """The rule `compare` and `demo` share: a run directory is resumed only with the settings it was run with."""
-    from real_megatron.chain_recipe import check_saved_config
     from real_megatron.config import load_config, save_config
+    from real_megatron.repro.recipe import check_saved_config
 
     check_saved_config(tmp_path, load_config(None, ["optim.lr=1e-4"]))  # nothing saved yet: nothing to compare
     save_config(load_config(None, ["optim.lr=1e-4"]), tmp_path / "config.yaml")

@@ -43,7 +43,7 @@ def test_bad_overrides(override, message):
     (["parallel.tp=4"], 4, r"parallel.tp=4 does not divide intermediate_size=90 \(.*\); valid choices: \[1, 2\]"),
     (["parallel.tp=0"], 4, r"parallel.tp=0 must be a positive integer"),
     (["train.mini_batch_prompts=5"], 1, r"not divisible by train.mini_batch_prompts=5; valid mini-batch sizes"),
-    (["rollout.n=1"], 1, "G must be >= 2"),
+    (["rollout.n=1"], 1, "so each prompt needs rollout.n >= 2"),
     (["rollout.embedded_batch_size=0"], 1, r"rollout.embedded_batch_size=0 must be >= 1"),
     (["loss.name=ppo"], 1, r"loss.name: unknown loss 'ppo'; choose one of \['dapo', 'grpo', 'gspo', 'real', "),
     (["loss.hparams={tau: -1}"], 1, "loss.hparams: tau must be a positive"),
@@ -69,6 +69,38 @@ def test_impossible_configs_fail_before_start(overrides, world, message):
     hf = dict(QWEN_TINY, num_attention_heads=8, num_key_value_heads=4, intermediate_size=90)
     with pytest.raises(ConfigError, match=message):
         validate_config(cfg, world_size=world, hf_config=hf if "intermediate_size=90" in message else QWEN_TINY)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-0.1", "optim.lr=-0.1 must be > 0"),
+    ("optim.lr=.nan", "optim.lr=nan must be > 0"),
+    ("optim.adam_beta2=1.0", r"optim.adam_beta2=1.0 must be in \[0, 1\)"),
+    ("optim.weight_decay=-1", "optim.weight_decay=-1.0 must be >= 0"),
+    ("eval.samples=0", "eval.samples=0 must be >= 1 sample per problem"),
+    ("eval.max_prompts=-1", r"eval.max_prompts=-1 must be >= 0 \(0: every prompt of each file\)"),
+    ("eval.top_p=2", r"eval.top_p=2.0 must be in \(0, 1\]"),
+    ("reward.num_workers=0", "reward.num_workers=0 must be >= 1"),
+    ("reward.timeout_s=0", "reward.timeout_s=0.0 must be > 0 seconds"),
+    ("rollout.max_new_tokens=0", "rollout.max_new_tokens=0 must be >= 1"),
+    ("train.save_every=0", "train.save_every=0 must be >= 1"),
+    ("train.eval_every=-1", "train.eval_every=-1 must be >= 0"),
+    ("data.max_prompt_length=0", "data.max_prompt_length=0 must be >= 1 token"),
+    ("seed=-3", "seed=-3 must be >= 0"),
+])
+def test_every_numeric_value_is_checked_with_its_rule(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(load_config(None, [override]), world_size=1, hf_config=QWEN_TINY)
+
+
+def test_value_rules_name_a_commands_own_flags():
+    """``evaluate`` checks its flags with the config's rules, naming the flag."""
+    from real_megatron.config import EvalConfig, RunConfig, check_values
+
+    cfg = RunConfig(eval=EvalConfig(samples=0))
+    with pytest.raises(ConfigError, match=r"^--samples=0 must be >= 1"):
+        check_values(cfg, fields={"eval.samples"}, names={"eval.samples": "--samples"})
+    check_values(RunConfig(), fields={"eval.samples"})  # the defaults pass
+    check_values(RunConfig())
 
 
 def test_valid_layout_returns_dp():

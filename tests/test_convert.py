@@ -19,8 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from real_megatron.convert import (ConversionError, MegatronCheckpoint, hf_to_megatron, iter_hf_tensors,
-                                   load_hf_into, load_megatron_checkpoint_into, load_megatron_shards, megatron_to_hf)
+from real_megatron.convert import (
+    ConversionError,
+    MegatronCheckpoint,
+    hf_to_megatron,
+    iter_hf_tensors,
+    load_hf_into,
+    load_megatron_checkpoint_into,
+    load_megatron_shards,
+    megatron_to_hf,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "megatron_workers" / "convert_layouts.py"
@@ -771,7 +779,7 @@ def test_file_to_file_copy_falls_back_to_writes(tmp_path, monkeypatch):
     for allowed in (0, 3):
         calls = {"n": 0}
 
-        def refusing_sendfile(out_fd, in_fd, offset, count):
+        def refusing_sendfile(out_fd, in_fd, offset, count, calls=calls, allowed=allowed):
             calls["n"] += 1
             if calls["n"] > allowed:
                 raise OSError(22, "Invalid argument (simulated file system without sendfile)")

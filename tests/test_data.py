@@ -7,12 +7,18 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from real_megatron.data import (PROMPT_SUFFIX, PromptSampler, arithmetic_problems, arithmetic_texts, encode_prompt,
-                                ground_truth_candidates, load_prompts, normalize_ground_truth, train_task_tokenizer,
-                                write_arithmetic_task)
-
 from shared_data import shared_file  # tests/ is on sys.path under pytest
+
+from real_megatron.data import (
+    PROMPT_SUFFIX,
+    PromptSampler,
+    encode_prompt,
+    ground_truth_candidates,
+    load_prompts,
+    normalize_ground_truth,
+)
+from real_megatron.repro.arithmetic import arithmetic_problems, arithmetic_texts, write_arithmetic_task
+from real_megatron.repro.tokenizer import train_task_tokenizer
 
 ROWS = {"aime24": 30, "aime25": 30, "amc23": 83, "math500": 500, "minerva": 272, "olympiad_bench": 675,
         "dapo-math-17k": 17398}

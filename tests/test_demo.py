@@ -1,6 +1,6 @@
 """`real-megatron demo` end to end at the smallest size: the README's main command on the chain task.
 
-The demo's own settings (chain_recipe.py) with 2 warm-up steps and 1 RL step: every stage runs for real
+The demo's own settings (recipe.py) with 2 warm-up steps and 1 RL step: every stage runs for real
 (task files, tokenizer, random model, Megatron SFT, REAL training with the embedded engine and math-verify,
 per-level evaluations, the plot), so a broken stage fails here. The numbers of the full-size demo are
 measured by running it (README), not asserted.

@@ -66,7 +66,7 @@ def test_evaluate_cli_on_benchmark_shaped_files(tmp_path, warm_assets):
 
     bad = subprocess.run([sys.executable, "-m", "real_megatron", "evaluate", "--model", str(base), "--files",
                           str(tmp_path / "nope.parquet")], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "nope.parquet does not exist" in bad.stdout
+    assert bad.returncode == 2 and "nope.parquet does not exist" in bad.stderr
 
 
 def test_a_prompt_beyond_the_context_is_an_error_naming_file_and_row():
@@ -81,8 +81,8 @@ def test_a_prompt_beyond_the_context_is_an_error_naming_file_and_row():
     message = prompts_beyond_context(records, ids, 20, hf)  # only row 3 (110 + 20 = 130) does not fit
     assert message.startswith("bench.parquet: row 3: prompt of 110 tokens + --max-new-tokens 20: 110 + 20 = 130 "
                               "tokens exceeds the model's context (max_position_embeddings=128); 1 of 4 prompts")
-    assert message.endswith("Lower --max-new-tokens to <= 18 (the file's longest prompt is 110 tokens) or evaluate "
-                            "a model with a longer context")
+    assert message.endswith("1 of 4 prompts do not fit (the longest is 110 tokens). lower --max-new-tokens to <= 18 "
+                            "or --max-prompt-length (prompts longer are refused)")
     message = prompts_beyond_context(records, ids, 29, hf)  # rows 1 and 3; the first is named
     assert message.startswith("bench.parquet: row 1: prompt of 100 tokens") and "2 of 4 prompts" in message
 
@@ -94,5 +94,6 @@ def test_evaluate_cli_refuses_prompts_beyond_the_context_before_generating(tmp_p
                            "--files", str(assets["test"]), "--max-new-tokens", "120", "--out", str(tmp_path / "r")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert f"error: {assets['test']}: row 0: prompt of" in proc.stdout and "max_position_embeddings=128" in proc.stdout
+    assert f"error: {assets['test']}: row 0: prompt of" in proc.stderr and "max_position_embeddings=128" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # one line, no traceback
     assert not (tmp_path / "r").exists()

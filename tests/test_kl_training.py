@@ -47,7 +47,7 @@ def hf_logps(model, samples) -> list[torch.Tensor]:
 
 
 def k3_mean(logps, targets) -> float:
-    per_rollout = [((t - lp).exp() - (t - lp) - 1).mean() for lp, t in zip(logps, targets)]
+    per_rollout = [((t - lp).exp() - (t - lp) - 1).mean() for lp, t in zip(logps, targets, strict=True)]
     return float(torch.stack(per_rollout).mean())
 
 
@@ -61,6 +61,7 @@ def test_loss_kl_is_the_estimator_against_the_frozen_initial_policy(assets, loss
 
     from real_megatron.convert import iter_hf_tensors, load_hf_into
     from real_megatron.hf_model import read_hf_config
+    from real_megatron.losses import build_loss
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.optimizer import build_optimizer
     from real_megatron.megatron.policy import MegatronPolicy
@@ -71,20 +72,18 @@ def test_loss_kl_is_the_estimator_against_the_frozen_initial_policy(assets, loss
     initialize_parallel(hf_config=hf)
     chunks = build_model(hf, transformer_impl="local", wrap_ddp=True)
     load_hf_into(chunks, base)
-    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=1e-2), loss_name=loss, hparams=hparams,
+    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=1e-2), loss=build_loss(loss, hparams),
                             temperature=TEMPERATURE, max_tokens_per_micro_batch=256)
     samples = samples_for(hf["vocab_size"])
-    old, _ = policy.compute_logprobs(samples)
-    for s, lp in zip(samples, old):
-        s.old_logp, s.old_logp_version = lp, policy.version
+    policy.set_old_logprobs(samples)
     ref = None
     if hparams.get("kl_target", "ref") == "ref":
         ref = build_reference_policy(hf, load_weights=lambda c: load_hf_into(c, base), transformer_impl="local",
-                                     temperature=TEMPERATURE, loss_name=loss, max_tokens_per_micro_batch=256)
+                                     temperature=TEMPERATURE, max_tokens_per_micro_batch=256)
         assert parameter_bytes(ref.chunks) == sum(p.numel() * 4 for p in chunks[0].parameters())
         assert not any(p.requires_grad for p in ref.chunks[0].parameters())
         ref_logps, _ = ref.compute_logprobs(samples)
-        for s, lp in zip(samples, ref_logps):
+        for s, lp in zip(samples, ref_logps, strict=True):
             s.ref_logp = lp
 
     first = policy.train_step(samples)
@@ -103,7 +102,7 @@ def test_loss_kl_is_the_estimator_against_the_frozen_initial_policy(assets, loss
     assert math.isclose(second["loss/kl"], expected, rel_tol=1e-5), (second["loss/kl"], expected)
     if ref is not None:  # the reference model stayed frozen
         again, _ = ref.compute_logprobs(samples)
-        assert all(torch.equal(a, b) for a, b in zip(again, ref_logps))
+        assert all(torch.equal(a, b) for a, b in zip(again, ref_logps, strict=True))
 
 
 # ---------------------------------------------------------------------------------------- the trainer

@@ -1,32 +1,32 @@
-"""NeMo-Run launchers: each recipe x executor dry-runs to the expected torchrun command / sbatch script.
+"""NeMo-Run launchers (``real-megatron launch``, real_megatron/launch.py): each recipe x executor dry-runs to
+the expected torchrun command / sbatch script.
 
 No GPU and no Slurm here: nemo-run's dry run builds the real torchx request (the local Popen
 argument list, the sbatch script text) without executing it; these tests read those.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("launch", REPO / "examples" / "launch.py")
-launch = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(launch)
+from real_megatron import launch
+from real_megatron.config import ConfigError, load_config, validate_config
 
-from real_megatron.config import ConfigError, load_config, validate_config  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # Public model shapes (config.json of the two checkpoints): layouts are validated against them
 QWEN_1P5B = {"num_attention_heads": 12, "num_key_value_heads": 2, "num_hidden_layers": 28, "intermediate_size": 8960,
              "max_position_embeddings": 131072}
 QWEN_7B = {"num_attention_heads": 28, "num_key_value_heads": 4, "num_hidden_layers": 28, "intermediate_size": 18944,
            "max_position_embeddings": 131072}
-TINY = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 256,
-        "max_position_embeddings": 128}
+# tiny_cpu runs the demo's chain model (repro/recipe.py)
+TINY = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 3, "intermediate_size": 384,
+        "max_position_embeddings": 256}
 RECIPES = {"tiny_cpu": (TINY, 1), "real_1p5b": (QWEN_1P5B, 8), "real_7b": (QWEN_7B, 16)}
 
 
@@ -81,6 +81,22 @@ def test_recipes_load_and_validate_against_model_shapes(recipe):
         assert (cfg.optim.lr, cfg.train.steps) == expected
 
 
+def test_tiny_cpu_recipe_is_the_demos_rl_stage():
+    """examples/configs/tiny_cpu.yaml reads what `make demo` writes and repeats its RL stage: every setting
+    equals the demo's own (repro/recipe.py), apart from the run directory."""
+    from real_megatron.config import config_to_dict
+    from real_megatron.repro import recipe
+
+    demo = Path("runs/demo")
+    assets = recipe.ChainAssets(rl_train=demo / "task/data/train.parquet", warmup_train=demo / "task/data/warmup.parquet",
+                                eval_files=tuple(demo / f"task/data/level{k}.parquet" for k in range(1, 6)),
+                                base_model=demo / "task/base_model")
+    want = load_config(None, recipe.rl_overrides(assets, init_dir=demo / "warmup/hf", run_dir=Path("runs/tiny_cpu"),
+                                                 loss="real", seed=1))
+    got = load_config(REPO / "examples" / "configs" / "tiny_cpu.yaml")
+    assert config_to_dict(got) == config_to_dict(want)
+
+
 @pytest.mark.parametrize("loss", ["grpo", "dapo", "gspo", "real_bce"])
 def test_baselines_validate_by_loss_name(loss):
     cfg = load_config(REPO / "examples" / "configs" / "real_1p5b.yaml", [f"loss.name={loss}"])
@@ -127,9 +143,11 @@ def test_local_list_overrides_travel_in_a_resolved_config(tmp_path):
 
 
 def tiny_run_args(assets, run_dir, train_files):
+    # the one-step arithmetic assets: a 128-position model, so shorter prompts and responses than the recipe's
     return ["--recipe", "tiny_cpu", "--gpus", "2", f"model.hf_dir={assets['base']}", f"data.train_files={train_files}",
             f"data.eval_files=[{assets['test']}]", f"run_dir={run_dir}", "train.steps=1", "train.eval_every=0",
-            "logging.progress_bar=false", "train.rollout_batch_prompts=4", "train.mini_batch_prompts=4", "rollout.n=4"]
+            "logging.progress_bar=false", "train.rollout_batch_prompts=4", "train.mini_batch_prompts=4", "rollout.n=4",
+            "data.max_prompt_length=64", "rollout.max_new_tokens=24", "eval.max_new_tokens=24"]
 
 
 @pytest.mark.slow  # a real torchrun launch of a training step
@@ -285,3 +303,20 @@ def test_local_multi_node_needs_a_rendezvous_endpoint(capsys):
     assert launch.main(["--recipe", "tiny_cpu", "--gpus", "1", "--nnodes", "2", "--node-rank", "2",
                         "--rdzv-endpoint", "h:1", "--dryrun"]) == 2
     assert "--node-rank 2" in capsys.readouterr().err
+
+
+def test_entry_points_are_the_package_launcher(tmp_path):
+    """`real-megatron launch` and `python examples/launch.py` (a checkout, run from elsewhere) are the same
+    launcher: both dry-run to the same torchrun command."""
+    env = {**os.environ, "NEMORUN_HOME": str(tmp_path / "nemorun"), "PYTHONPATH": str(REPO)}
+    argv = ["--recipe", "tiny_cpu", "--gpus", "1", "--dryrun"]
+    outs = []
+    for cmd in ([sys.executable, "-m", "real_megatron", "launch", *argv],
+                [sys.executable, str(REPO / "examples" / "launch.py"), *argv]):
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        argv = shlex.split(done.stdout.strip().splitlines()[-1])
+        argv[argv.index("--rdzv-id") + 1] = "ID"  # nemo-run draws a fresh rendezvous id per launch
+        outs.append(argv)
+    assert outs[0] == outs[1] and outs[0][0] == "torchrun"

@@ -408,19 +408,38 @@ def test_ppo_hparam_validation():
 
 
 def test_loss_names_and_hyperparameters_have_one_registry():
-    """config validation, the Megatron hook (with its extra 'sft') and the launcher all ask these two."""
-    from real_megatron.losses import REAL_FAMILY, PPO_FAMILY, check_loss_name, resolve_hparams
+    """Config validation, the trainer and the launcher build the loss object here; its defaults live in its class."""
+    from real_megatron.losses import SFTLoss, build_loss, check_loss_name
 
-    assert sorted(LOSSES) == sorted(REAL_FAMILY + PPO_FAMILY)
+    assert sorted(LOSSES) == ["dapo", "grpo", "gspo", "real", "real_bce", "real_no_anchor"]
     for name in LOSSES:
         check_loss_name(name)
-        assert resolve_hparams(name, {}).keys() == LOSSES[name].keys()
-    check_loss_name("sft", extra=("sft",))
+        loss = build_loss(name, {})
+        assert loss.name == name and loss.hp.keys() == LOSSES[name].DEFAULTS.keys()
     with pytest.raises(ValueError, match=r"unknown loss 'sft'; choose one of \['dapo', 'grpo', 'gspo', 'real', "
                                          r"'real_bce', 'real_no_anchor'\]$"):
-        check_loss_name("sft")
-    with pytest.raises(ValueError, match=r"choose one of \[.*'real_no_anchor', 'sft'\]"):
-        check_loss_name("ppo", extra=("sft",))
-    assert resolve_hparams("grpo", {"clip_eps": 0.1})["clip_low"] == 0.1  # clip bounds default to clip_eps
+        check_loss_name("sft")  # the warm-up's loss is built by the SFT loop itself, never named in a config
+    assert SFTLoss().hp == {} and not SFTLoss().needs_old_logp
+    assert build_loss("grpo", {"clip_eps": 0.1}).hp["clip_low"] == 0.1  # clip bounds default to clip_eps
     with pytest.raises(ValueError, match="unknown loss 'ppo'"):
-        resolve_hparams("ppo", {})
+        build_loss("ppo", {})
+    # what a config cannot set says why (a part of a bigger batch passes the whole batch's value per call)
+    with pytest.raises(ValueError, match="normalizer cannot be set: the trainer sets the loss denominator"):
+        build_loss("real", {"normalizer": 3})
+    with pytest.raises(ValueError, match="advantages cannot be set: the trainer computes"):
+        build_loss("dapo", {"advantages": [1.0]})
+
+
+def test_the_loss_answers_what_the_glue_asks():
+    """Each property the Megatron glue branches on, per loss (the glue itself never asks a name)."""
+    from real_megatron.losses import SFTLoss, build_loss
+
+    table = {name: (build_loss(name).sequence_level, build_loss(name).couples_groups, build_loss(name).needs_reference)
+             for name in LOSSES}
+    assert table == {"real": (True, True, False), "real_no_anchor": (True, True, False),
+                     "real_bce": (True, True, False), "grpo": (False, False, True), "dapo": (False, False, False),
+                     "gspo": (True, False, False)}
+    sft = SFTLoss()
+    assert (sft.sequence_level, sft.couples_groups, sft.at_sampling_temperature, sft.diagnostics) == (False,) * 4
+    assert build_loss("real", {"kl_coef": 0.1}).needs_reference
+    assert not build_loss("real", {"kl_coef": 0.1, "kl_target": "old"}).needs_reference

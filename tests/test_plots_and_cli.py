@@ -5,10 +5,12 @@ import json
 import math
 import subprocess
 import sys
+from itertools import pairwise
 
 import pytest
 
-from real_megatron.plots import plot_run, plot_weights, read_metrics
+from real_megatron.plots import plot_run, read_metrics
+from real_megatron.repro.figures import plot_weights
 
 
 def test_figure1_curves_have_the_papers_shape(tmp_path):
@@ -18,12 +20,12 @@ def test_figure1_curves_have_the_papers_shape(tmp_path):
     s = c["s"]
     pos, neg = c["real_pos"], c["real_neg"]
     # REAL: positives decrease, negatives increase, both strictly inside (0, 1/τ)
-    assert all(a > b for a, b in zip(pos, pos[1:])) and all(a < b for a, b in zip(neg, neg[1:]))
+    assert all(a > b for a, b in pairwise(pos)) and all(a < b for a, b in pairwise(neg))
     assert max(pos + neg) < 2.0 and min(pos + neg) > 0
     zero = s.index(0.0)
     assert math.isclose(pos[zero], 2.0 / 5, rel_tol=1e-9)  # (1/τ)/(1 + C+) at s̄ = 0
     # GRPO: |A e^s| inside the clip range, 0 outside; negatives unbounded
-    for x, gp, gn in zip(s, c["grpo_pos"], c["grpo_neg"]):
+    for x, gp, gn in zip(s, c["grpo_pos"], c["grpo_neg"], strict=True):
         assert math.isclose(gp, math.exp(x) if x < math.log(1.2) else 0.0, abs_tol=1e-12)
         assert math.isclose(gn, math.exp(x) if x > math.log(0.8) else 0.0, abs_tol=1e-12)
 
@@ -48,3 +50,19 @@ def test_cli_help_and_unknown_command():
     assert ok.returncode == 0 and "plot-weights" in ok.stdout and "train" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "real_megatron", "trian"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr
+
+
+def test_step_times_stack_the_trainers_phases_per_rollout_step():
+    from real_megatron.plots import step_times
+
+    sync = [{"step": 1, "rollout_step": 1, "time/rollout_s": 2.0, "time/reward_s": 0.5, "time/logprob_s": 0.3,
+             "time/update_s": 0.4, "time/sync_s": 0.0},
+            {"step": 2, "rollout_step": 1, "time/rollout_s": 0.0, "time/reward_s": 0.0, "time/logprob_s": 0.0,
+             "time/update_s": 0.5, "time/sync_s": 0.1}]
+    got = step_times(sync)[1]
+    assert got["waiting for rollouts"] == 2.5 and got["generation"] == 2.5  # the synchronous loop waits it all
+    assert got["updates"] == 0.9 and got["old log-probs"] == 0.3 and got["weight sync"] == 0.1
+    ahead = [{**row, "time/wait_rollout_s": wait} for row, wait in zip(sync, (0.2, 0.0), strict=True)]
+    got = step_times(ahead)[1]
+    assert got["waiting for rollouts"] == 0.2 and got["generation"] == 2.5  # overlapped: only the wait
+    assert step_times([{"step": 0, "eval/pass@1": 0.5}]) == {}  # the evaluation before training has no step

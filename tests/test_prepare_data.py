@@ -8,7 +8,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from shared_data import shared_file  # tests/ is on sys.path under pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,4 +120,6 @@ def test_bad_inputs_are_clear(tmp_path, capsys):
     assert "nothing is downloaded" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unsupported suffix"):
         prep.read_rows(tmp_path / "x.csv") if (tmp_path / "x.csv").write_text("a") else None
-    assert prep.last_boxed("a \\boxed{x^{2}} b \\boxed{ {3} }") == "{3}"
+    # a worked solution's answer is found by the reward's own rule: the last box, \\fbox included
+    assert prep.normalize_answer("a \\boxed{x^{2}} b \\boxed{ {3} }", "solution", "w") == "{3}"
+    assert prep.normalize_answer("so \\fbox{$12$}", "solution", "w") == "12"

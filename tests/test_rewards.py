@@ -6,12 +6,11 @@ import random
 import time
 
 import pytest
+from reward_faults import CRASH_EXIT_CODE, crash_on_marker, hang_on_marker  # tests/ is on sys.path under pytest
+from shared_data import shared_file
 
 from real_megatron.data import load_prompts
 from real_megatron.rewards import RewardPool, extract_answer, math_reward
-
-from reward_faults import CRASH_EXIT_CODE, crash_on_marker, hang_on_marker  # tests/ is on sys.path under pytest
-from shared_data import shared_file
 
 BENCHMARKS = ["aime24", "aime25", "amc23", "math500", "minerva", "olympiad_bench"]
 DAPO_SAMPLE = 300
@@ -126,7 +125,7 @@ def test_pool_scores_like_math_reward(pool):
     responses = ["\\boxed{7}", "\\boxed{8}", "<think>\\boxed{1}</think>\\boxed{2}", "\\boxed{\\frac12}"] * 3
     truths = ["7", 7, "2", ["0.5"]] * 3
     rewards, stats = pool.score(responses, truths)
-    assert rewards == [math_reward(r, t) for r, t in zip(responses, truths)] == [1.0, 0.0, 1.0, 1.0] * 3
+    assert rewards == [math_reward(r, t) for r, t in zip(responses, truths, strict=True)] == [1.0, 0.0, 1.0, 1.0] * 3
     assert stats["timeouts"] == stats["crashes"] == stats["restarts"] == 0 and stats["num"] == 12
     assert pool.score([], []) == ([], pytest.approx({**dict.fromkeys(stats, 0), "time_s": pytest.approx(0, abs=1)}))
     with pytest.raises(ValueError, match="2 responses but 1 ground truths"):

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sglang_standin  # noqa: E402
+
 from real_megatron.rollout.base import RolloutEngineError, SamplingParams  # noqa: E402
 from real_megatron.rollout.sglang_client import SGLangServer, parse_version  # noqa: E402
 from real_megatron.rollout.sglang_engine import SGLangEngine, SGLangError, split_prompts  # noqa: E402
@@ -199,7 +200,7 @@ class FakeEngine:
     def generate(self, input_ids=None, sampling_params=None, return_logprob=False):
         self.calls.append(("generate", len(input_ids)))
         outs = []
-        for ids, sp in zip(input_ids, sampling_params):
+        for ids, sp in zip(input_ids, sampling_params, strict=True):
             toks = [ids[-1] + 1, EOS] if sp["sampling_seed"] % 2 == 0 else [7] * sp["max_new_tokens"]
             reason = {"type": "stop", "matched": EOS} if toks[-1] == EOS else {"type": "length",
                                                                               "length": len(toks)}

@@ -46,7 +46,7 @@ def two_servers(random_assets, tmp_path_factory):
 def serves(url, eos, reference, state):
     got = SGLangEngine(url, eos_token_id=eos).generate(PROMPTS, 1, GREEDY)
     want = reference.greedy(state, PROMPTS, GREEDY.max_new_tokens)
-    return all(c.token_ids == ids for c, (ids, _) in zip(got, want))
+    return all(c.token_ids == ids for c, (ids, _) in zip(got, want, strict=True))
 
 
 def test_rollouts_from_both_and_every_sync_reaches_both(two_servers, random_assets, monkeypatch):

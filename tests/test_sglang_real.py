@@ -18,10 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sglang_server  # noqa: E402
-from real_megatron.weight_buckets import iter_buckets  # noqa: E402
+
 from real_megatron.rollout.base import SamplingParams  # noqa: E402
 from real_megatron.rollout.sglang_client import SGLangError  # noqa: E402
 from real_megatron.rollout.sglang_engine import SGLangEngine  # noqa: E402
+from real_megatron.weight_buckets import iter_buckets  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a real server: minutes, not seconds
 PROMPTS = [[5, 17, 42, 8], [3, 9], [11, 12, 13, 14, 15, 16], [100, 7, 7]]
@@ -81,7 +82,7 @@ def assert_serves(server, engine: SGLangEngine, state: dict | None = None) -> No
     state = server.weights if state is None else state
     got = engine.generate(PROMPTS, 1, GREEDY)
     want = server.reference.greedy(state, PROMPTS, GREEDY.max_new_tokens)
-    for k, (c, (ids, lps)) in enumerate(zip(got, want)):
+    for k, (c, (ids, lps)) in enumerate(zip(got, want, strict=True)):
         assert c.token_ids == ids, f"prompt {k}: SGLang {c.token_ids} vs transformers {ids}"
         if c.logprobs is not None:
             assert torch.allclose(torch.tensor(c.logprobs), torch.tensor(lps), atol=1e-3), (k, c.logprobs, lps)

@@ -58,7 +58,7 @@ def launch(args, env, timeout=600) -> subprocess.CompletedProcess:
 def assert_same_training(reference: Path, other: Path, what: str):
     ref_rows, rows = rows_of(reference), rows_of(other)
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows], f"{what}: steps differ"
-    for a, b in zip(ref_rows, rows):
+    for a, b in zip(ref_rows, rows, strict=True):
         a, b = deterministic(a), deterministic(b)
         assert a.keys() == b.keys(), f"{what}: step {a['step']} keys differ"
         for key in a:
@@ -125,7 +125,7 @@ def test_rendezvous_two_torchrun_nodes_equal_single_node_dp2(assets, tmp_path, s
                 node.kill()
     codes = [node.returncode for node in nodes]
     assert codes == [0, 0], "\n".join(f"node {rank} exited {code}:\n{out[-3000:]}"
-                                      for rank, (code, out) in enumerate(zip(codes, outputs)))
+                                      for rank, (code, out) in enumerate(zip(codes, outputs, strict=True)))
     print(f"two-node rendezvous run: {time.monotonic() - t0:.1f} s")
     assert_same_training(single_node_dp2, run_dir, "2 torchrun nodes x 1 process")
 

@@ -26,16 +26,17 @@ the ground truth).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
-INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+from real_megatron.arguments import ArgumentParser, count
+from real_megatron.data import PROMPT_SUFFIX as INSTRUCTION  # the package's prompt form, written once
+from real_megatron.data import normalize_ground_truth, write_table_atomic
+from real_megatron.rewards.math_reward import last_boxed_answer
+
 PROBLEM_FIELDS = ("problem", "question", "prompt")
 ANSWER_FIELDS = ("answer", "ground_truth", "final_answer", "solution")
 LIST_KEYS = ("data", "rows", "problems", "examples")
@@ -92,48 +93,20 @@ def read_rows(path: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- one row
 
 
-def last_boxed(text: str) -> str | None:
-    r"""The content of the last ``\boxed{...}`` (balanced braces), or None."""
-    start = text.rfind("\\boxed")
-    while start != -1:
-        i = start + len("\\boxed")
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            depth, j = 0, i
-            while j < len(text):
-                if text[j] == "{":
-                    depth += 1
-                elif text[j] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1:j].strip()
-                j += 1
-        start = text.rfind("\\boxed", 0, start)
-    return None
-
-
 def normalize_answer(value, field: str, where: str) -> str:
-    """str / int / float / one-element list -> str, as the verifier compares strings."""
-    if isinstance(value, (list, tuple)):
-        items = [v for v in value if v is not None and str(v).strip()]
-        if not items:
-            raise BadRow(f"{where}: field {field!r} is an empty list", "missing_answer")
-        value = items[0]  # Minerva/OlympiadBench ship [answer]
-    if isinstance(value, bool) or value is None:
+    """A field's answer as the string the verifier compares: the package's ``normalize_ground_truth`` (lists,
+    integral floats, ``$`` delimiters), after the reward's own ``\\boxed`` rule for a worked ``solution``."""
+    if isinstance(value, bool):
         raise BadRow(f"{where}: field {field!r} is {value!r}, not an answer", "missing_answer")
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise BadRow(f"{where}: field {field!r} is {value}", "missing_answer")
-        value = int(value) if value.is_integer() else value  # 142.0 -> "142"
-    text = str(value).strip()
-    if field == "solution":
-        boxed = last_boxed(text)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRow(f"{where}: field {field!r} is {value}", "missing_answer")
+    if field == "solution" and isinstance(value, str):
+        boxed = last_boxed_answer(value)
         if boxed is None:
             raise BadRow(f"{where}: field 'solution' has no \\boxed{{...}} final answer; add an 'answer' field",
                          "missing_answer")
-        text = boxed
-    text = text.strip().strip("$").strip()
+        value = boxed
+    text = normalize_ground_truth(value)
     if not text:
         raise BadRow(f"{where}: field {field!r} is empty", "missing_answer")
     return text
@@ -202,7 +175,6 @@ def convert_rows(rows, *, source: str, data_source: str, split: str, skip_bad_ro
 
 def write_parquet_atomic(rows: list[dict], path: Path) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     schema = pa.schema([
         ("data_source", pa.string()),
@@ -211,23 +183,15 @@ def write_parquet_atomic(rows: list[dict], path: Path) -> None:
         ("reward_model", pa.struct([("ground_truth", pa.string()), ("style", pa.string())])),
         ("extra_info", pa.struct([("index", pa.int64()), ("split", pa.string())])),
     ])
-    table = pa.Table.from_pylist(rows, schema=schema)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the whole new one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_table_atomic(pa.Table.from_pylist(rows, schema=schema), path)
 
 
 def prepare(inputs, output, *, data_source: str = "", split: str = "train", skip_bad_rows: bool = False,
             limit: int = 0) -> dict:
-    """Convert ``inputs`` (one or more files) into one parquet at ``output``; returns a summary dict."""
+    """Convert ``inputs`` (one or more files) into one parquet at ``output``; returns a summary dict.
+    ``limit``: keep the first rows only (0: all)."""
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0 (0: all), got {limit}")
     all_rows, skipped = [], Counter()
     for inp in inputs:
         inp = Path(inp)
@@ -246,12 +210,12 @@ def prepare(inputs, output, *, data_source: str = "", split: str = "train", skip
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n")[0])
     p.add_argument("inputs", nargs="+", help="input files (.json, .jsonl, .parquet); the last positional is the output")
     p.add_argument("--data-source", default="", help="data_source for every row (default: the row's own, else '')")
     p.add_argument("--split", default="train", help="extra_info.split (train / test)")
     p.add_argument("--skip-bad-rows", action="store_true", help="drop rows without a problem/answer and count them")
-    p.add_argument("--limit", type=int, default=0, help="keep at most this many rows (0: all)")
+    p.add_argument("--limit", type=count, default=0, help="keep at most this many rows (0: all)")
     args = p.parse_args(argv)
     if len(args.inputs) < 2:
         p.error("give at least one input file and the output .parquet")

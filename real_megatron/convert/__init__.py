@@ -16,10 +16,15 @@ The Megatron checkpoint format and why it is not dist_checkpointing: ``megatron_
 The name/tensor mapping: ``mapping.py``. CLI: ``real-megatron convert hf-to-megatron|megatron-to-hf``
 and ``checkpoints_convert/*.py``.
 """
-from real_megatron.convert.offline import hf_to_megatron, megatron_to_hf
 from real_megatron.convert.mapping import ConversionError
 from real_megatron.convert.megatron_format import FORMAT, MegatronCheckpoint, load_megatron_shards
-from real_megatron.convert.model_io import iter_hf_tensors, load_hf_into, load_megatron_checkpoint_into, save_hf_from_model
+from real_megatron.convert.model_io import (
+    iter_hf_tensors,
+    load_hf_into,
+    load_megatron_checkpoint_into,
+    save_hf_from_model,
+)
+from real_megatron.convert.offline import hf_to_megatron, megatron_to_hf
 from real_megatron.weight_buckets import DEFAULT_BUCKET_BYTES, iter_buckets
 
 __all__ = [

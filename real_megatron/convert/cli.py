@@ -9,6 +9,8 @@ import argparse
 import sys
 import time
 
+from real_megatron.arguments import ArgumentParser
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -19,7 +21,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def hf_to_megatron_parser(prog: str = "real-megatron convert hf-to-megatron") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="HF Qwen2/Llama directory -> real-megatron/v1 checkpoint")
+    p = ArgumentParser(prog=prog, description="HF Qwen2/Llama directory -> real-megatron/v1 checkpoint")
     p.add_argument("--hf-dir", required=True, help="HF model directory (config.json + *.safetensors)")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the saved shards (default 1)")
@@ -31,7 +33,7 @@ def hf_to_megatron_parser(prog: str = "real-megatron convert hf-to-megatron") ->
 
 
 def megatron_to_hf_parser(prog: str = "real-megatron convert megatron-to-hf") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="real-megatron/v1 checkpoint (any TP/PP) -> HF directory")
+    p = ArgumentParser(prog=prog, description="real-megatron/v1 checkpoint (any TP/PP) -> HF directory")
     p.add_argument("--megatron-dir", required=True, help="checkpoint written by hf-to-megatron")
     p.add_argument("--out", required=True, help="output HF directory (must not exist unless --overwrite)")
     p.add_argument("--hf-config-from", default=None,

@@ -182,7 +182,7 @@ class HFShardedWriter:
         self.names = [SINGLE] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
         self.plan = files
         self.total_size = sum(nbytes(e[2], e[1]) for e in entries)
-        self.weight_map = {e[0]: fname for fname, group in zip(self.names, files) for e in group}
+        self.weight_map = {e[0]: fname for fname, group in zip(self.names, files, strict=True) for e in group}
         self._file = -1
         self._left = 0
         self._writer: SafetensorsWriter | None = None

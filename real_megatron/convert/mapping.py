@@ -162,7 +162,7 @@ def megatron_to_hf_blocks(meg_name: str, tensor: torch.Tensor, hf: dict) -> list
     """The HF (name, row blocks) pairs of one full Megatron tensor; the blocks are views of ``tensor``."""
     names = hf_names(meg_name)
     if meg_name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
-        return list(zip(names, split_qkv_blocks(tensor, model_dims(hf))))
+        return list(zip(names, split_qkv_blocks(tensor, model_dims(hf)), strict=True))
     if meg_name.endswith("linear_fc1.weight"):
         gate, up = tensor.chunk(2, dim=0)
         return [(names[0], [gate]), (names[1], [up])]
@@ -185,7 +185,7 @@ def hf_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
             rest = tuple(shape[1:])
             kv = dims["groups"] * dims["head_dim"]
             sizes = (dims["heads"] * dims["head_dim"], kv, kv)
-            out.update({n: (s, *rest) for n, s in zip(names, sizes)})
+            out.update({n: (s, *rest) for n, s in zip(names, sizes, strict=True)})
         elif meg.endswith("linear_fc1.weight"):
             out.update({n: (shape[0] // 2, *shape[1:]) for n in names})
         else:

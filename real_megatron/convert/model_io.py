@@ -9,8 +9,8 @@
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -186,9 +186,9 @@ def save_hf_from_model(model_chunks, out_dir, *, side_files_from, hf_config=None
     keeps some parameters (norms) in float32, a HF bf16 checkpoint has them in bf16.
     """
     from real_megatron.convert.atomic import atomic_dir
+    from real_megatron.convert.hf_io import parse_size
     from real_megatron.convert.offline import hf_entries, write_hf_config, write_hf_dir
     from real_megatron.dtypes import dtype_name
-    from real_megatron.convert.hf_io import parse_size
 
     chunk = _as_list(model_chunks)[0]
     hf = _model_hf(chunk, hf_config)

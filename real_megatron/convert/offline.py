@@ -15,8 +15,16 @@ import torch
 
 from real_megatron.convert.atomic import atomic_dir, check_output
 from real_megatron.convert.hf_io import HFCheckpoint, HFShardedWriter, copy_side_files, parse_size
-from real_megatron.convert.mapping import (ConversionError, check_conversion_layout, hf_names, hf_shapes,
-                                           hf_to_megatron_blocks, megatron_to_hf_blocks, model_dims, read_config)
+from real_megatron.convert.mapping import (
+    ConversionError,
+    check_conversion_layout,
+    hf_names,
+    hf_shapes,
+    hf_to_megatron_blocks,
+    megatron_to_hf_blocks,
+    model_dims,
+    read_config,
+)
 from real_megatron.convert.megatron_format import HF_SUBDIR, MegatronCheckpoint, write_meta, write_shards
 from real_megatron.convert.st_io import nbytes, prefetch
 from real_megatron.dtypes import SHORT_NAMES, dtype_name, torch_dtype

@@ -29,8 +29,9 @@ import queue
 import struct
 import threading
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, TypeVar
+from typing import TypeVar
 
 import torch
 

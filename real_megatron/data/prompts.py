@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 # The paper's instruction (docs/method.md §4), appended to the problem text.
 PROMPT_SUFFIX = "Let's think step by step and output the final answer within \\boxed{}."

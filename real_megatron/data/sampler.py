@@ -8,7 +8,7 @@ batch an uninterrupted run would have drawn next.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class PromptSampler:

@@ -1,15 +1,21 @@
 """Policy losses for RLVR, in pure PyTorch (no Megatron import): REAL and its baselines.
 
-Public API::
+A loss is an object (``base.PolicyLoss``), built once from its name and hyperparameters::
+
+    from real_megatron.losses import build_loss
+    loss = build_loss("real", {"tau": 0.5})            # the defaults are the paper's settings
+    value, metrics = loss.loss(logp=logp, old_logp=old_logp, mask=mask, rewards=rewards, group_ids=group_ids)
+
+The functional form by name (``dispatch.py``) builds the object and asks it::
 
     from real_megatron.losses import sequence_scores, policy_loss, LOSSES
     s = sequence_scores(logp, old_logp, mask)              # [N,T] x3 -> [N]
     loss, metrics = policy_loss(name, logp=logp, old_logp=old_logp, mask=mask,
                                 rewards=rewards, group_ids=group_ids, **hparams)
 
-``LOSSES`` maps each name to its hyperparameters and their defaults (``hparams.py``, with
-``check_loss_name`` and ``resolve_hparams``); the entry points are in ``dispatch.py``; the formulas
-in ``real.py`` (REAL, REAL-no-anchor, REAL-BCE) and ``ppo.py`` (GRPO, DAPO, GSPO).
+``LOSSES`` maps each name to its class (``registry.py``); the formulas are in ``real.py`` (REAL,
+REAL-no-anchor, REAL-BCE) and ``ppo.py`` (GRPO, DAPO, GSPO), the KL penalty in ``kl.py``, the SFT
+warm-up's cross-entropy in ``sft.py``.
 
 Splitting a batch (micro-batches, data-parallel ranks) exactly:
 
@@ -21,6 +27,7 @@ Splitting a batch (micro-batches, data-parallel ranks) exactly:
   current parameters; then ∂L/∂θ = Σ_k w_k ∂s̄_k/∂θ, i.e. each part back-propagates
   ``(w * sequence_scores(...)).sum()`` over its own rollouts.
 """
+from real_megatron.losses.base import MicroBatch, PolicyLoss
 from real_megatron.losses.common import sequence_scores
 from real_megatron.losses.dispatch import (
     loss_normalizer,
@@ -29,22 +36,22 @@ from real_megatron.losses.dispatch import (
     score_weights,
     zero_gradient_rollouts,
 )
-from real_megatron.losses.hparams import LOSSES, SEQUENCE_LEVEL, check_loss_name, resolve_hparams
-from real_megatron.losses.ppo import PPO_FAMILY, group_advantages
-from real_megatron.losses.real import REAL_FAMILY
+from real_megatron.losses.ppo import group_advantages
+from real_megatron.losses.registry import LOSSES, build_loss, check_loss_name
+from real_megatron.losses.sft import SFTLoss
 
 __all__ = [
     "LOSSES",
-    "policy_loss",
-    "sequence_scores",
-    "score_weights",
+    "MicroBatch",
+    "PolicyLoss",
+    "SFTLoss",
+    "build_loss",
+    "check_loss_name",
     "group_advantages",
     "loss_normalizer",
+    "policy_loss",
     "policy_loss_from_scores",
-    "check_loss_name",
-    "resolve_hparams",
-    "SEQUENCE_LEVEL",
-    "REAL_FAMILY",
-    "PPO_FAMILY",
+    "score_weights",
+    "sequence_scores",
     "zero_gradient_rollouts",
 ]

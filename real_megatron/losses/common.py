@@ -10,6 +10,7 @@ Conventions used across the loss library:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,7 @@ class Groups:
     sizes: torch.Tensor  # [count] long
 
     @classmethod
-    def from_ids(cls, group_ids: torch.Tensor) -> "Groups":
+    def from_ids(cls, group_ids: torch.Tensor) -> Groups:
         _, index = torch.unique(group_ids, return_inverse=True)
         count = int(index.max().item()) + 1
         sizes = torch.bincount(index, minlength=count)
@@ -102,3 +103,47 @@ def sequence_scores(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tens
 def masked_token_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum over response tokens per row, ignoring whatever sits at padded positions."""
     return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(dim=1)
+
+
+def check_sequence_lengths(sequence_lengths, rewards: torch.Tensor) -> None:
+    """``sequence_lengths`` (None, or ``[N]`` positive: each rollout's full response length) fits ``rewards``."""
+    if sequence_lengths is not None and (sequence_lengths.shape != rewards.shape or (sequence_lengths <= 0).any()):
+        raise ValueError(f"sequence_lengths must be positive, one per rollout ({rewards.shape[0]})")
+
+
+def check_denominator(value, name: str) -> None:
+    """A per-call denominator override (``normalizer``, ``num_groups``): None or a positive finite number."""
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number (the whole batch's denominator), got {value!r}")
+
+
+def score_inputs(scores, rewards: torch.Tensor, group_ids: torch.Tensor, loss) -> tuple[Groups, torch.Tensor]:
+    """Check per-rollout scores s̄ ``[N]`` (finite) with their rewards and groups; return the groups and
+    ``loss``'s positives."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
+        raise ValueError(f"scores must be a 1-D tensor [N], got {getattr(scores, 'shape', type(scores).__name__)}")
+    finite = torch.isfinite(scores.detach())
+    if not finite.all():
+        raise ValueError(f"scores[{int((~finite).nonzero()[0])}] is not finite")
+    check_rollout_tensors(scores.shape[0], rewards, group_ids)
+    return Groups.from_ids(group_ids.to(scores.device)), loss.positive(rewards.to(scores.device))
+
+
+def group_metrics(scores: torch.Tensor, positive: torch.Tensor, groups: Groups) -> dict[str, float]:
+    """Group counts and the mean score of positives and negatives (every loss reports them)."""
+    num_pos = groups.sum(positive.to(torch.long))
+    solved_all = int((num_pos == groups.sizes).sum())
+    solved_none = int((num_pos == 0).sum())
+    metrics = {
+        "num_groups": float(groups.count),
+        "num_rollouts": float(scores.numel()),
+        "solved_all_groups": float(solved_all),
+        "solved_none_groups": float(solved_none),
+        "mixed_group_fraction": float(groups.count - solved_all - solved_none) / groups.count,
+    }
+    s = scores.detach()
+    if positive.any():
+        metrics["score_mean_pos"] = float(s[positive].mean())
+    if (~positive).any():
+        metrics["score_mean_neg"] = float(s[~positive].mean())
+    return metrics

@@ -41,7 +41,7 @@ def ratio_fractions(counts: torch.Tensor) -> dict[str, float]:
     total = float(counts.sum())
     if total == 0:
         return {}
-    out = {name: float(c) / total for name, c in zip(RATIO_BIN_NAMES, counts.tolist())}
+    out = {name: float(c) / total for name, c in zip(RATIO_BIN_NAMES, counts.tolist(), strict=True)}
     out["ratio_tokens"] = total
     return out
 

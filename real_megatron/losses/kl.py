@@ -16,12 +16,13 @@ per-rollout token mean; for REAL it is added to L_REAL: ``L = L_REAL + kl_coef Â
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from real_megatron.losses.common import masked_token_sum
 
 KL_TARGETS = ("ref", "old")
-KL_LOSSES = ("grpo", "real", "real_no_anchor", "real_bce")  # the losses that accept kl_coef / kl_target
 
 
 def k3_tokens(logp: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -41,21 +42,38 @@ def kl_per_rollout(logp: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     return masked_token_sum(k3_tokens(logp, target, mask), mask) / lengths.to(logp.dtype)
 
 
-def kl_target_of(hp: dict, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, name: str):
-    """The target log-probs for ``hp["kl_target"]``, or None when the KL term is off (``kl_coef`` = 0).
+class KLPenalty:
+    """A loss's KL term: ``coef`` (0: off) toward ``target`` ("ref" | "old"), checked on construction."""
 
-    GRPO keeps its historic contract (no ``ref_logp``: no KL term); the REAL family insists on
-    ``ref_logp`` when asked for KL to the reference, since silently dropping it is a different loss."""
-    if hp.get("kl_coef", 0.0) == 0.0:
-        return None
-    if hp["kl_target"] == "old":
-        return old_logp
-    if ref_logp is None and name != "grpo":
-        raise ValueError(f"{name} with kl_coef={hp['kl_coef']} and kl_target='ref' needs ref_logp (the "
-                         "reference model's log-probs); pass ref_logp or use kl_target='old'")
-    return ref_logp
+    def __init__(self, coef, target: str):
+        if isinstance(coef, bool) or not (isinstance(coef, (int, float)) and math.isfinite(coef) and coef >= 0):
+            raise ValueError(f"kl_coef must be a finite number >= 0 (0: no KL term), got {coef!r}")
+        if target not in KL_TARGETS:
+            raise ValueError(f"kl_target must be one of {KL_TARGETS} ('ref': the frozen initial model, "
+                             f"'old': Ï€_old), got {target!r}")
+        self.coef = coef
+        self.target = target
 
+    @property
+    def needs_reference(self) -> bool:
+        """Training needs the frozen reference model's log-probs."""
+        return self.coef != 0.0 and self.target == "ref"
 
-def needs_reference_model(name: str, hp: dict) -> bool:
-    """Whether loss ``name`` with resolved hyperparameters ``hp`` trains on reference log-probs."""
-    return name in KL_LOSSES and hp.get("kl_coef", 0.0) != 0.0 and hp.get("kl_target") == "ref"
+    def applies(self, has_ref: bool) -> bool:
+        """The term is on for samples with (``has_ref``) or without reference log-probs (a ``"ref"`` term
+        without them is off, or an error where the loss insists on it: ``target_of``)."""
+        return self.coef != 0.0 and (self.target == "old" or has_ref)
+
+    def target_of(self, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, *, strict: bool, loss: str):
+        """The target log-probs, or None when the term is off.
+
+        A ``strict`` loss (the REAL family) insists on ``ref_logp`` when asked for KL to the reference:
+        silently dropping the term would be a different loss. GRPO (not strict) has no KL term then."""
+        if self.coef == 0.0:
+            return None
+        if self.target == "old":
+            return old_logp
+        if ref_logp is None and strict:
+            raise ValueError(f"{loss} with kl_coef={self.coef} and kl_target='ref' needs ref_logp (the "
+                             "reference model's log-probs); pass ref_logp or use kl_target='old'")
+        return ref_logp

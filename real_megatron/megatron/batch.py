@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 
@@ -49,7 +50,9 @@ ATTENTION_COST_TOKENS = 16384
 @dataclass
 class Sample:
     """One tokenised rollout. ``old_logp``: one value per response token (None until computed);
-    ``old_logp_version``: ``PolicyTrainer.version`` when ``old_logp`` was computed (None: unknown)."""
+    ``old_logp_version``: the policy's ``version`` when ``MegatronPolicy.set_old_logprobs`` computed it
+    (None: unknown); ``ref_logp``: the reference model's, when the loss has a KL to it; ``engine_logp``:
+    the rollout engine's own per-token log-probs (a drift metric; None when the engine gives none)."""
 
     prompt_ids: list
     response_ids: list
@@ -58,6 +61,7 @@ class Sample:
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     old_logp_version: int | None = None
+    engine_logp: list | None = None
 
     @property
     def length(self) -> int:
@@ -198,8 +202,10 @@ def plan_micro_batches(samples: list[Sample], *, dp_size: int, max_tokens_per_mi
 
 
 def build_micro_batch(samples: list[Sample], indices: list[int], *, align: int = 1, row_length: int | None = None,
-                      pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """One packed row ``[1, S]`` holding ``indices`` back to back (full length, before any CP split)."""
+                      pad_id: int = 0, behaviour: bool = False) -> dict[str, torch.Tensor]:
+    """One packed row ``[1, S]`` holding ``indices`` back to back (full length, before any CP split).
+    ``behaviour``: add ``behaviour_logp`` (each sample's ``engine_logp``, aligned with the labels) for a loss that
+    corrects for the behaviour policy."""
     slots = [aligned_length(samples[i].length, align) for i in indices]
     used = sum(slots)
     seq_len = row_length if row_length is not None else (used or align)
@@ -213,9 +219,10 @@ def build_micro_batch(samples: list[Sample], indices: list[int], *, align: int =
     old_logp = torch.zeros(1, seq_len, dtype=torch.float32)
     has_ref = any(samples[i].ref_logp is not None for i in indices)
     ref_logp = torch.zeros(1, seq_len, dtype=torch.float32)
+    behaviour_logp = torch.zeros(1, seq_len, dtype=torch.float32) if behaviour else None
     bounds = [0]
     start = 0
-    for slot, (i, width) in enumerate(zip(indices, slots)):
+    for slot, (i, width) in enumerate(zip(indices, slots, strict=True)):
         s = samples[i]
         p, r = len(s.prompt_ids), len(s.response_ids)
         ids = torch.tensor(list(s.prompt_ids) + list(s.response_ids), dtype=torch.long)
@@ -229,6 +236,11 @@ def build_micro_batch(samples: list[Sample], indices: list[int], *, align: int =
             old_logp[0, start + p - 1:start + p + r - 1] = s.old_logp.to(torch.float32)
         if s.ref_logp is not None:
             ref_logp[0, start + p - 1:start + p + r - 1] = s.ref_logp.to(torch.float32)
+        if behaviour:
+            if s.engine_logp is None or len(s.engine_logp) != r:
+                raise ValueError(f"sample {i} has no engine log-probs for its {r} response tokens: correcting for the "
+                                 "behaviour policy needs them (the rollout engine returns them with each response)")
+            behaviour_logp[0, start + p - 1:start + p + r - 1] = torch.as_tensor(s.engine_logp, dtype=torch.float32)
         start += width
         bounds.append(start)
     if start < seq_len:  # row padding: one more block, positions restart there too
@@ -241,8 +253,10 @@ def build_micro_batch(samples: list[Sample], indices: list[int], *, align: int =
         "sample_index": torch.tensor(list(indices), dtype=torch.long),
         "cu_seqlens": cu_seqlens, "max_seqlen": (cu_seqlens[1:] - cu_seqlens[:-1]).max().reshape(1),
     }
-    if has_ref:  # only GRPO's KL term reads it
+    if has_ref:  # only the KL term toward the reference model reads it
         batch["ref_logp"] = ref_logp
+    if behaviour:
+        batch["behaviour_logp"] = behaviour_logp
     return batch
 
 
@@ -261,7 +275,7 @@ def cp_chunk_indices(seq_len: int, cp: int, cp_rank: int) -> torch.Tensor:
 def cp_row_indices(cu_seqlens: torch.Tensor, cp: int, cp_rank: int) -> torch.Tensor:
     """Positions of a packed row CP rank ``cp_rank`` keeps: its two chunks of every block (THD CP)."""
     bounds = cu_seqlens.tolist()
-    return torch.cat([start + cp_chunk_indices(stop - start, cp, cp_rank) for start, stop in zip(bounds, bounds[1:])])
+    return torch.cat([start + cp_chunk_indices(stop - start, cp, cp_rank) for start, stop in pairwise(bounds)])
 
 
 def split_for_cp(batch: dict[str, torch.Tensor], cp: int, cp_rank: int) -> dict[str, torch.Tensor]:

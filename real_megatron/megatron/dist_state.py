@@ -65,9 +65,11 @@ def _mixed_precision_sharded_state(part, model_state: dict, is_loading: bool) ->
     optimizer's own parameter order; the stored layout is Megatron's."""
     from itertools import chain
 
-    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                            make_sharded_optimizer_tensor,
-                                                            optim_state_to_sharding_state)
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map,
+        make_sharded_optimizer_tensor,
+        optim_state_to_sharding_state,
+    )
 
     if is_loading:
         part.init_state_fn(part.optimizer, part.config)
@@ -78,8 +80,8 @@ def _mixed_precision_sharded_state(part, model_state: dict, is_loading: bool) ->
     index = {id(p): i for i, p in enumerate(order)}
     state["fp32_from_fp16_params"] = [
         [make_sharded_optimizer_tensor(sharded[index[id(model_p)]], main_p, prefix="optimizer.state.fp32_param")
-         for model_p, main_p in zip(model_group, main_group)]
-        for model_group, main_group in zip(part.float16_groups, part.fp32_from_float16_groups)]
+         for model_p, main_p in zip(model_group, main_group, strict=True)]
+        for model_group, main_group in zip(part.float16_groups, part.fp32_from_float16_groups, strict=True)]
     step = part._extract_common_per_param_step(state["optimizer"])
     optim_state_to_sharding_state(state["optimizer"], sharded, exclude_keys="step")  # the step is shared
     if step:

@@ -33,7 +33,7 @@ same loss, but the gradient flows only into its own tokens, so summing over CP r
 counts each token once. Token-level losses (GRPO, DAPO) need no reduction of the loss: their
 per-token terms are local, normalised by the full response lengths (CP-reduced counts) and the
 mini-batch denominator, and the CP ranks' partial sums add up. The KL penalty (``losses/kl.py``) is
-such a per-token sum for every loss, so it is added to the share the same way (``_kl_term``).
+such a per-token sum for every loss, so it is added to the share the same way (``PolicyLoss.kl_share``).
 """
 from __future__ import annotations
 
@@ -43,9 +43,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from real_megatron.losses import SEQUENCE_LEVEL, policy_loss, policy_loss_from_scores
-from real_megatron.losses.hparams import resolve_hparams
-from real_megatron.losses.kl import KL_LOSSES, kl_per_rollout, kl_target_of
+from real_megatron.losses import MicroBatch, PolicyLoss
 from real_megatron.megatron.batch import slot_rows
 from real_megatron.megatron.diag_capture import watch_tokens
 from real_megatron.megatron.logprobs import vocab_parallel_logprobs
@@ -74,14 +72,13 @@ def cp_sum(tensor: torch.Tensor, group, size: int) -> torch.Tensor:
 class LossContext:
     """Everything ``loss_func`` needs besides the micro-batch, fixed for one mini-batch."""
 
-    loss_name: str
-    hparams: dict
+    loss: PolicyLoss | None  # None: forward-only log-probs (``logprob_step``)
     temperature: float
     vocab_size: int
     rewards: torch.Tensor  # [n] for the whole mini-batch (indexed by sample_index)
     group_ids: torch.Tensor  # [n]
     normalizer: float  # the whole mini-batch's denominator
-    advantages: torch.Tensor | None  # [n], PPO family
+    advantages: torch.Tensor | None  # [n] (``PolicyLoss.advantages``), else None
     weights: torch.Tensor | None  # [n] = ∂L/∂s̄ (exact mode), else None
     scale: float  # M_d · dp (see the module docstring)
     tp_group: object = None
@@ -94,25 +91,6 @@ class LossContext:
 def _per_row(logp, old_logp, mask):
     diff = torch.where(mask, logp - old_logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
     return diff.sum(dim=1), mask.sum(dim=1).to(logp.dtype)
-
-
-def _kl_term(ctx: LossContext, batch: dict, index, logp, old, mask, count):
-    """The KL penalty's share of this micro-batch (``losses/kl.py``) and each rollout's token-mean KL ``[n_mb]``.
-
-    Per-token terms are local (CP: this rank's tokens over the full, CP-reduced length ``count``); the
-    denominator is the whole mini-batch's rollout count, so shares add up over micro-batches and
-    ranks. GRPO's KL is inside ``policy_loss`` already: its share here is None, only the values come back."""
-    if ctx.loss_name not in KL_LOSSES:
-        return None, None
-    hp = resolve_hparams(ctx.loss_name, {k: v for k, v in ctx.hparams.items() if k != "advantages"})
-    ref = batch["ref_logp"].reshape(-1)[index].to(logp.dtype) if "ref_logp" in batch else None
-    target = kl_target_of(hp, old, ref, ctx.loss_name)
-    if target is None:
-        return None, None
-    kl = kl_per_rollout(logp, target, mask, count)
-    if ctx.loss_name == "grpo":
-        return None, kl.detach()
-    return hp["kl_coef"] * kl.sum() / ctx.rewards.shape[0], kl.detach()
 
 
 def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
@@ -130,7 +108,8 @@ def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
     logp = logp.reshape(-1)[index]
     mask = (batch["loss_mask"].reshape(-1)[index] > 0) & valid
     old = batch["old_logp"].reshape(-1)[index].to(logp.dtype)
-    watched = watch_tokens(logp, old, mask) if ctx.loss_name != SFT else None  # diag/ metrics (diag_capture.py)
+    loss = ctx.loss
+    watched = watch_tokens(logp, old, mask) if loss.diagnostics else None  # diag/ metrics (diag_capture.py)
 
     # per-rollout sums, reduced over the CP group (identity backward: see the docstring)
     num, count = _per_row(logp, old, mask)
@@ -139,36 +118,31 @@ def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
     if (count == 0).any():
         raise ValueError(f"rollout {int(idx[(count == 0).nonzero()[0]])} has no response tokens")
     scores = num / count
-    rewards, group_ids = ctx.rewards[idx], ctx.group_ids[idx]
+    ref = batch["ref_logp"].reshape(-1)[index].to(logp.dtype) if "ref_logp" in batch else None
+    mb = MicroBatch(logp=logp, old_logp=old, mask=mask, ref_logp=ref, lengths=count, scores=scores,
+                    rewards=ctx.rewards[idx], group_ids=ctx.group_ids[idx],
+                    advantages=ctx.advantages[idx] if ctx.advantages is not None else None,
+                    normalizer=ctx.normalizer, batch_rollouts=ctx.rewards.shape[0])
+    if "behaviour_logp" in batch:  # log π_old − log μ per token, and its mean over each whole (CP-reduced) response
+        mu = batch["behaviour_logp"].reshape(-1)[index].to(logp.dtype)
+        mb.behaviour_token_log_ratio = torch.where(mask, old - mu, torch.zeros_like(old))
+        mb.behaviour_log_ratio = cp_sum(mb.behaviour_token_log_ratio.sum(dim=1), ctx.cp_group, ctx.cp_size) / count
 
-    hp = dict(ctx.hparams)
     if not torch.isfinite(scores.detach()).all() or not torch.isfinite(logp.detach()[mask]).all():
         # non-finite forward (overflow, corrupted weights): propagate NaN so train_step skips the step
         share = (scores * 0.0).sum() * float("nan")
         metrics = {}
-    elif ctx.loss_name == SFT:  # supervised warm-up: token cross-entropy, mean over the mini-batch's tokens
-        share = -torch.where(mask, logp, torch.zeros_like(logp)).sum() / ctx.normalizer
-        metrics = {}
     elif ctx.weights is not None:  # exact mode: Σ_k w_k s̄_k reproduces ∂L/∂θ
         share = (ctx.weights[idx].to(scores.dtype) * scores).sum()
         metrics = {}
-    elif ctx.loss_name in SEQUENCE_LEVEL:
-        if ctx.advantages is not None:
-            hp["advantages"] = ctx.advantages[idx]
-        share, metrics = policy_loss_from_scores(ctx.loss_name, scores=scores, rewards=rewards, group_ids=group_ids,
-                                                 normalizer=ctx.normalizer, **hp)
     else:
-        ref = batch["ref_logp"].reshape(-1)[index].to(logp.dtype) if "ref_logp" in batch else None
-        hp["advantages"] = ctx.advantages[idx]
-        share, metrics = policy_loss(ctx.loss_name, logp=logp, old_logp=old, mask=mask, rewards=rewards,
-                                     group_ids=group_ids, ref_logp=ref, sequence_lengths=count,
-                                     normalizer=ctx.normalizer, **hp)
+        share, metrics = loss.share(mb)
 
     # bookkeeping for train_step: each CP rank holds the full share for sequence-level losses,
     # a partial one for token-level losses; report shares so that a sum over CP ranks is right
-    sequence_level = ctx.loss_name in SEQUENCE_LEVEL or ctx.weights is not None
+    sequence_level = loss.sequence_level or ctx.weights is not None
     reported_share = share.detach() / ctx.cp_size if sequence_level else share.detach()
-    kl_share, kl = _kl_term(ctx, batch, index, logp, old, mask, count) if ctx.loss_name != SFT else (None, None)
+    kl_share, kl = loss.kl_share(mb)
     if kl_share is not None:  # a sum of per-token terms: local to each CP rank, like a token-level loss
         share = share + kl_share
         reported_share = reported_share + kl_share.detach()
@@ -195,7 +169,3 @@ def logprob_step(ctx: LossContext, data_iterator, model):
         return torch.zeros((), device=logits.device), {}
 
     return output, collect
-
-
-SFT = "sft"  # token cross-entropy on the responses (the demo's warm-up), through the same hook
-

@@ -111,20 +111,25 @@ def transformer_config(hf: dict, *, dtype=torch.float32, sequence_parallel=False
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        cuda_graph_scope=[],  # what Megatron turns its default "full" into, without its deprecation warning
     )
     if recompute_activations:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(transformer_impl: str = "auto"):
-    from megatron.core.models.gpt import gpt_layer_specs
-
-    use_te = transformer_impl == "transformer_engine" or (transformer_impl == "auto" and te_available())
+def uses_transformer_engine(transformer_impl: str = "auto") -> bool:
+    """Whether ``transformer_impl`` ("auto" | "local" | "transformer_engine") builds Transformer Engine layers."""
     if transformer_impl == "transformer_engine" and not te_available():
         raise RuntimeError("model.transformer_impl=transformer_engine needs a GPU and `pip install -e .[gpu]` "
                            "(transformer-engine); use transformer_impl=local on the CPU")
-    if use_te:
+    return transformer_impl == "transformer_engine" or (transformer_impl == "auto" and te_available())
+
+
+def layer_spec(transformer_impl: str = "auto"):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if uses_transformer_engine(transformer_impl):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
@@ -155,6 +160,8 @@ def build_model(hf_config, *, dtype=torch.float32, transformer_impl: str = "auto
         parallel_output=True,
     )
     model.hf_config = hf  # the provider's input travels with the model (weight export, checkpoints)
+    # packed rows run as THD sequences on TE's attention, with a block-diagonal mask on the local spec
+    model.uses_transformer_engine = uses_transformer_engine(transformer_impl)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if wrap_ddp:

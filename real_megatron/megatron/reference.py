@@ -14,19 +14,19 @@ under TP/PP); no gradient buffers or optimizer state.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 
 def build_reference_policy(hf_config, *, load_weights: Callable, dtype=torch.float32, transformer_impl: str = "auto",
-                           sequence_parallel: bool = False, temperature: float = 1.0, loss_name: str = "grpo",
+                           sequence_parallel: bool = False, temperature: float = 1.0,
                            max_tokens_per_micro_batch: int = 16384, max_rollouts_per_micro_batch: int | None = None,
                            pad_id: int = 0):
     """A forward-only ``MegatronPolicy`` over a frozen copy of the model; ``load_weights(chunks)`` fills it.
 
-    Call after ``initialize_parallel`` (same layout as the trained model). ``loss_name`` only satisfies
-    the policy's check: ``compute_logprobs`` does not use the loss."""
+    Call after ``initialize_parallel`` (same layout as the trained model). A forward-only policy: no loss,
+    no optimizer."""
     from real_megatron.megatron.model import build_model
     from real_megatron.megatron.policy import MegatronPolicy
 
@@ -36,7 +36,7 @@ def build_reference_policy(hf_config, *, load_weights: Callable, dtype=torch.flo
     for chunk in chunks:
         chunk.requires_grad_(False)
         chunk.eval()
-    return MegatronPolicy(chunks, None, loss_name=loss_name, temperature=temperature,
+    return MegatronPolicy(chunks, None, loss=None, temperature=temperature,
                           max_tokens_per_micro_batch=max_tokens_per_micro_batch,
                           max_rollouts_per_micro_batch=max_rollouts_per_micro_batch, pad_id=pad_id,
                           skip_zero_gradient=False)

@@ -113,7 +113,7 @@ def unshard(name: str, shards: list[torch.Tensor], vocab_size: int) -> torch.Ten
         return torch.cat(shards, dim=0)
     if kind == "row":
         return torch.cat(shards, dim=1)
-    gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
+    gates, ups = zip(*(s.chunk(2, dim=0) for s in shards), strict=True)
     return torch.cat([torch.cat(gates), torch.cat(ups)])
 
 

@@ -58,8 +58,8 @@ import multiprocessing as mp
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
-from typing import Callable, Sequence
 
 from real_megatron.rewards.math_reward import extract_answer
 
@@ -222,7 +222,7 @@ class RewardPool:
         stats = dict.fromkeys(STAT_KEYS, 0)
         rewards = [0.0] * len(responses)
         queue: deque = deque()
-        for i, (response, truth) in enumerate(zip(responses, ground_truths)):
+        for i, (response, truth) in enumerate(zip(responses, ground_truths, strict=True)):
             text, truths = _screen_response(response), _screen_truths(truth)
             if text is None or truths is None:
                 stats["invalid"] += 1
@@ -268,7 +268,7 @@ class RewardPool:
             w.kill()
         self._workers = []
 
-    def __enter__(self) -> "RewardPool":
+    def __enter__(self) -> RewardPool:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -13,8 +13,8 @@ that ships weights elsewhere sends each bucket as it comes, without re-bucketing
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 
@@ -46,6 +46,8 @@ class Completion:
     token_ids: list
     finish_reason: str
     logprobs: list | None = None
+    # the weight version that sampled each token (an engine that records it: SGLang), else None
+    token_versions: list | None = None
 
 
 class RolloutEngineError(RuntimeError):
@@ -53,16 +55,34 @@ class RolloutEngineError(RuntimeError):
 
 
 class RolloutEngine:
-    """Base class. Subclasses implement ``generate`` and ``update_weights``; ``close`` is optional."""
+    """Base class: everything the trainer calls on an engine. Subclasses implement ``generate`` and
+    ``update_weights``; an engine that shares the trainer's GPU (colocated SGLang) also implements the
+    memory methods, which the trainer calls only with ``rollout.sglang_release_memory``."""
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Completion]:
+        """``n`` completions per prompt, prompt-major (see the module docstring)."""
         raise NotImplementedError
 
-    def update_weights(self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]]) -> None:
+    def update_weights(self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]], version: int | None = None) -> None:
+        """Take the trainer's weights, bucket by bucket (HF names, full tensors); ``version``: their weight
+        version (rollout steps trained), which an engine that records versions stamps its tokens with."""
         raise NotImplementedError
+
+    def memory_tags(self) -> list[str]:
+        """What ``release_memory`` can free while the trainer trains (e.g. ``["weights", "kv_cache"]``); the
+        trainer resumes ``"weights"`` first, the rest after the weight sync."""
+        raise NotImplementedError(f"{type(self).__name__} does not release memory; set rollout.sglang_release_memory=false")
+
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Free the memory of ``tags`` (all: None) until ``resume_memory``."""
+        raise NotImplementedError(f"{type(self).__name__} does not release memory")
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Take back the memory ``release_memory`` freed."""
+        raise NotImplementedError(f"{type(self).__name__} does not release memory")
 
     def close(self) -> None:
-        pass
+        """Release the engine's resources (idempotent)."""
 
     def __enter__(self):
         return self

@@ -22,6 +22,7 @@ class RolloutRecord:
     reward: float
     finish_reason: str
     engine_logprobs: list | None = None
+    engine_versions: list | None = None  # the weight version of each token, when the engine records it
 
 
 @dataclass
@@ -61,14 +62,15 @@ def collect_rollouts(*, engine, reward_pool, tokenizer, prompts, prompt_ids, n: 
     """
     scored = generate_and_score(engine, reward_pool, tokenizer, prompts, prompt_ids, n, sampling)
     records, dropped = [], 0
-    for c, reward in zip(scored.completions, scored.rewards):
+    for c, reward in zip(scored.completions, scored.rewards, strict=True):
         if not c.token_ids:
             dropped += 1
             continue
         records.append(RolloutRecord(
             group_id=first_group_id + c.prompt_index, prompt_ids=list(prompt_ids[c.prompt_index]),
             response_ids=list(c.token_ids), reward=float(reward), finish_reason=c.finish_reason,
-            engine_logprobs=list(c.logprobs) if c.logprobs is not None else None))
+            engine_logprobs=list(c.logprobs) if c.logprobs is not None else None,
+            engine_versions=list(c.token_versions) if c.token_versions is not None else None))
     metrics = rollout_metrics(records, n)
     metrics.update({
         "time/rollout_s": scored.generate_s,

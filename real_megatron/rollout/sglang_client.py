@@ -33,8 +33,8 @@ import math
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
 
 from real_megatron.rollout.base import Completion, RolloutEngineError, SamplingParams
 
@@ -83,7 +83,7 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def on_each(servers: Sequence["SGLangServer"], fn: Callable[["SGLangServer"], object]) -> list:
+def on_each(servers: Sequence[SGLangServer], fn: Callable[[SGLangServer], object]) -> list:
     """``fn(server)`` for every server at once (one thread each); results in server order.
 
     Every call is waited for, then the first failure is raised (an :class:`SGLangError` already
@@ -93,7 +93,7 @@ def on_each(servers: Sequence["SGLangServer"], fn: Callable[["SGLangServer"], ob
     with ThreadPoolExecutor(max_workers=len(servers)) as pool:
         futures = [pool.submit(fn, s) for s in servers]
         errors = [f.exception() for f in futures]
-    for server, err in zip(servers, errors):
+    for server, err in zip(servers, errors, strict=True):
         if isinstance(err, SGLangError):
             raise err
         if err is not None:
@@ -156,6 +156,7 @@ class SGLangServer:
         else:
             ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
             self.stop_token_ids = [int(i) for i in ids]
+        self.weight_version_prefix = "step-"  # the engine's (SGLangEngine): versions it sets read back as numbers
         self._http = _HTTP(url, request_timeout_s) if url is not None else None
         self._engine = import_sglang().Engine(**engine_kwargs) if engine_kwargs is not None else None
         self.name = self._http.url if self._http is not None else "in-process sglang.Engine"
@@ -296,7 +297,37 @@ class SGLangServer:
             token_ids.append(int(finish["matched"]))  # keep the EOS the loss needs; no log-prob for it
             logprobs = None
         reason = {"stop": "stop", "length": "length"}.get(ftype, str(ftype))
-        return Completion(prompt_index=prompt_index, token_ids=token_ids, logprobs=logprobs, finish_reason=reason)
+        return Completion(prompt_index=prompt_index, token_ids=token_ids, logprobs=logprobs, finish_reason=reason,
+                          token_versions=self.token_versions(meta, len(token_ids)))
+
+    def token_versions(self, meta: dict, count: int) -> list[int] | None:
+        """Each output token's weight version from SGLang's ``meta_info``: ``weight_versions`` spans
+        (``{version, start, end}``, recorded when new weights arrive while the request runs) or the one
+        ``weight_version``; versions this client set (``weight_version_prefix`` + a number) become the number.
+        None when any version is not one of ours (e.g. the server's start-up weights)."""
+        spans = meta.get("weight_versions") or [{"version": meta.get("weight_version"), "start": 0, "end": count}]
+        out = [None] * count
+        for span in spans:
+            text = str(span.get("version"))
+            if not text.startswith(self.weight_version_prefix) or not text[len(self.weight_version_prefix):].isdigit():
+                return None
+            version = int(text[len(self.weight_version_prefix):])
+            for t in range(int(span.get("start", 0)), min(int(span.get("end", count)), count)):
+                out[t] = version
+        if any(v is None for v in out):  # a token no span covers (the appended stop token): the previous one's
+            for t, v in enumerate(out):
+                if v is None:
+                    out[t] = out[t - 1] if t else next((x for x in out if x is not None), None)
+        return out if all(v is not None for v in out) else None
+
+    def pause_generation(self, mode: str = "retract") -> None:
+        """Stop decoding until ``continue_generation``: ``retract`` puts running requests back in the queue
+        (their KV cache may be flushed, so they resume on the new weights from the start of what they have);
+        new requests wait. For weights pushed into requests in flight (``rollout.partial``)."""
+        self.call("pause_generation", {"mode": mode})
+
+    def continue_generation(self) -> None:
+        self.call("continue_generation", {})
 
     # ------------------------------------------------------------------ memory and cache
 

@@ -21,7 +21,8 @@ What runs where: see README "Rollout engines". On the CPU the tests drive real S
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from itertools import pairwise
 
 from real_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
 from real_megatron.rollout.sglang_client import SGLangError, SGLangServer, on_each
@@ -35,7 +36,7 @@ def split_prompts(num_prompts: int, num_servers: int) -> list[range]:
     """Contiguous prompt ranges, one per server, sizes differing by at most one (some empty when
     there are fewer prompts than servers)."""
     bounds = [k * num_prompts // num_servers for k in range(num_servers + 1)]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    return [range(a, b) for a, b in pairwise(bounds)]
 
 
 class SGLangEngine(RolloutEngine):
@@ -52,13 +53,16 @@ class SGLangEngine(RolloutEngine):
         serializer: replaces :func:`~real_megatron.rollout.sglang_weights.serialize_named_tensors`
             (tensor sync over HTTP); for tests of the request format only.
         max_prompts_per_request, request_timeout_s, health_timeout_s: per server, see ``SGLangServer``.
+        partial: weights pushed during generation (``rollout.partial``): every server pauses (its running
+            requests retracted), takes them and continues; each token's version comes back in its
+            completion (``Completion.token_versions``).
     """
 
     def __init__(self, urls: str | Sequence[str] | None = None, *, engine_kwargs: dict | None = None,
                  eos_token_id=None, weight_sync: str = "tensor", tp_size: int = 1,
                  weight_update_session: bool | None = None, serializer: Callable | None = None,
                  max_prompts_per_request: int = 0, request_timeout_s: float = 3600.0,
-                 weight_version_prefix: str = "step-", health_timeout_s: float = 60.0):
+                 weight_version_prefix: str = "step-", health_timeout_s: float = 60.0, partial: bool = False):
         if isinstance(urls, str):
             urls = [urls]
         if (not urls) == (engine_kwargs is None):
@@ -85,6 +89,9 @@ class SGLangEngine(RolloutEngine):
             self.sender = DistributedSender(self.servers, tp_sizes)
         self._weight_version = 0
         self._weight_version_prefix = weight_version_prefix
+        for server in self.servers:
+            server.weight_version_prefix = weight_version_prefix
+        self.partial = partial
         self.stats = {"weight_updates": 0, "weight_buckets": 0, "weight_bytes": 0}
         self._closed = False
 
@@ -99,7 +106,7 @@ class SGLangEngine(RolloutEngine):
                 raise ValueError(f"prompt {i}: token ids must be a non-empty list of non-negative ints")
         if self._closed:
             raise SGLangError("SGLangEngine is closed; cannot generate")
-        ranges = {id(s): r for s, r in zip(self.servers, split_prompts(len(prompt_token_ids), len(self.servers)))}
+        ranges = {id(s): r for s, r in zip(self.servers, split_prompts(len(prompt_token_ids), len(self.servers)), strict=True)}
         servers = [s for s in self.servers if len(ranges[id(s)])]
         results = on_each(servers, lambda s: s.generate(
             [prompt_token_ids[i] for i in ranges[id(s)]], n, sampling, first_prompt=ranges[id(s)].start))
@@ -120,16 +127,27 @@ class SGLangEngine(RolloutEngine):
         self._weight_version += 1
         return f"{self._weight_version_prefix}{self._weight_version}"
 
-    def update_weights(self, buckets: Iterable[Bucket]) -> None:
+    def update_weights(self, buckets: Iterable[Bucket], version: int | None = None) -> None:
         """Push new weights into every server: ``buckets`` as ``convert.iter_hf_tensors`` yields them
-        (lists of ``(hf_name, full tensor)``), one request per bucket and server, then flush caches."""
+        (lists of ``(hf_name, full tensor)``), one request per bucket and server, then flush caches.
+        ``version``: the weights' version (the servers stamp the tokens they sample with it); default: the next
+        number. With ``partial``, generation in flight pauses for the push and continues on the new weights."""
         if self._closed:
             raise SGLangError("SGLangEngine is closed; cannot update weights")
         if self.sender.kind == "distributed":
             # every server must be alive before the first broadcast: a server dying mid-collective leaves the
             # others blocked inside it until the group's timeout, so fail here, naming it, while none is in one
             on_each(self.servers, lambda s: s.wait_healthy(5.0))
-        sent = push_weights(self.servers, buckets, self.sender, self._next_version())
+        if version is not None:
+            self._weight_version = version
+            label = f"{self._weight_version_prefix}{version}"
+        else:
+            label = self._next_version()
+        if self.partial:  # requests in flight go back to the queue; the servers resume them on the new weights
+            on_each(self.servers, lambda s: s.pause_generation("retract"))
+        sent = push_weights(self.servers, buckets, self.sender, label)
+        if self.partial:  # only after a complete push: a failed one leaves them paused, the trainer stops
+            on_each(self.servers, lambda s: s.continue_generation())
         self.stats["weight_buckets"] += sent["buckets"]
         self.stats["weight_bytes"] += sent["bytes"]
         self.stats["weight_updates"] += 1

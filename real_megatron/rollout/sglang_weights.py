@@ -27,7 +27,7 @@ import datetime
 import io
 import logging
 import threading
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -54,8 +54,9 @@ def serialize_named_tensors(named_tensors: Bucket) -> str:
     CUDA IPC handles, CPU tensors shared-memory files, so the caller must keep the tensors alive
     until the server has answered.
     """
-    import torch.multiprocessing as torch_mp  # importing it registers torch's reductions with ForkingPickler
     from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing as torch_mp  # importing it registers torch's reductions with ForkingPickler
 
     # CPU tensors: torch's default strategy, file_descriptor, hands the server a file descriptor
     # through multiprocessing's resource sharer, which authenticates with THIS process's authkey;
@@ -145,7 +146,7 @@ def _concurrently(remote, local) -> None:
         # give them a moment to report their own error, then raise this one rather than hang
         thread.join(10.0)
         if errors:
-            raise errors[0]
+            raise errors[0] from None
         raise
     thread.join()
     if errors:
@@ -238,7 +239,7 @@ def push_weights(servers: Sequence[SGLangServer], buckets: Iterable[Bucket], sen
     stats = {"buckets": 0, "bytes": 0}
     ok = False
     try:
-        for server, wanted in zip(servers, session):
+        for server, wanted in zip(servers, session, strict=True):
             if wanted:
                 try:
                     server.call("begin_weight_update", {})

@@ -115,8 +115,9 @@ class TransformersEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
-    def update_weights(self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]]) -> None:
-        """Copy HF-named full tensors (in buckets) into the model; every parameter must arrive exactly once."""
+    def update_weights(self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]], version: int | None = None) -> None:
+        """Copy HF-named full tensors (in buckets) into the model; every parameter must arrive exactly once.
+        (``version`` is not recorded: this engine samples each batch with one version.)"""
         seen = set()
         for name, tensor in (pair for bucket in buckets for pair in bucket):
             target = self._tensors.get(name)

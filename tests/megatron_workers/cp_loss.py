@@ -26,7 +26,7 @@ def main() -> None:
     from common import fixed_samples
     from megatron.core import parallel_state as ps
 
-    from real_megatron.losses import SEQUENCE_LEVEL, group_advantages, loss_normalizer
+    from real_megatron.losses import build_loss, group_advantages, loss_normalizer
     from real_megatron.megatron.batch import alignment, build_micro_batch, cp_row_indices, split_for_cp
     from real_megatron.megatron.hook import LossContext, loss_func
     from real_megatron.megatron.model import initialize_parallel
@@ -52,8 +52,8 @@ def main() -> None:
                 ("real_bce", {"kl_coef": 0.3}), ("grpo", {"kl_coef": 0.3})]
     for loss, hparams in [(name, {}) for name in ("real", "real_bce", "real_no_anchor", "gspo", "grpo", "dapo")] + kl_cases:
         batch = ref_batch if hparams else plain_batch
-        def context(cp_size, cp_group):
-            return LossContext(loss_name=loss, hparams=hparams, temperature=0.7, vocab_size=vocab, rewards=rewards,
+        def context(cp_size, cp_group, loss=loss, hparams=hparams):
+            return LossContext(loss=build_loss(loss, hparams), temperature=0.7, vocab_size=vocab, rewards=rewards,
                                group_ids=group_ids,
                                normalizer=loss_normalizer(loss, mask=resp_mask, rewards=rewards, group_ids=group_ids),
                                advantages=group_advantages(rewards, group_ids) if loss in ("grpo", "dapo", "gspo") else None,
@@ -68,7 +68,7 @@ def main() -> None:
         share, report = loss_func(context(cp, ps.get_context_parallel_group()), split_for_cp(batch, cp, cp_rank), local)
         (grad,) = torch.autograd.grad(share, local)
         total = share.detach().clone()
-        if loss not in SEQUENCE_LEVEL:  # token-level: the CP ranks' partial sums add up
+        if not build_loss(loss).sequence_level:  # token-level: the CP ranks' partial sums add up
             dist.all_reduce(total, group=ps.get_context_parallel_group())
         if hparams:  # a KL term (per-token, local) on top: the reported shares add up over CP ranks
             total = report["share"].detach().clone()

@@ -38,6 +38,7 @@ def main() -> None:
 
     from common import TINY_QWEN2, fixed_full_state_dict, fixed_samples
 
+    from real_megatron.losses import build_loss
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.optimizer import build_optimizer
     from real_megatron.megatron.policy import MegatronPolicy
@@ -46,7 +47,7 @@ def main() -> None:
     initialize_parallel(tp=args.tp, pp=args.pp, cp=1, seed=7)
     chunks = build_model(TINY_QWEN2, wrap_ddp=True, transformer_impl="local")
     load_full_state_dict(chunks[0], fixed_full_state_dict(TINY_QWEN2))
-    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=1e-3), loss_name=args.loss, hparams={},
+    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=1e-3), loss=build_loss(args.loss),
                             temperature=TEMPERATURE, max_tokens_per_micro_batch=args.budget,
                             force_exact=args.force_exact, skip_zero_gradient=not args.no_skip)
     samples = fixed_samples()
@@ -58,7 +59,7 @@ def main() -> None:
             ratio = torch.tensor(RATIOS)[torch.randint(len(RATIOS), lp.shape, generator=g)]
             old.append(lp - ratio.log())
         torch.save(old, args.old)
-    for s, lp in zip(samples, torch.load(args.old)):
+    for s, lp in zip(samples, torch.load(args.old), strict=True):
         s.old_logp = lp
     metrics = reference_metrics(chunks[0], samples, args.loss) if args.reference else policy.forward_backward(samples)
     grads = gather_full_state_dict(chunks[0], "grad")

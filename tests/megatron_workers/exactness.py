@@ -38,10 +38,11 @@ def main() -> None:
 
     from common import TINY_QWEN2, fixed_full_state_dict, fixed_samples
 
+    from real_megatron.losses import build_loss
     from real_megatron.megatron.model import build_model, initialize_parallel
-    from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
     from real_megatron.megatron.optimizer import build_optimizer
     from real_megatron.megatron.policy import MegatronPolicy
+    from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
 
     hf = dict(TINY_QWEN2, tie_word_embeddings=args.tied)
     initialize_parallel(tp=args.tp, pp=args.pp, cp=1, seed=7)
@@ -49,7 +50,7 @@ def main() -> None:
                          use_distributed_optimizer=args.distributed_optimizer)
     load_full_state_dict(chunks[0], fixed_full_state_dict(hf))
     policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=10.0, adam_eps=1.0,
-                                                         use_distributed_optimizer=args.distributed_optimizer), loss_name=args.loss, hparams=json.loads(args.hparams),
+                                                         use_distributed_optimizer=args.distributed_optimizer), loss=build_loss(args.loss, json.loads(args.hparams)),
                            temperature=0.7, max_tokens_per_micro_batch=args.budget,
                            max_rollouts_per_micro_batch=args.cap,
                            force_exact=args.force_exact, skip_zero_gradient=not args.no_skip,
@@ -62,11 +63,11 @@ def main() -> None:
             c[0], fixed_full_state_dict(hf, seed=args.ref_seed)), transformer_impl="local", temperature=0.7,
             max_tokens_per_micro_batch=args.budget)
         ref_logps = unpacked_logps(ref.chunks[0], samples) if args.unpacked else ref.compute_logprobs(samples)[0]
-        for s, lp in zip(samples, ref_logps):
+        for s, lp in zip(samples, ref_logps, strict=True):
             s.ref_logp = lp.detach()
     if args.fresh:
         logps, _ = policy.compute_logprobs(samples)
-        for s, lp in zip(samples, logps):
+        for s, lp in zip(samples, logps, strict=True):
             s.old_logp, s.old_logp_version = lp, policy.version
     metrics = unpacked_forward_backward(chunks[0], samples, args.loss,
                                                                       json.loads(args.hparams)) if args.unpacked else policy.forward_backward(samples)

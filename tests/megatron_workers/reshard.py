@@ -4,7 +4,7 @@
 ``--jobs`` is a JSON list; each job builds a fresh model + optimizer at its layout (``tp``, ``pp``,
 ``distributed_optimizer``) and either starts from the fixed weights (``"save"``: a run directory
 the trainer's CheckpointManager writes a checkpoint into after ``save_at`` steps, then it keeps
-going; ``"per_rank": true`` writes the format before reshardable checkpoints instead) or resumes
+going) or resumes
 from ``"resume"``'s ``latest`` checkpoint (written by any layout), then trains up to ``steps``
 optimizer steps. Step i always trains on the same mini-batch, so a
 resumed job's steps are directly comparable with an uninterrupted job's. Rank 0 writes, per job,
@@ -33,26 +33,19 @@ def manager(run_dir: str):
                              broadcast=broadcast_object)
 
 
-def save(mgr, chunks, optimizer, step: int, layout: dict, *, per_rank: bool) -> None:
-    from per_rank_format import write_per_rank_checkpoint
-
-    from real_megatron.checkpoint import rng_state
+def save(mgr, chunks, optimizer, step: int, layout: dict) -> None:
     from real_megatron.megatron.dist_state import save_training_state
 
-    meta = {"layout": layout, "rollout_step": step}
-    if per_rank:
-        write_per_rank_checkpoint(mgr, chunks, optimizer, step, meta, rng_state())
-    else:
-        mgr.save(step, meta, lambda d: save_training_state(chunks, optimizer, d))
+    mgr.save(step, {"layout": layout, "rollout_step": step}, lambda d: save_training_state(chunks, optimizer, d))
 
 
 def run_job(job: dict, hf: dict) -> dict:
     from common import fixed_full_state_dict, fixed_samples
 
-    from real_megatron.checkpoint import PER_RANK_FORMAT
+    from real_megatron.losses import build_loss
     from real_megatron.megatron.dist_state import inner_optimizers, load_training_state
     from real_megatron.megatron.model import build_model, initialize_parallel
-    from real_megatron.megatron.optimizer import build_optimizer, load_optimizer_state
+    from real_megatron.megatron.optimizer import build_optimizer
     from real_megatron.megatron.policy import MegatronPolicy
     from real_megatron.megatron.sharding import gather_full_state_dict, load_full_state_dict
 
@@ -61,7 +54,7 @@ def run_job(job: dict, hf: dict) -> dict:
     chunks = build_model(hf, wrap_ddp=True, transformer_impl="local", use_distributed_optimizer=dist_opt)
     load_full_state_dict(chunks[0], fixed_full_state_dict(hf))  # a resume overwrites these
     optimizer = build_optimizer(chunks, lr=LR, adam_eps=ADAM_EPS, use_distributed_optimizer=dist_opt)
-    policy = MegatronPolicy(chunks, optimizer, loss_name="real", hparams={}, temperature=0.7, max_tokens_per_micro_batch=128)
+    policy = MegatronPolicy(chunks, optimizer, loss=build_loss("real"), temperature=0.7, max_tokens_per_micro_batch=128)
     layout = {"tp": job.get("tp", 1), "pp": job.get("pp", 1), "cp": 1, "world_size": dist.get_world_size(),
               "dp": dist.get_world_size() // (job.get("tp", 1) * job.get("pp", 1)),
               "distributed_optimizer": dist_opt, "dtype": "float32"}
@@ -69,14 +62,7 @@ def run_job(job: dict, hf: dict) -> dict:
     if job.get("resume"):
         mgr = manager(job["resume"])
         path = mgr.latest()
-        if mgr.format_of(path) == PER_RANK_FORMAT:  # what Trainer.restore does with the old format
-            _, state = mgr.load_per_rank(path, layout=layout)
-            chunks[0].load_state_dict(state["model"][0])
-            load_optimizer_state(optimizer, state["optimizer"])
-            if job.get("upgrade"):  # Trainer.restore rewrites the step in the reshardable format
-                save(mgr, chunks, optimizer, int(job["save_at"]), layout, per_rank=False)
-        else:
-            mgr.load(path, layout=layout, read_state=lambda d: load_training_state(chunks, optimizer, d))
+        mgr.load(path, layout=layout, read_state=lambda d: load_training_state(chunks, optimizer, d))
         start = int(job["save_at"])
         rng_draw = torch.rand(4)  # restored streams continue; a new layout's start from the seed
         if job.get("fresh_optimizer"):  # the mutation the tests must catch: weights resumed, Adam state not
@@ -88,7 +74,7 @@ def run_job(job: dict, hf: dict) -> dict:
     losses, grad_norms = {}, {}
     for step in range(start, int(job["steps"])):
         if job.get("save") and step == int(job["save_at"]):
-            save(manager(job["save"]), chunks, optimizer, step, layout, per_rank=job.get("per_rank", False))
+            save(manager(job["save"]), chunks, optimizer, step, layout)
             rng_draw = torch.rand(4)
         torch.rand(3)  # a consumer of the torch stream (as dropout would be), so a saved stream is not the seed's
         metrics = policy.train_step(fixed_samples(seed=100 + step))

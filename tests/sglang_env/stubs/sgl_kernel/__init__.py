@@ -20,7 +20,7 @@ def assign_req_to_token_pool_cpu(req_pool_indices: torch.Tensor, req_to_token: t
     ``out_cache_loc`` (the slices lie back to back in request order), as SGLang's triton kernel
     ``assign_req_to_token_pool`` does. ``pool_len`` (the row length) is implied by ``req_to_token``."""
     at = 0
-    for row, start, end in zip(req_pool_indices.tolist(), start_offset.tolist(), end_offset.tolist()):
+    for row, start, end in zip(req_pool_indices.tolist(), start_offset.tolist(), end_offset.tolist(), strict=True):
         req_to_token[row, start:end] = out_cache_loc[at:at + end - start].to(req_to_token.dtype)
         at += end - start
 

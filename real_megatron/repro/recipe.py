@@ -1,13 +1,13 @@
 """The chain task's recipe, shared by ``real-megatron demo`` and ``real-megatron compare``.
 
-One place says what the CPU-scale experiment is: the task files (``data/chains.py``), the model, the
+One place says what the CPU-scale experiment is: the task files (``repro/chains.py``), the model, the
 supervised warm-up that leaves it partially competent, and the RL settings every loss is run with.
 
     assets = build_chain_assets(root, seed=0)            # task files, tokenizer, random base model
     sft_hf = run_warmup(root / "warmup", assets)         # supervised warm-up (skipped when done)
     cfg = load_config(None, rl_overrides(assets, init_dir=sft_hf, run_dir=..., loss="real", seed=1))
 
-Scaled down from the paper (REFERENCE.md §2) for 2 CPU cores, and why:
+Scaled down from the paper's recipe (docs/method.md §4) for 2 CPU cores, and why:
 
 - model: a 3-layer Qwen2 with a 128-wide residual stream (GQA 4/2, tied embeddings, 256 positions)
   instead of 1.5B parameters; a 4-layer 256-wide one took ~6 s per warm-up step under load;
@@ -63,9 +63,9 @@ class ChainAssets:
 def build_chain_assets(root: Path, seed: int = TASK_SEED) -> ChainAssets:
     """Write the task files, train the tokenizer and save the random base model under ``root``; each
     piece is skipped when already there (every writer is atomic)."""
-    from real_megatron.data.chains import chain_texts, write_chain_task
-    from real_megatron.data.tokenizer import train_task_tokenizer
-    from real_megatron.task_assets import save_random_qwen2
+    from real_megatron.repro.assets import save_random_qwen2
+    from real_megatron.repro.chains import chain_texts, write_chain_task
+    from real_megatron.repro.tokenizer import train_task_tokenizer
 
     root = Path(root)
     data = root / "data"

@@ -2,8 +2,8 @@
 
     real-megatron demo [--run-dir runs/demo] [--loss real] [--steps N] [--warmup-steps N] [--seed S]
 
-1. the chain task (``data/chains.py``: arithmetic chains of 1–8 steps, five held-out levels), its
-   tokenizer, and a tiny random Qwen2 (``chain_recipe.py`` holds every setting);
+1. the chain task (``repro/chains.py``: arithmetic chains of 1–8 steps, five held-out levels), its
+   tokenizer, and a tiny random Qwen2 (``recipe.py`` holds every setting);
 2. a supervised warm-up (``real-megatron sft``, Megatron-Core, cross-entropy on reference
    solutions of the easy levels) that leaves the model partially competent;
 3. RL with REAL from there (``real-megatron train``: embedded rollout engine, math-verify rewards
@@ -33,7 +33,7 @@ def _levels(row: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from real_megatron import chain_recipe as recipe
+    from real_megatron.repro import recipe
 
     parser = argparse.ArgumentParser(prog="real-megatron demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", default="runs/demo")
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from real_megatron.config import load_config
     from real_megatron.job_runner import setup_logging
     from real_megatron.plots import plot_run
-    from real_megatron.trainer import Trainer
+    from real_megatron.trainer import train
 
     setup_logging()
     started = time.perf_counter()
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", flush=True)
         return 2
-    code = Trainer(cfg).run()
+    code = train(cfg)
     if dist.is_initialized():
         dist.destroy_process_group()
     if code != 0:

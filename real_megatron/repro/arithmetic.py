@@ -12,10 +12,10 @@ Train and test are disjoint sets of distinct problems drawn from one seeded shuf
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from real_megatron.data.prompts import PROMPT_SUFFIX
+from real_megatron.data.writer import write_table_atomic
 
 ARITHMETIC_DATA_SOURCE = "synthetic_arithmetic"
 
@@ -90,27 +90,3 @@ def write_arithmetic_task(out_dir, *, n_train: int, n_test: int, seed: int = 0, 
         })
         paths[split] = write_table_atomic(table, out / f"{split}.parquet")
     return paths["train"], paths["test"]
-
-
-def write_table_atomic(table, path) -> Path:
-    """Write a pyarrow ``table`` to the parquet file ``path`` atomically; returns the path.
-
-    The bytes go to a temporary sibling, are fsynced and renamed into place, so a reader (or a rerun
-    after a crash) sees the old file or the whole new one, never half a file. The same table gives
-    the same bytes (parquet stores no timestamp).
-    """
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")  # opened normally: the file gets the umask's mode
-    try:
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path

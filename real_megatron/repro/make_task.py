@@ -20,7 +20,7 @@ def _levels(text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    from real_megatron.data.chains import CHAIN_LEVELS
+    from real_megatron.repro.chains import CHAIN_LEVELS
 
     parser = argparse.ArgumentParser(prog="real-megatron make-task", description=__doc__.split("\n\n")[0])
     parser.add_argument("task", choices=("chains",), help="the task to write")
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", action="store_true", help="also train DIR/tokenizer on the task's text")
     args = parser.parse_args(argv)
 
-    from real_megatron.data.chains import chain_splits, chain_texts, write_chain_task
+    from real_megatron.repro.chains import chain_splits, chain_texts, write_chain_task
 
     out = Path(args.out)
     try:
@@ -49,10 +49,10 @@ def main(argv=None) -> int:
 
     print(f"wrote {train} ({pq.read_metadata(train).num_rows} problems, levels "
           f"{sorted(set(args.train_levels))})")
-    for level, path in tests.items():
+    for path in tests.values():
         print(f"wrote {path} ({args.test_per_level} problems)")
     if args.tokenizer:
-        from real_megatron.data.tokenizer import train_task_tokenizer
+        from real_megatron.repro.tokenizer import train_task_tokenizer
 
         tokenizer = train_task_tokenizer(chain_texts(seed=args.seed), out / "tokenizer")
         print(f"wrote {out / 'tokenizer'} ({len(tokenizer)} tokens)\n\n| level | response tokens min | mean | max |\n"

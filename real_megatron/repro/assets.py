@@ -2,7 +2,7 @@
 
 ``build_arithmetic_assets`` is the smallest end-to-end set-up (one-step sums, a 2-layer model with
 128 positions); the test suite and benchmarks use it. The chain task of the demo and of
-``real-megatron compare`` builds its own with ``save_random_qwen2`` (``chain_recipe.py``).
+``real-megatron compare`` builds its own with ``save_random_qwen2`` (``recipe.py``).
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def save_random_qwen2(out_dir: Path, tokenizer, model_config: dict, seed: int) -
 def build_arithmetic_assets(run_dir: Path, seed: int) -> tuple[Path, Path, Path]:
     """One-step sums (147 train / 40 held-out), their tokenizer and a random tiny model, each skipped when
     already there; returns (train file, test file, base model dir)."""
-    from real_megatron.data import arithmetic_texts, train_task_tokenizer, write_arithmetic_task
+    from real_megatron.repro.arithmetic import arithmetic_texts, write_arithmetic_task
+    from real_megatron.repro.tokenizer import train_task_tokenizer
 
     run_dir = Path(run_dir)
     data_dir = run_dir / "data"

@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from real_megatron.data.prompts import PROMPT_SUFFIX
-from real_megatron.data.synthetic import write_table_atomic
+from real_megatron.data.writer import write_table_atomic
 
 CHAINS_DATA_SOURCE = "synthetic_chains"
 LEVEL_STEPS = {1: 1, 2: 2, 3: 4, 4: 6, 5: 8}  # level -> number of operations in the chain
@@ -89,7 +89,7 @@ class ChainProblem:
     def solution(self) -> str:
         """The reference response: one ``a<op>b=c`` line per step, then ``\\boxed{answer}``."""
         values = self.values()
-        lines = [f"{a}{op}{b}={c}" for a, (op, b), c in zip(values, self.steps, values[1:])]
+        lines = [f"{a}{op}{b}={c}" for a, (op, b), c in zip(values, self.steps, values[1:], strict=False)]  # values has one more
         return "\n".join(lines + [f"\\boxed{{{values[-1]}}}"])
 
 
@@ -103,7 +103,7 @@ def apply_step(value: int, op: str, b: int) -> int:
     return {"+": value + b, "-": value - b, "*": value * b, "/": value // b}[op]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def valid_steps(value: int) -> dict[str, tuple[int, ...]]:
     """Operation -> the operands allowed from ``value`` (keeping the result an integer in 1..MAX_VALUE).
 
@@ -118,7 +118,7 @@ def valid_steps(value: int) -> dict[str, tuple[int, ...]]:
     return {op: bs for op, bs in steps.items() if bs}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def count_level_problems(level: int) -> int:
     """How many distinct problems ``level`` has (exact; used to refuse impossible requests)."""
     n_steps = _steps_of(level)

@@ -135,7 +135,7 @@ def summary_markdown(summary: dict) -> str:
         lines += [f"## {title}", "", header.rstrip("\n")]
         if summary["start"]:
             lines.append("| start (warm-up) | " + " | ".join(_cell(summary["start"], c) for c in cols) + " |")
-        for label, row in summary["losses"].items():
+        for row in summary["losses"].values():
             n = len(row["seeds"])
             lines.append(f"| {row['name']} (n={n}) | " + " | ".join(_cell(row[which], c) for c in cols) + " |")
         lines.append("")

@@ -4,7 +4,7 @@
                           [--steps N] [--set [LABEL:]key=value ...] [--tau 0.1,0.5,1.0] [--warmup-steps N]
 
 1. the chain task, tokenizer and random base model (``DIR/task``) and one supervised warm-up
-   (``DIR/warmup``), both from ``chain_recipe.py``;
+   (``DIR/warmup``), both from ``recipe.py``;
 2. one RL run per (seed, label) in ``DIR/runs/<label>/seed<k>``, every one from the warm-up's weights;
    the seed fixes the prompt order and every sampling seed, so within a seed only the loss differs.
    ``--tau`` adds REAL runs at those τ (labels ``real_tau<τ>``; τ equal to REAL's own reuses the ``real`` run);
@@ -48,7 +48,7 @@ class RunSpec:
     label: str
     loss: str
     seed: int
-    overrides: tuple[str, ...]  # after chain_recipe.rl_overrides: the label's τ, then --set entries
+    overrides: tuple[str, ...]  # after recipe.rl_overrides: the label's τ, then --set entries
 
     def run_dir(self, out: Path) -> Path:
         return out / "runs" / self.label / f"seed{self.seed}"
@@ -90,9 +90,9 @@ def _parse_taus(text: str | None) -> list[float]:
 def plan_runs(args) -> tuple[list[RunSpec], list[str]]:
     """Every run of the comparison (seed-major, so each finished seed is a complete comparison) and the
     warm-up's extra overrides; each run's config is loaded and validated here. Writes nothing."""
-    from real_megatron.chain_recipe import ChainAssets, rl_overrides, warmup_overrides
     from real_megatron.config import ConfigError, load_config, validate_config
     from real_megatron.losses import LOSSES, check_loss_name
+    from real_megatron.repro.recipe import ChainAssets, rl_overrides, warmup_overrides
 
     losses = [name.strip() for name in args.losses.split(",") if name.strip()]
     if not losses:
@@ -131,7 +131,7 @@ def plan_runs(args) -> tuple[list[RunSpec], list[str]]:
             configs[(label, seed)] = cfg
             specs.append(spec)
     # a τ equal to the `real` run's own τ is that run: no duplicate training
-    real_tau = {seed: configs[("real", seed)].loss.hparams.get("tau", LOSSES["real"]["tau"])
+    real_tau = {seed: configs[("real", seed)].loss.hparams.get("tau", LOSSES["real"].DEFAULTS["tau"])
                 for seed in range(1, args.seeds + 1) if ("real", seed) in configs}
     specs = [s for s in specs if not (s.label.startswith("real_tau") and s.seed in real_tau and float(s.label[len("real_tau"):]) == real_tau[s.seed])]
     try:
@@ -156,10 +156,10 @@ def _rss_gib() -> float:
 def _run_training(cfg) -> int:
     import torch.distributed as dist
 
-    from real_megatron.trainer import Trainer
+    from real_megatron.trainer import train
 
     try:
-        return Trainer(cfg).run()
+        return train(cfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -167,9 +167,9 @@ def _run_training(cfg) -> int:
 
 def _write_outputs(out: Path, specs: list[RunSpec], settings: dict) -> dict:
     """Summary and figures over the finished runs (rewritten after each one)."""
-    from real_megatron.compare_plots import plot_ablation, plot_dynamics
-    from real_megatron.compare_summary import summarize, write_summary
     from real_megatron.plots import read_metrics
+    from real_megatron.repro.figures import plot_ablation, plot_dynamics
+    from real_megatron.repro.summary import summarize, write_summary
 
     runs: dict[str, dict[int, list[dict]]] = {}
     for spec in specs:
@@ -185,11 +185,11 @@ def _write_outputs(out: Path, specs: list[RunSpec], settings: dict) -> dict:
 
 
 def run_comparison(args) -> int:
-    from real_megatron.chain_recipe import build_chain_assets, check_saved_config, rl_overrides, run_warmup
     from real_megatron.checkpoint import atomic_write_text as write_text_atomic
-    from real_megatron.compare_summary import summary_markdown
     from real_megatron.config import load_config
     from real_megatron.job_runner import setup_logging
+    from real_megatron.repro.recipe import build_chain_assets, check_saved_config, rl_overrides, run_warmup
+    from real_megatron.repro.summary import summary_markdown
 
     specs, warmup_extra = plan_runs(args)  # raises CompareError before anything is written
     out = Path(args.out).resolve()
@@ -242,7 +242,7 @@ def run_comparison(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from real_megatron.chain_recipe import RL_STEPS, WARMUP_STEPS
+    from real_megatron.repro.recipe import RL_STEPS, WARMUP_STEPS
 
     parser = argparse.ArgumentParser(prog="real-megatron compare", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

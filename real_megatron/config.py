@@ -37,6 +37,9 @@ class ModelConfig:
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"  # auto: TE when it imports
     recompute_activations: bool = False  # full activation recomputation (saves memory at 7B+)
     sequence_parallel: bool = False  # Megatron sequence parallelism (needs tp > 1)
+    # log-probs straight from the output layer's input, never holding the [tokens, V/tp] logits
+    # (megatron/fused_output.py); false: Megatron's output layer + megatron/logprobs.py, to compare
+    fused_output: bool = True
 
 
 @dataclass

@@ -99,12 +99,14 @@ class MegatronPolicy:
     """The model chunks and optimizer of this rank, driven through Megatron's forward/backward schedule.
 
     ``loss``: the loss object of the run (``losses.build_loss``, or ``losses.SFTLoss``); None for a
-    forward-only policy (the frozen reference model), which only computes log-probs."""
+    forward-only policy (the frozen reference model), which only computes log-probs. ``fused_output``:
+    log-probs from the output layer's input without the logits (``fused_output.py``), else through
+    Megatron's output layer; every forward (training, old log-probs, the exact mode's extra pass) uses it."""
 
     def __init__(self, chunks, optimizer, *, loss: PolicyLoss | None, temperature: float = 1.0,
                  max_tokens_per_micro_batch: int = 16384, max_rollouts_per_micro_batch: int | None = None,
                  force_exact: bool = False, pad_id: int = 0, skip_zero_gradient: bool = True,
-                 skip_fresh_exact_forward: bool = True):
+                 skip_fresh_exact_forward: bool = True, fused_output: bool = True):
         self.chunks = chunks
         self.optimizer = optimizer
         self.loss = loss
@@ -116,6 +118,7 @@ class MegatronPolicy:
         self.pad_id = pad_id
         self.skip_zero_gradient = skip_zero_gradient
         self.skip_fresh_exact_forward = skip_fresh_exact_forward
+        self.fused_output = fused_output  # model.fused_output: hook.py's two ways to the log-probs
         self.version = 0  # optimizer steps taken by this object: tells whether old log-probs are still current
         gpt = unwrap(chunks[0])
         if gpt.config.calculate_per_token_loss:
@@ -160,7 +163,8 @@ class MegatronPolicy:
         return LossContext(loss=self.loss, temperature=self.temperature, vocab_size=self.vocab_size,
                            rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32, device=device),
                            group_ids=torch.tensor([s.group_id for s in samples], dtype=torch.long, device=device),
-                           tp_group=lay.tp_group, cp_group=lay.cp_group, cp_size=lay.cp, **kw)
+                           tp_group=lay.tp_group, cp_group=lay.cp_group, cp_size=lay.cp,
+                           fused_output=self.fused_output, **kw)
 
     # ------------------------------------------------------------------ forward only
     @torch.no_grad()

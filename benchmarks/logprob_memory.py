@@ -256,7 +256,7 @@ def main() -> None:
                 row[(variant, mode)] = run_child("head", variant, str(tokens), str(SWEEP_HIDDEN), mode, str(threads))
         sweep[tokens] = row
 
-        def fmt(key):
+        def fmt(key, row=row):
             r = row.get(key)
             return f"{r['ratio']:.3f}x" if r else "-"
 

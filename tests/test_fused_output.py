@@ -205,10 +205,23 @@ def _assert_within(section: str, errors: dict) -> None:
             assert norm <= TOL[dtype] and largest <= FP32_GRAD_MAX, (section, key, largest, norm)
 
 
+def _print_errors(result: dict) -> None:
+    """One line per section (run pytest with -s to see them; docs/fused_output.md quotes them): the largest
+    log-prob/entropy/loss error, and the gradients' largest-entry and norm-wise errors (worst tensor)."""
+    for section, errors in result.items():
+        if section == "layout":
+            continue
+        grads = [e for k, e in errors.items() if k.startswith("grad/")]
+        values = [errors[k][0] for k in ("logp", "entropy", "loss") if k in errors]
+        print(f"{section}: logp/entropy/loss {max(values):.1e}" + (
+            f", gradients {max(e[0] for e in grads):.1e} (norm {max(e[1] for e in grads):.1e})" if grads else ""))
+
+
 def _check(result: dict, *, mutations: tuple[str, ...] = (), tied: bool = False, grads: bool = True) -> None:
     """Clean sections within tolerance, with every parameter compared; each mutation far off."""
     from real_megatron.megatron.sharding import full_parameter_shapes
 
+    _print_errors(result)
     clean = [s for s in result if s != "layout" and not s.startswith(("mutated/", "floor/"))]
     assert {s.split("/")[0] for s in clean} == {"float32", "float64"}, clean
     for section in clean:
@@ -294,6 +307,7 @@ def test_tensor_parallel_2_with_and_without_sequence_parallel_on_megatrons_outpu
     # the local layer spec refuses SP on the CPU (its norms), so SP runs on ColumnParallelLinear itself;
     # vocabulary 200 of 512 leaves rank 1's slice all padding
     result = run_worker(tmp_path, 2, "--layer", "--mutate", "tp_stats,tp_dgrad")
+    _print_errors(result)
     clean = [s for s in result if s != "layout" and not s.startswith("mutated/")]
     assert len(clean) == 8  # 2 dtypes × SP on/off × 2 vocabularies
     for section in clean:
@@ -326,6 +340,7 @@ def test_data_parallel_2(tmp_path):
 def test_context_parallel_2_rows(tmp_path):
     # the op is per token: a CP rank's rows are just fewer tokens; what CP adds is the loss's reduction
     result = run_worker(tmp_path, 2, "--cp")
+    _print_errors(result)
     assert result["layout"]["cp"] == 2
     for dtype in ("float32", "float64"):
         errors = result[f"{dtype}/cp"]

@@ -254,5 +254,5 @@ def test_fused_output_equals_megatrons_output_layer(workdir, layout):
         assert fused["metrics"]["hook/extra_forward"] == 1.0
     errors = fused_errors(fused, unfused)
     print(f"fused vs unfused, {layout}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
-    assert errors["metrics"] <= FUSED_RTOL and errors["grads/norm"] <= FUSED_RTOL and errors["deltas/norm"] <= FUSED_RTOL
+    assert max(errors["metrics"], errors["grads/norm"], errors["deltas/norm"]) <= FUSED_RTOL, errors
     assert errors["grads/max"] <= FUSED_MAX_ENTRY and errors["deltas/max"] <= FUSED_MAX_ENTRY, errors

@@ -3,14 +3,14 @@
 ``forward_step(data_iterator, model)`` runs the model on one micro-batch — a packed row of
 rollouts (``batch.py``, ``packed_forward.py``) — and returns ``(output, loss_func)``;
 ``loss_func`` runs on the last pipeline stage only and gathers each slot's positions back into the
-loss library's right-padded ``[N, T]`` rows.
-
-The last stage's output is the final hidden states when ``LossContext.fused_output`` (the default,
-``model.fused_output``): ``fused_output.py`` turns them and the output weight into the labels'
-log-probs tile by tile, never holding the ``[tokens, V/tp]`` logits. Otherwise it is Megatron's
-logits, reduced by ``logprobs.py``. The two paths compute the same numbers (tested to 1e-6 in
-fp32); ``model_output`` and ``label_logprobs`` are the only places that tell them apart. A micro-batch may also be an empty row (a data-parallel
+loss library's right-padded ``[N, T]`` rows. A micro-batch may also be an empty row (a data-parallel
 rank without rollouts): its share is 0 with a graph, so backward and DDP's reduction still run.
+
+The last stage's output is the final hidden states when ``LossContext.fused_output``
+(``model.fused_output``, on by default): ``fused_output.py`` turns them and the output weight into the
+labels' log-probs tile by tile, never holding the ``[tokens, V/tp]`` logits. Otherwise it is
+Megatron's logits, reduced by ``logprobs.py``. The two paths compute the same numbers (tested to 1e-6
+in fp32); ``model_output`` and ``label_logprobs`` are the only places that tell them apart.
 
 Cancelling Megatron's averaging — the one derivation of the scale factor
 -----------------------------------------------------------------------

@@ -58,7 +58,7 @@ def max_over_ranks(err: dict, group=None) -> dict:
     keys = sorted({k for part in parts for k in part})
     values = torch.tensor([err.get(k, (0.0, 0.0)) for k in keys], dtype=torch.float64).reshape(len(keys), 2)
     dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
-    return {k: tuple(v) for k, v in zip(keys, values.tolist())}
+    return {k: tuple(v) for k, v in zip(keys, values.tolist(), strict=True)}
 
 
 def _no_dgrad_reduction(hidden, group, sequence_parallel):

@@ -37,6 +37,9 @@ class ModelConfig:
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"  # auto: TE when it imports
     recompute_activations: bool = False  # full activation recomputation (saves memory at 7B+)
     sequence_parallel: bool = False  # Megatron sequence parallelism (needs tp > 1)
+    # log-probs straight from the output layer's input, never holding the [tokens, V/tp] logits
+    # (megatron/fused_output.py); false: Megatron's output layer + megatron/logprobs.py, to compare
+    fused_output: bool = True
 
 
 @dataclass
@@ -196,7 +199,8 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{path}: expected a mapping of {sorted(f.name for f in dataclasses.fields(current))}")
+                names = sorted(f.name for f in dataclasses.fields(current))
+                raise ConfigError(f"{path}: expected a mapping of {names}")
             _apply(current, value, path + ".")
         elif types[key] is dict and isinstance(value, dict):
             getattr(obj, key).update(value)
@@ -326,7 +330,8 @@ def check_values(cfg, *, fields: typing.Iterable[str] | None = None, names: dict
 
 
 def _check_token_budget(cfg: RunConfig) -> None:
-    """The packed micro-batch must hold the longest rollout, in the positions its slot takes (megatron/batch.py, rule 1)."""
+    """The packed micro-batch must hold the longest rollout, in the positions its slot takes (megatron/batch.py,
+    rule 1)."""
     t = cfg.train
     step = 2 * cfg.parallel.cp if cfg.parallel.cp > 1 else 1
     if cfg.model.sequence_parallel:
@@ -361,8 +366,10 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
         build_loss(cfg.loss.name, dict(cfg.loss.hparams))
     except ValueError as err:
         raise ConfigError(f"loss.hparams: {err}") from err
-    if cfg.rollout.engine == "sglang" and cfg.rollout.sglang_weight_sync == "distributed" and not cfg.rollout.sglang_urls:
-        raise ConfigError("rollout.sglang_weight_sync=distributed is for separate SGLang servers: set rollout.sglang_urls")
+    if (cfg.rollout.engine == "sglang" and cfg.rollout.sglang_weight_sync == "distributed"
+            and not cfg.rollout.sglang_urls):
+        raise ConfigError("rollout.sglang_weight_sync=distributed is for separate SGLang servers: "
+                          "set rollout.sglang_urls")
     if not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in cfg.rollout.sglang_urls):
         raise ConfigError(f"rollout.sglang_urls={cfg.rollout.sglang_urls!r}: each entry must be a URL starting with "
                           "http:// or https:// (e.g. [http://10.0.0.5:30000, http://10.0.0.6:30000])")
@@ -403,7 +410,7 @@ def validate_config(cfg: RunConfig, *, world_size: int = 1, hf_config: dict | No
             raise ConfigError(f"data.max_prompt_length + {name}: {overflow}; "
                               + context_fix(cfg.data.max_prompt_length, name, "data.max_prompt_length", hf_config))
     if cfg.parallel.cp > 1 and cfg.model.transformer_impl == "local":
-        raise ConfigError("parallel.cp > 1 needs Transformer Engine attention; set model.transformer_impl=auto on a GPU "
-                          "machine with transformer-engine installed, or parallel.cp=1")
+        raise ConfigError("parallel.cp > 1 needs Transformer Engine attention; set model.transformer_impl=auto "
+                          "on a GPU machine with transformer-engine installed, or parallel.cp=1")
     _check_token_budget(cfg)  # after the context rule: a rollout beyond the context is the first thing to fix
     return dp

@@ -184,7 +184,8 @@ def build_parts(cfg: RunConfig, loss, *, job: str = "train", sampler_batch: int 
                                 use_distributed_optimizer=o.use_distributed_optimizer)
     tokenizer = load_tokenizer(cfg.model.hf_dir)
     micro = {"max_tokens_per_micro_batch": cfg.train.max_tokens_per_micro_batch,
-             "max_rollouts_per_micro_batch": cfg.train.micro_batch_rollouts or None, "pad_id": pad_id_of(tokenizer)}
+             "max_rollouts_per_micro_batch": cfg.train.micro_batch_rollouts or None, "pad_id": pad_id_of(tokenizer),
+             "fused_output": cfg.model.fused_output}  # the reference model's forward too
     policy = MegatronPolicy(chunks, optimizer, loss=loss, temperature=cfg.rollout.temperature, **micro)
     ref_policy, ref_model_mb = _reference_policy(cfg, hf, loss, rank, micro)
     layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "cp": cfg.parallel.cp,

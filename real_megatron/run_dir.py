@@ -37,9 +37,10 @@ JOBS = (TRAIN_JOB, SFT_JOB)
 # settings a resumed ``train`` may change; everything else is compared with the checkpoint's
 SAFE_TO_CHANGE = ("run_dir", "train.steps", "train.eval_every", "train.save_every", "train.max_tokens_per_micro_batch",
                   "train.micro_batch_rollouts", "eval.", "data.eval_files", "logging.", "parallel.",
-                  "reward.num_workers", "model.recompute_activations", "model.sequence_parallel", "rollout.sglang_urls",
-                  "rollout.sglang_weight_sync", "rollout.sglang_tp_size", "rollout.sglang_master_port",
-                  "rollout.sglang_timeout_s", "rollout.weight_bucket_mb", "rollout.sglang_release_memory")
+                  "reward.num_workers", "model.recompute_activations", "model.sequence_parallel", "model.fused_output",
+                  "rollout.sglang_urls", "rollout.sglang_weight_sync", "rollout.sglang_tp_size",
+                  "rollout.sglang_master_port", "rollout.sglang_timeout_s", "rollout.weight_bucket_mb",
+                  "rollout.sglang_release_memory")
 # what a real-megatron run writes into its directory (a directory holding anything else is not a run's)
 RUN_FILES = {RUN_FILE, "config.yaml", "metrics.jsonl", "checkpoints", "hf", "hf_final", "wandb", "curves.png"}
 

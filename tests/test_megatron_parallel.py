@@ -10,6 +10,11 @@ The optimizer in the worker uses Adam with eps = 1 and lr = 10: with a small eps
 is ≈ lr·sign(g), which turns float32 round-off in near-zero gradient entries into whole-lr
 differences; eps = 1 keeps the step linear in the gradient so the comparison tests the layout, not
 sign(±1e-12).
+
+The policy runs with ``model.fused_output``'s default (log-probs by ``fused_output.py``, no logits);
+``test_fused_output_equals_megatrons_output_layer`` runs a set of layouts both ways and compares them
+(loss and metrics to 1e-6, gradients and the step's weight change by norm to 1e-6 and by largest entry to
+2e-6: see tests/test_fused_output.py's docstring for why float32 gradients get 2e-6 there).
 """
 from __future__ import annotations
 
@@ -36,7 +41,11 @@ def _free_port() -> int:
 
 
 def run_layout(tmp_path: Path, nproc: int, *args: str, worker: Path = WORKER) -> dict:
-    out = tmp_path / f"result-{nproc}-{'-'.join(a.strip('-') for a in args) or 'ref'}.pt"
+    """The worker's result for this layout; one already run into ``tmp_path`` is read back (the runs are
+    deterministic), so a layout shared by two tests costs one run."""
+    out = tmp_path / f"result-{worker.stem}-{nproc}-{'-'.join(a.strip('-') for a in args) or 'ref'}.pt"
+    if out.exists():
+        return torch.load(out, weights_only=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if nproc == 1:
         cmd = [sys.executable, str(worker), *args, "--out", str(out)]
@@ -175,8 +184,10 @@ def test_skipping_the_fresh_exact_mode_forward_changes_nothing(workdir):
     assert_matches(skipped, paid)
 
 
-def test_context_parallel_2_loss_path(workdir):
-    result = run_layout(workdir, 2, worker=CP_WORKER)
+@pytest.mark.parametrize("fused_output", ["false", "true"])
+def test_context_parallel_2_loss_path(workdir, fused_output):
+    # fused: the hook gets hidden states and computes log-probs with fused_output.py (float64 here)
+    result = run_layout(workdir, 2, "--fused-output", fused_output, worker=CP_WORKER)
     assert {"real-kl_coef=0.3", "real-kl_coef=0.3-kl_target=old", "grpo-kl_coef=0.3"} <= set(result)  # KL cases
     for loss, (err_loss, err_grad) in result.items():
         assert err_loss <= RTOL and err_grad <= RTOL, (loss, err_loss, err_grad)
@@ -202,3 +213,46 @@ def test_kl_term_exact_under_data_and_tensor_parallel(workdir, loss, hparams, re
         assert_matches(result, reference)
         kl, ref_kl = result["metrics"]["loss/kl"], reference["metrics"]["loss/kl"]
         assert abs(kl - ref_kl) <= RTOL * ref_kl, (kl, ref_kl)
+
+
+# model.fused_output: the same layout through the fused op (the default) and through Megatron's output
+# layer + logprobs.py. One process with groups split over micro-batches (exact mode, its extra forward and
+# the old log-probs' forward), TP = 2, PP = 2 with tied embeddings (the last stage's copy of the embedding),
+# DP = 2 with groups straddling the ranks, and a KL to a frozen reference model (its forward) at DP = 2.
+# CP = 2 is test_context_parallel_2_loss_path[true] (CP attention needs Transformer Engine).
+FUSED_LAYOUTS = {
+    "one-process-exact": (1, "--budget", "40"),
+    "tp2": (2, "--tp", "2", "--budget", "64"),
+    "pp2-tied": (2, "--tied", "--pp", "2", "--budget", "64"),
+    "dp2-split-groups": (2, "--force-exact"),
+    "dp2-kl-reference": (2, "--loss", "real", "--hparams", '{"kl_coef": 0.3}', "--ref-seed", "1", "--budget", "32"),
+}
+FUSED_RTOL, FUSED_MAX_ENTRY = 1e-6, 2e-6
+
+
+def fused_errors(fused: dict, unfused: dict) -> dict:
+    """Largest relative differences: metrics, and per tensor kind the norm-wise and largest-entry ones."""
+    errors = {"metrics": max(abs(fused["metrics"][k] - v) / max(abs(v), 1e-12) for k, v in unfused["metrics"].items()
+                             if isinstance(v, float) and v == v)}
+    for key in ("grads", "deltas"):
+        assert fused[key].keys() == unfused[key].keys()
+        pairs = [(fused[key][k], unfused[key][k]) for k in unfused[key]]
+        assert all(ref.abs().max() > 0 for _, ref in pairs), f"an all-zero {key} tensor: the check would be vacuous"
+        errors[f"{key}/norm"] = max(((got - ref).norm() / ref.norm()).item() for got, ref in pairs)
+        errors[f"{key}/max"] = max(((got - ref).abs().max() / ref.abs().max()).item() for got, ref in pairs)
+    return errors
+
+
+@pytest.mark.parametrize("layout", FUSED_LAYOUTS)
+def test_fused_output_equals_megatrons_output_layer(workdir, layout):
+    nproc, *args = FUSED_LAYOUTS[layout]
+    fused = run_layout(workdir, nproc, *args)  # shared with the layout's own test above when both run
+    unfused = run_layout(workdir, nproc, *args, "--fused-output", "false")
+    assert fused["metrics"].keys() == unfused["metrics"].keys()
+    assert fused["metrics"]["skipped"] == 0.0
+    if layout == "one-process-exact":
+        assert fused["metrics"]["hook/extra_forward"] == 1.0
+    errors = fused_errors(fused, unfused)
+    print(f"fused vs unfused, {layout}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    assert max(errors["metrics"], errors["grads/norm"], errors["deltas/norm"]) <= FUSED_RTOL, errors
+    assert errors["grads/max"] <= FUSED_MAX_ENTRY and errors["deltas/max"] <= FUSED_MAX_ENTRY, errors

@@ -150,20 +150,35 @@ def test_non_finite_step_is_skipped_and_weights_untouched():
     assert not torch.equal(gather_full_state_dict(chunks[0])["output_layer.weight"], full["output_layer.weight"])
 
 
-def test_sft_step_lowers_cross_entropy():
+def test_sft_step_lowers_cross_entropy_fused_or_not(monkeypatch):
+    # the warm-up's cross-entropy goes through the hook like RL: with model.fused_output (the default)
+    # no logits are made (logprobs.py is never called), and the losses equal Megatron's output layer's
     from real_megatron.losses import SFTLoss
+    from real_megatron.megatron import hook
     from real_megatron.megatron.model import build_model, initialize_parallel
     from real_megatron.megatron.optimizer import build_optimizer
     from real_megatron.megatron.policy import MegatronPolicy
     from real_megatron.megatron.sharding import load_full_state_dict
 
+    logits_calls = []
+    monkeypatch.setattr(hook, "vocab_parallel_logprobs",
+                        lambda *a, **k: logits_calls.append(1) or vocab_parallel_logprobs(*a, **k))
     initialize_parallel(hf_config=TINY_QWEN2)
-    chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True)
-    load_full_state_dict(chunks[0], fixed_full_state_dict(TINY_QWEN2))
-    sft = MegatronPolicy(chunks, build_optimizer(chunks, lr=3e-3), loss=SFTLoss(), max_tokens_per_micro_batch=128)
     samples = [Sample(s.prompt_ids, s.response_ids, 1.0, s.group_id) for s in fixed_samples()]
-    losses = [sft.train_step(samples)["loss"] for _ in range(5)]
-    assert losses[-1] < losses[0] - 0.5, losses
+
+    def sft_losses(**kw):
+        chunks = build_model(TINY_QWEN2, transformer_impl="local", wrap_ddp=True)
+        load_full_state_dict(chunks[0], fixed_full_state_dict(TINY_QWEN2))
+        sft = MegatronPolicy(chunks, build_optimizer(chunks, lr=3e-3), loss=SFTLoss(), max_tokens_per_micro_batch=128,
+                             **kw)
+        return [sft.train_step(samples)["loss"] for _ in range(5)]
+
+    fused = sft_losses()
+    assert not logits_calls
+    assert fused[-1] < fused[0] - 0.5, fused
+    unfused = sft_losses(fused_output=False)
+    assert logits_calls
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(fused, unfused, strict=True)), (fused, unfused)
 
 
 def test_rope_base_is_read_from_transformers_5_rope_parameters(tmp_path):

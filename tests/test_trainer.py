@@ -142,6 +142,30 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(assets, tmp_path):
             assert close(a[key], b[key]), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
 
 
+def test_fused_output_false_logs_the_same_rows(assets, tmp_path):
+    # model.fused_output=false (Megatron's output layer + logprobs.py) against the default (log-probs
+    # from the output layer's input, no logits): every logged number of 2 rollout steps (4 updates,
+    # exact mode, old log-probs, the second batch sampled from the updated weights) within 1e-5
+    settings = {"train.steps": 2, "train.eval_every": 0}
+    rows = {}
+    for fused in ("true", "false"):
+        run_dir = tmp_path / f"fused_{fused}"
+        proc = run_train(overrides(assets, run_dir, **settings, **{"model.fused_output": fused}))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        rows[fused] = [deterministic(r) for r in rows_of(run_dir)]
+    assert_learning_signal(rows["true"])
+    assert [r["step"] for r in rows["true"]] == [r["step"] for r in rows["false"]] == [1, 2, 3, 4]
+    worst = (0.0, None)
+    for a, b in zip(rows["true"], rows["false"], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert close(a[key], b[key]), f"step {a['step']} {key}: {a[key]} (fused) vs {b[key]} (unfused)"
+            if isinstance(b[key], float) and abs(b[key]) > 1e-4:  # below, close()'s absolute 1e-7 decides
+                worst = max(worst, (abs(a[key] - b[key]) / abs(b[key]), key), key=lambda w: w[0])
+    print(f"fused vs unfused metric rows: largest relative difference {worst[0]:.1e} ({worst[1]}) of the values "
+          "above 1e-4")
+
+
 @pytest.fixture(scope="module")
 def one_process_run(assets, tmp_path_factory):
     one = tmp_path_factory.mktemp("one") / "run"

@@ -1,10 +1,16 @@
 """The policy-loss hook for Megatron-Core's ``forward_backward_func``.
 
 ``forward_step(data_iterator, model)`` runs the model on one micro-batch — a packed row of
-rollouts (``batch.py``, ``packed_forward.py``) — and returns ``(logits, loss_func)``;
+rollouts (``batch.py``, ``packed_forward.py``) — and returns ``(output, loss_func)``;
 ``loss_func`` runs on the last pipeline stage only and gathers each slot's positions back into the
 loss library's right-padded ``[N, T]`` rows. A micro-batch may also be an empty row (a data-parallel
 rank without rollouts): its share is 0 with a graph, so backward and DDP's reduction still run.
+
+The last stage's output is the final hidden states when ``LossContext.fused_output``
+(``model.fused_output``, on by default): ``fused_output.py`` turns them and the output weight into the
+labels' log-probs tile by tile, never holding the ``[tokens, V/tp]`` logits. Otherwise it is
+Megatron's logits, reduced by ``logprobs.py``. The two paths compute the same numbers (tested to 1e-6
+in fp32); ``model_output`` and ``label_logprobs`` are the only places that tell them apart.
 
 Cancelling Megatron's averaging — the one derivation of the scale factor
 -----------------------------------------------------------------------
@@ -46,6 +52,7 @@ import torch.distributed as dist
 from real_megatron.losses import MicroBatch, PolicyLoss
 from real_megatron.megatron.batch import slot_rows
 from real_megatron.megatron.diag_capture import watch_tokens
+from real_megatron.megatron.fused_output import model_logprobs, output_hidden_states
 from real_megatron.megatron.logprobs import vocab_parallel_logprobs
 from real_megatron.megatron.packed_forward import run_packed
 
@@ -84,6 +91,9 @@ class LossContext:
     tp_group: object = None
     cp_group: object = None
     cp_size: int = 1
+    # the last stage hands the loss hidden states, not logits (fused_output.py); False for callers that
+    # pass logits themselves
+    fused_output: bool = False
     # filled by loss_func, read by train_step
     records: list = field(default_factory=list)
 
@@ -93,16 +103,38 @@ def _per_row(logp, old_logp, mask):
     return diff.sum(dim=1), mask.sum(dim=1).to(logp.dtype)
 
 
-def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
-    """Compute this micro-batch's share of the mini-batch loss (see the module docstring)."""
+def model_output(ctx: LossContext, model, batch: dict) -> torch.Tensor:
+    """The model's output for one micro-batch: on the last stage the final hidden states when fused, else the
+    logits; other pipeline stages' hidden states either way."""
+    if not ctx.fused_output:
+        return run_packed(model, batch)
+    with output_hidden_states(model):
+        return run_packed(model, batch)
+
+
+def label_logprobs(ctx: LossContext, model, batch: dict, output: torch.Tensor, *, with_entropy: bool):
+    """Per-position ``(logp, entropy)`` ``[R, S]`` of ``batch["labels"]`` from ``model_output``'s ``output``.
+
+    Only response positions (``loss_mask``) are ever read: the fused op computes nothing else (they are
+    0), the unfused one computes every position."""
+    if ctx.fused_output:
+        return model_logprobs(model, output, batch["labels"], temperature=ctx.temperature, vocab_size=ctx.vocab_size,
+                              with_entropy=with_entropy, token_mask=batch["loss_mask"] > 0)
+    return vocab_parallel_logprobs(output, batch["labels"], temperature=ctx.temperature, vocab_size=ctx.vocab_size,
+                                   tp_group=ctx.tp_group, with_entropy=with_entropy,
+                                   overwrite_logits=True)  # the logits are read by nothing else
+
+
+def loss_func(ctx: LossContext, batch: dict, output: torch.Tensor, model=None):
+    """Compute this micro-batch's share of the mini-batch loss (see the module docstring). ``output``: the
+    last stage's ``model_output`` (logits, or with ``ctx.fused_output`` the hidden states of ``model``)."""
     idx = batch["sample_index"]
     if idx.numel() == 0:  # an empty row (a rank without rollouts): no share, but a graph for backward
-        return logits.sum() * 0.0, {"share": torch.zeros((), device=logits.device)}
+        # (fused: the graph reaches no output weight; DDP's buffer, zeroed per step, is reduced anyway)
+        return output.sum() * 0.0, {"share": torch.zeros((), device=output.device)}
     # no entropy here: it is a metric, measured in the forward-only pass over the same rollouts
     # (compute_logprobs), and leaving it out keeps the training step as cheap as cross-entropy
-    logp, _ = vocab_parallel_logprobs(logits, batch["labels"], temperature=ctx.temperature,
-                                      vocab_size=ctx.vocab_size, tp_group=ctx.tp_group, with_entropy=False,
-                                      overwrite_logits=True)  # the logits are read by nothing else
+    logp, _ = label_logprobs(ctx, model, batch, output, with_entropy=False)
     # the loss library takes one right-padded row per rollout: gather each slot's positions
     index, valid = slot_rows(batch["segment"], idx.numel())
     logp = logp.reshape(-1)[index]
@@ -153,19 +185,19 @@ def loss_func(ctx: LossContext, batch: dict, logits: torch.Tensor):
 
 def forward_step(ctx: LossContext, data_iterator, model):
     batch = next(data_iterator)
-    return run_packed(model, batch), partial(loss_func, ctx, batch)
+    return model_output(ctx, model, batch), partial(loss_func, ctx, batch, model=model)
 
 
 def logprob_step(ctx: LossContext, data_iterator, model):
-    """Forward-only variant: per-token log-probs and entropy of the labels (old log-probs, scores)."""
+    """Forward-only variant: per-token log-probs and entropy of the labels (old log-probs, the exact mode's
+    scores, the reference model's log-probs)."""
     batch = next(data_iterator)
-    output = run_packed(model, batch)
+    output = model_output(ctx, model, batch)
 
-    def collect(logits):
+    def collect(output):
         with torch.no_grad():
-            logp, entropy = vocab_parallel_logprobs(logits, batch["labels"], temperature=ctx.temperature,
-                                                    vocab_size=ctx.vocab_size, tp_group=ctx.tp_group)
+            logp, entropy = label_logprobs(ctx, model, batch, output, with_entropy=True)
         ctx.records.append({"batch": batch, "logp": logp, "entropy": entropy})
-        return torch.zeros((), device=logits.device), {}
+        return torch.zeros((), device=output.device), {}
 
     return output, collect

@@ -99,12 +99,14 @@ class MegatronPolicy:
     """The model chunks and optimizer of this rank, driven through Megatron's forward/backward schedule.
 
     ``loss``: the loss object of the run (``losses.build_loss``, or ``losses.SFTLoss``); None for a
-    forward-only policy (the frozen reference model), which only computes log-probs."""
+    forward-only policy (the frozen reference model), which only computes log-probs. ``fused_output``:
+    log-probs from the output layer's input without the logits (``fused_output.py``), else through
+    Megatron's output layer; every forward (training, old log-probs, the exact mode's extra pass) uses it."""
 
     def __init__(self, chunks, optimizer, *, loss: PolicyLoss | None, temperature: float = 1.0,
                  max_tokens_per_micro_batch: int = 16384, max_rollouts_per_micro_batch: int | None = None,
                  force_exact: bool = False, pad_id: int = 0, skip_zero_gradient: bool = True,
-                 skip_fresh_exact_forward: bool = True):
+                 skip_fresh_exact_forward: bool = True, fused_output: bool = True):
         self.chunks = chunks
         self.optimizer = optimizer
         self.loss = loss
@@ -116,6 +118,7 @@ class MegatronPolicy:
         self.pad_id = pad_id
         self.skip_zero_gradient = skip_zero_gradient
         self.skip_fresh_exact_forward = skip_fresh_exact_forward
+        self.fused_output = fused_output  # model.fused_output: hook.py's two ways to the log-probs
         self.version = 0  # optimizer steps taken by this object: tells whether old log-probs are still current
         gpt = unwrap(chunks[0])
         if gpt.config.calculate_per_token_loss:
@@ -131,7 +134,8 @@ class MegatronPolicy:
         lay = _Layout()
         return plan_micro_batches(samples, dp_size=lay.dp, max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
                                   sequence_level_groups=sequence_level_groups, force_exact=force_exact, cp=lay.cp,
-                                  multiple=self.multiple, max_rollouts_per_micro_batch=self.max_rollouts_per_micro_batch,
+                                  multiple=self.multiple,
+                                  max_rollouts_per_micro_batch=self.max_rollouts_per_micro_batch,
                                   fixed_row_length=lay.pp > 1, include=include)
 
     def _micro_batches(self, samples, plan, lay: _Layout, behaviour: bool = False):
@@ -160,7 +164,8 @@ class MegatronPolicy:
         return LossContext(loss=self.loss, temperature=self.temperature, vocab_size=self.vocab_size,
                            rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32, device=device),
                            group_ids=torch.tensor([s.group_id for s in samples], dtype=torch.long, device=device),
-                           tp_group=lay.tp_group, cp_group=lay.cp_group, cp_size=lay.cp, **kw)
+                           tp_group=lay.tp_group, cp_group=lay.cp_group, cp_size=lay.cp,
+                           fused_output=self.fused_output, **kw)
 
     # ------------------------------------------------------------------ forward only
     @torch.no_grad()
@@ -183,7 +188,8 @@ class MegatronPolicy:
                 index, valid = slot_rows(batch["segment"], batch["sample_index"].numel())
                 # each position's place in its sequence (CP ranks hold two chunks of every sequence)
                 where = batch["position_ids"].reshape(-1)[index].cpu()
-                values = [rec["logp"].reshape(-1)[index].double().cpu(), rec["entropy"].reshape(-1)[index].double().cpu()]
+                values = [rec["logp"].reshape(-1)[index].double().cpu(),
+                          rec["entropy"].reshape(-1)[index].double().cpu()]
                 for slot, i in enumerate(batch["sample_index"].tolist()):
                     s = samples[i]
                     p, r = len(s.prompt_ids), len(s.response_ids)

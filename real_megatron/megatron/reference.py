@@ -22,11 +22,11 @@ import torch
 def build_reference_policy(hf_config, *, load_weights: Callable, dtype=torch.float32, transformer_impl: str = "auto",
                            sequence_parallel: bool = False, temperature: float = 1.0,
                            max_tokens_per_micro_batch: int = 16384, max_rollouts_per_micro_batch: int | None = None,
-                           pad_id: int = 0):
+                           pad_id: int = 0, fused_output: bool = True):
     """A forward-only ``MegatronPolicy`` over a frozen copy of the model; ``load_weights(chunks)`` fills it.
 
     Call after ``initialize_parallel`` (same layout as the trained model). A forward-only policy: no loss,
-    no optimizer."""
+    no optimizer; ``fused_output`` as the trained policy's (``MegatronPolicy``)."""
     from real_megatron.megatron.model import build_model
     from real_megatron.megatron.policy import MegatronPolicy
 
@@ -39,7 +39,7 @@ def build_reference_policy(hf_config, *, load_weights: Callable, dtype=torch.flo
     return MegatronPolicy(chunks, None, loss=None, temperature=temperature,
                           max_tokens_per_micro_batch=max_tokens_per_micro_batch,
                           max_rollouts_per_micro_batch=max_rollouts_per_micro_batch, pad_id=pad_id,
-                          skip_zero_gradient=False)
+                          skip_zero_gradient=False, fused_output=fused_output)
 
 
 def parameter_bytes(chunks) -> int:

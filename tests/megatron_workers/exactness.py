@@ -3,7 +3,9 @@ optimizer step and the full weights after it. Run alone (`python exactness.py �
 
 ``--unpacked``: the reference, without the planner or packed rows — every rollout through the model
 alone (plain causal attention, positions 0…L−1), the loss library's ``policy_loss`` over all of them.
-``--fresh``: old log-probs are this model's own (``compute_logprobs``, version-stamped), so s̄ = 0."""
+``--fresh``: old log-probs are this model's own (``compute_logprobs``, version-stamped), so s̄ = 0.
+``--fused-output false``: the policy (and reference model) through Megatron's output layer + ``logprobs.py``
+instead of ``fused_output.py`` (``model.fused_output``); the unpacked reference always takes the former."""
 from __future__ import annotations
 
 import argparse
@@ -33,8 +35,10 @@ def main() -> None:
     parser.add_argument("--hparams", default="{}", help="loss hyperparameters, JSON")
     parser.add_argument("--ref-seed", type=int, default=None,
                         help="a frozen reference model (weights of this seed) gives every sample's ref_logp")
+    parser.add_argument("--fused-output", choices=["true", "false"], default="true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    fused = args.fused_output == "true"
 
     from common import TINY_QWEN2, fixed_full_state_dict, fixed_samples
 
@@ -49,19 +53,19 @@ def main() -> None:
     chunks = build_model(hf, wrap_ddp=True, transformer_impl="local",
                          use_distributed_optimizer=args.distributed_optimizer)
     load_full_state_dict(chunks[0], fixed_full_state_dict(hf))
-    policy = MegatronPolicy(chunks, build_optimizer(chunks, lr=10.0, adam_eps=1.0,
-                                                         use_distributed_optimizer=args.distributed_optimizer), loss=build_loss(args.loss, json.loads(args.hparams)),
+    optimizer = build_optimizer(chunks, lr=10.0, adam_eps=1.0, use_distributed_optimizer=args.distributed_optimizer)
+    policy = MegatronPolicy(chunks, optimizer, loss=build_loss(args.loss, json.loads(args.hparams)),
                            temperature=0.7, max_tokens_per_micro_batch=args.budget,
                            max_rollouts_per_micro_batch=args.cap,
                            force_exact=args.force_exact, skip_zero_gradient=not args.no_skip,
-                           skip_fresh_exact_forward=not args.no_fresh_skip)
+                           skip_fresh_exact_forward=not args.no_fresh_skip, fused_output=fused)
     samples = fixed_samples()
     if args.ref_seed is not None:
         from real_megatron.megatron.reference import build_reference_policy
 
         ref = build_reference_policy(hf, load_weights=lambda c: load_full_state_dict(
             c[0], fixed_full_state_dict(hf, seed=args.ref_seed)), transformer_impl="local", temperature=0.7,
-            max_tokens_per_micro_batch=args.budget)
+            max_tokens_per_micro_batch=args.budget, fused_output=fused)
         ref_logps = unpacked_logps(ref.chunks[0], samples) if args.unpacked else ref.compute_logprobs(samples)[0]
         for s, lp in zip(samples, ref_logps, strict=True):
             s.ref_logp = lp.detach()
@@ -69,8 +73,10 @@ def main() -> None:
         logps, _ = policy.compute_logprobs(samples)
         for s, lp in zip(samples, logps, strict=True):
             s.old_logp, s.old_logp_version = lp, policy.version
-    metrics = unpacked_forward_backward(chunks[0], samples, args.loss,
-                                                                      json.loads(args.hparams)) if args.unpacked else policy.forward_backward(samples)
+    if args.unpacked:
+        metrics = unpacked_forward_backward(chunks[0], samples, args.loss, json.loads(args.hparams))
+    else:
+        metrics = policy.forward_backward(samples)
     grads = gather_full_state_dict(chunks[0], "grad")
     metrics.update(policy.apply_gradients(metrics["loss"]))
     weights = gather_full_state_dict(chunks[0], "param")

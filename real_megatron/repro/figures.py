@@ -138,6 +138,21 @@ def _draw(ax, runs: dict, labels, key: str) -> None:
         ax.fill_between(steps, low, high, color=color, alpha=0.15, linewidth=0)
 
 
+def finish_figure(fig, axes, title: str, out: Path, *, max_columns: int) -> Path:
+    """A panel grid's shared legend (from its first panel) below it, its title, then the atomic save; closes
+    ``fig`` and returns ``out``."""
+    import matplotlib.pyplot as plt
+
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="lower center", ncol=min(len(names), max_columns), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    save_figure_atomic(fig, Path(out))
+    plt.close(fig)
+    return Path(out)
+
+
 def plot_dynamics(runs: dict[str, dict[int, list[dict]]], out: Path) -> Path:
     """Figure 4: entropy, held-out pass@1, reward and all-solved ratio vs optimizer step, one curve per label."""
     import matplotlib
@@ -151,14 +166,7 @@ def plot_dynamics(runs: dict[str, dict[int, list[dict]]], out: Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    handles, names = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=8)
-    fig.suptitle("Training dynamics (seed mean, band: min–max over seeds)")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    save_figure_atomic(fig, Path(out))
-    plt.close(fig)
-    return Path(out)
+    return finish_figure(fig, axes, "Training dynamics (seed mean, band: min–max over seeds)", out, max_columns=6)
 
 
 def plot_ablation(runs: dict[str, dict[int, list[dict]]], out: Path) -> Path:

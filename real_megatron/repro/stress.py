@@ -252,7 +252,7 @@ def plot_stress(summary: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from real_megatron.plots import save_figure_atomic
+    from real_megatron.repro.figures import finish_figure
 
     cells = summary["cells"]
     labels = []
@@ -279,11 +279,4 @@ def plot_stress(summary: dict, out: Path) -> Path:
         ax.set_xticks(xs, [f"{c['updates']} upd\nlr {c['lr']:g}" for c in cells])
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    handles, names = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, names, loc="lower center", ncol=min(len(names), 7), fontsize=8)
-    fig.suptitle("Stress sweep (seed mean, bar: min–max over seeds)")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    save_figure_atomic(fig, Path(out))
-    plt.close(fig)
-    return Path(out)
+    return finish_figure(fig, axes, "Stress sweep (seed mean, bar: min–max over seeds)", out, max_columns=7)

@@ -12,8 +12,8 @@ import time
 import pytest
 from test_trainer import (
     assert_learning_signal,
+    assert_same_rows,
     close,
-    deterministic,
     overrides,
     rows_of,
     run_train,
@@ -91,12 +91,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(assets, tmp_path, stale
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref_rows, res_rows = rows_of(reference), rows_of(killed)
     assert_learning_signal([r for r in ref_rows if r["rollout_step"] > 2])
-    assert [r["step"] for r in res_rows] == [r["step"] for r in ref_rows]
-    for a, b in zip(ref_rows, res_rows, strict=True):
-        a, b = deterministic(a), deterministic(b)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert close(a[key], b[key]), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
+    assert_same_rows(ref_rows, res_rows)
 
 
 def test_dp2_at_s1_matches_one_process(assets, tmp_path):

@@ -87,6 +87,16 @@ def close(a, b, rel=1e-5):
     return math.isclose(a, b, rel_tol=rel, abs_tol=1e-7)
 
 
+def assert_same_rows(ref_rows: list[dict], rows: list[dict]) -> None:
+    """Two runs logged the same optimizer steps with the same keys and values (``close``), timings aside."""
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+    for a, b in zip(ref_rows, rows, strict=True):
+        a, b = deterministic(a), deterministic(b)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert close(a[key], b[key]), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
+
+
 def test_train_one_process_logs_every_key_checkpoints_and_exports(assets, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train(overrides(assets, run_dir))
@@ -134,12 +144,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(assets, tmp_path):
 
     ref_rows, res_rows = rows_of(reference), rows_of(killed)
     assert_learning_signal([r for r in ref_rows if r["rollout_step"] > 2])  # after the kill point
-    assert [r["step"] for r in res_rows] == [r["step"] for r in ref_rows]
-    for a, b in zip(ref_rows, res_rows, strict=True):
-        a, b = deterministic(a), deterministic(b)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert close(a[key], b[key]), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
+    assert_same_rows(ref_rows, res_rows)
 
 
 def test_fused_output_false_logs_the_same_rows(assets, tmp_path):

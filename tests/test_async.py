@@ -14,6 +14,7 @@ from test_trainer import (
     assert_learning_signal,
     assert_same_rows,
     close,
+    kill_9_after_checkpoint,
     overrides,
     rows_of,
     run_train,
@@ -78,14 +79,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(assets, tmp_path, stale
     assert proc.returncode == 0, proc.stderr[-3000:]
     killed = tmp_path / "killed"
     args = overrides(assets, killed, **s)
-    p = subprocess.Popen(train_cmd(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step_000002" / "meta.json").exists():
-        assert p.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_9_after_checkpoint(args, killed, ENV)
     assert (killed / "checkpoints" / "step_000002" / "pending_rollouts.pt").exists()
     proc = run_train(args)
     assert proc.returncode == 0, proc.stderr[-3000:]

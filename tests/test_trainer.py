@@ -87,6 +87,18 @@ def close(a, b, rel=1e-5):
     return math.isclose(a, b, rel_tol=rel, abs_tol=1e-7)
 
 
+def kill_9_after_checkpoint(args: list[str], run_dir: Path, env: dict, step: int = 2, timeout: float = 300) -> None:
+    """Start ``train`` with ``args`` and SIGKILL it as soon as the checkpoint of rollout ``step`` is complete."""
+    p = subprocess.Popen(train_cmd(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + timeout
+    while not (run_dir / "checkpoints" / f"step_{step:06d}" / "meta.json").exists():
+        assert p.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
 def assert_same_rows(ref_rows: list[dict], rows: list[dict]) -> None:
     """Two runs logged the same optimizer steps with the same keys and values (``close``), timings aside."""
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
@@ -130,14 +142,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(assets, tmp_path):
     killed = tmp_path / "killed"
     args = overrides(assets, killed, **settings)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    p = subprocess.Popen(train_cmd(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 240
-    while not (killed / "checkpoints" / "step_000002" / "meta.json").exists():
-        assert p.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_9_after_checkpoint(args, killed, env)
     proc = run_train(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr + proc.stdout

@@ -201,4 +201,4 @@ def test_make_task_command(tmp_path, capsys):
     assert (out / "level5.parquet").read_bytes() == write_chain_task(tmp_path / "api", seed=3, train_levels=(1, 2),
                                                                      **SMALL)[1][5].read_bytes()
     assert main(["make-task", "chains", "--out", str(out), "--test-per-level", "400"]) == 2
-    assert "level 1 has 302 distinct problems" in capsys.readouterr().out
+    assert "level 1 has 302 distinct problems" in capsys.readouterr().err  # errors go to stderr

@@ -152,7 +152,8 @@ def check_sampling(d, where: str) -> None:
 
 
 class StandIn:
-    def __init__(self, *, version: str, tp_size: int, vocab_size: int, eos: int, params: dict | None):
+    def __init__(self, *, version: str, tp_size: int, vocab_size: int, eos: int, params: dict | None,
+                 legacy_info_path: bool = False):
         self.version = version
         self.tp_size = tp_size
         self.vocab_size = vocab_size
@@ -171,6 +172,8 @@ class StandIn:
         self.group_backend = None
         self.flushes = 0
         self.healthy = True  # tests flip it through POST /standin/health to emulate a 503
+        self.legacy_info_path = legacy_info_path  # only the deprecated /get_server_info, as older servers
+        self.gets: list[str] = []  # the paths of GET requests, in arrival order
 
     # deterministic fake generation
     def _checksum(self) -> int:
@@ -385,8 +388,13 @@ def make_handler(state: StandIn):
             self.wfile.write(data)
 
         def do_GET(self):
+            if not self.path.startswith("/standin/"):
+                with state.lock:
+                    state.gets.append(self.path)
             if self.path == "/health":
                 return self._send(200 if state.healthy else 503, text="")
+            if self.path == "/server_info" and not state.legacy_info_path:
+                return self._send(200, {"version": state.version, "tp_size": state.tp_size})
             if self.path == "/get_server_info":
                 return self._send(200, {"version": state.version, "tp_size": state.tp_size})
             if self.path == "/flush_cache":
@@ -398,7 +406,7 @@ def make_handler(state: StandIn):
                         "requests": state.requests, "weights": state.weights, "weight_shapes": state.weight_shapes,
                         "weight_version": state.weight_version, "session_open": state.session_open,
                         "released": sorted(state.released), "flushes": state.flushes,
-                        "group_backend": state.group_backend})
+                        "group_backend": state.group_backend, "gets": state.gets})
             self._send(404, {"detail": "Not Found"})
 
         def do_POST(self):
@@ -489,9 +497,11 @@ def main(argv=None) -> int:
     p.add_argument("--eos", type=int, default=2)
     p.add_argument("--param", action="append", default=[], help="NAME:DxD declared model parameter")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--legacy-info-path", action="store_true",
+                   help="answer only the deprecated /get_server_info (404 on /server_info), as older servers do")
     args = p.parse_args(argv)
     state = StandIn(version=args.version, tp_size=args.tp_size, vocab_size=args.vocab_size, eos=args.eos,
-                    params=dict(_parse_param(s) for s in args.param))
+                    params=dict(_parse_param(s) for s in args.param), legacy_info_path=args.legacy_info_path)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(state))
     server.daemon_threads = True
     print(f"PORT {server.server_address[1]}", flush=True)

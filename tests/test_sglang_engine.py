@@ -143,6 +143,48 @@ def test_distributed_group_refusal_is_reported_without_hanging(start_standin):
         eng.init_weights_update_group("127.0.0.1", free_port(), backend="gloo", timeout_s=5)
 
 
+def test_distributed_push_checks_liveness_without_health_and_reports_refusals_at_once(start_standin):
+    """Before a broadcast every server's scheduler is asked once (``/server_info``: SGLang answers
+    ``/health`` only after generating a token and sleeping a second, which cost every push a second);
+    a server that refuses the update is reported while the trainer's broadcast is still blocked,
+    not after the group's timeout."""
+    import time
+
+    def standin_state(url):
+        with urllib.request.urlopen(url + "/standin/state") as resp:
+            return json.loads(resp.read())
+
+    params = [f"--param={name}:{'x'.join(map(str, shape))}" for name, shape in PARAMS.items()]
+    # its own process: a group joins two processes
+    with sglang_standin.running_process("--version=0.5.21", f"--eos={EOS}", *params) as url:
+        eng = make_engine(url, weight_sync="distributed")
+        eng.init_weights_update_group("127.0.0.1", free_port(), backend="gloo", timeout_s=20)
+        eng.update_weights(buckets(1.0))  # the first push also reads the server's version, once
+        gets_before = len(standin_state(url)["gets"])
+        sent = buckets(2.0)
+        eng.update_weights(sent)
+        state = standin_state(url)
+        assert torch.allclose(torch.tensor(state["weights"]["model.norm.weight"]), sent[0][1][1])  # it arrived
+        assert state["gets"][gets_before:] == ["/server_info"]  # the liveness check, and no /health
+        # a dtype the stand-in refuses before receiving, while the trainer's broadcast waits for it
+        bad = [[("model.norm.weight", torch.ones(4, dtype=torch.int16))]]
+        t0 = time.monotonic()
+        with pytest.raises(SGLangError, match="update_weights_from_distributed"):
+            eng.update_weights(bad)
+        assert time.monotonic() - t0 < 10  # the group's timeout is 20 s
+
+
+def test_liveness_check_falls_back_to_the_old_info_path_once(start_standin):
+    state, url = start_standin(version="0.5.21", legacy_info_path=True)
+    server = SGLangServer(url, health_timeout_s=0)
+    server.check_alive()
+    server.check_alive()
+    assert server.server_version() == (0, 5, 21)
+    assert state.gets == ["/server_info", "/get_server_info", "/get_server_info", "/get_server_info"]
+    with pytest.raises(SGLangError, match=r"127\.0\.0\.1:9 is not answering.*rollout\.sglang_urls"):
+        SGLangServer("http://127.0.0.1:9", health_timeout_s=0).check_alive(1.0)
+
+
 # ----------------------------------------------------------------------------- memory, health
 
 

@@ -162,6 +162,7 @@ class SGLangServer:
         self.name = self._http.url if self._http is not None else "in-process sglang.Engine"
         self._session = weight_update_session
         self._version: tuple[int, ...] | None = None
+        self._info_path = "/server_info"  # check_alive falls back to the older name once, on a 404
         self._closed = False
         if self._http is not None and health_timeout_s > 0:
             self.wait_healthy(health_timeout_s)
@@ -204,11 +205,34 @@ class SGLangServer:
             "`python -m sglang.launch_server --model-path DIR --port PORT` and check rollout.sglang_urls, or use "
             "rollout.engine=embedded.")
 
+    def _server_info(self, timeout_s: float):
+        """GET the server's info (a round trip to its scheduler): ``/server_info``, or the deprecated
+        ``/get_server_info`` on servers that predate it (tried once, on a 404, then remembered)."""
+        try:
+            return self._http.request("GET", self._info_path, timeout_s=timeout_s)
+        except SGLangError as err:
+            if self._info_path != "/server_info" or "HTTP 404" not in str(err):
+                raise
+            self._info_path = "/get_server_info"
+            return self._http.request("GET", self._info_path, timeout_s=timeout_s)
+
+    def check_alive(self, timeout_s: float = 5.0) -> None:
+        """Raise :class:`SGLangError` naming the server unless its scheduler answers within ``timeout_s``.
+        Cheap, unlike ``/health``, which SGLang answers after generating a token and sleeping a whole
+        second: this check runs before every weight push."""
+        if self._http is None:
+            return
+        try:
+            self._server_info(timeout_s)
+        except SGLangError as err:
+            raise SGLangError(f"SGLang server at {self.name} is not answering ({err}); a weight push "
+                              "needs every server alive. Check the server's log and rollout.sglang_urls.") from err
+
     def server_version(self) -> tuple[int, ...] | None:
         if self._version is None:
             if self._http is not None:
                 try:
-                    info = self._http.request("GET", "/get_server_info", timeout_s=30)
+                    info = self._server_info(30)
                 except SGLangError:
                     return None
                 self._version = parse_version(info.get("version", "")) if isinstance(info, dict) else None

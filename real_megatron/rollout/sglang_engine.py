@@ -138,7 +138,7 @@ class SGLangEngine(RolloutEngine):
         if self.sender.kind == "distributed":
             # every server must be alive before the first broadcast: a server dying mid-collective leaves the
             # others blocked inside it until the group's timeout, so fail here, naming it, while none is in one
-            on_each(self.servers, lambda s: s.wait_healthy(5.0))
+            on_each(self.servers, lambda s: s.check_alive(5.0))
         if version is not None:
             self._weight_version = version
             label = f"{self._weight_version_prefix}{version}"

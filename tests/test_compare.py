@@ -179,34 +179,26 @@ def test_run_locks_let_a_second_process_skip_a_held_run(tmp_path):
         assert again is True
 
 
-def test_update_size_is_measured_around_each_optimizer_step():
-    """The stand-in for the trainer's own metric: ‖θ_after − θ_before‖ / ‖θ_before‖ over the trainable
-    parameters, added to the step's result (whose diag/ keys the trainer logs); left alone when present."""
-    import types
-
+def test_update_size_counts_trainable_parameters_once():
+    """‖θ_after − θ_before‖ / ‖θ_before‖ over the trainable parameters, each counted once (a chunk may list
+    a tied one twice), frozen ones left out. (Under TP/PP/DP: tests/test_megatron_parallel.py.)"""
     import torch
 
-    from real_megatron.repro.compare import _measure_update_sizes
+    from real_megatron.megatron.update_size import relative_update, snapshot, trainable_parameters
 
     chunk = torch.nn.Linear(3, 4)
     with torch.no_grad():
         chunk.weight.fill_(1.0)  # ‖θ‖² = 12 + 4 (bias 1)
         chunk.bias.fill_(1.0)
-    frozen = torch.nn.Parameter(torch.full((5,), 100.0), requires_grad=False)
-    chunk.register_parameter("frozen", frozen)  # not trainable: not counted
-
-    def train_step(samples):
-        with torch.no_grad():
-            chunk.weight[0, 0] += 0.4
-            chunk.bias[0] -= 0.3
-        return {"loss": 1.0, **samples}
-
-    policy = types.SimpleNamespace(train_step=train_step)
-    assert _measure_update_sizes(policy, [chunk]) is True
-    result = policy.train_step({})
-    assert result["diag/update_rel_norm"] == pytest.approx(0.5 / 4.0)  # sqrt(0.16 + 0.09) / sqrt(16)
-    assert policy.train_step({"diag/update_rel_norm": 7.0})["diag/update_rel_norm"] == 7.0
-    assert _measure_update_sizes(types.SimpleNamespace(), [chunk]) is False
+    chunk.register_parameter("frozen", torch.nn.Parameter(torch.full((5,), 100.0), requires_grad=False))
+    params = trainable_parameters([chunk, chunk])  # the same chunk twice: counted once
+    assert len(params) == 2
+    before = snapshot(params)
+    with torch.no_grad():
+        chunk.weight[0, 0] += 0.4
+        chunk.bias[0] -= 0.3
+    assert relative_update(params, before) == pytest.approx(0.5 / 4.0)  # sqrt(0.16 + 0.09) / sqrt(16)
+    assert relative_update(params, snapshot(params)) == 0.0
 
 
 def _compare_process(argv: list[str]) -> tuple[int, str, str]:

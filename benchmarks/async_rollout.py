@@ -134,20 +134,47 @@ def run_setting(name: str, args, assets, init_dir: Path, server_url: str | None,
     return result
 
 
+def input_problem(args, names: list[str]) -> str | None:
+    """What is wrong with the arguments or the machine, in one line with the fix; None when all is well."""
+    import shutil
+
+    unknown = sorted(set(names) - set(SETTINGS))
+    if unknown or not names:
+        return f"--settings: unknown {unknown} (choose from {', '.join(SETTINGS)})"
+    if args.steps < 3:
+        return f"--steps {args.steps}: at least 3 (the first is not timed, and a rate needs two more)"
+    if args.warmup and not (Path(args.warmup) / "config.json").is_file():
+        return (f"--warmup {args.warmup}: not a HF model directory (no config.json); give a warm-up's hf/ "
+                "directory, or leave --warmup out to build one")
+    if any(SETTINGS[n][0] == "pinned" for n in names) and shutil.which("taskset") is None:
+        return "the pinned settings need `taskset` (util-linux); install it or choose --settings shared_s0,..."
+    if any(SETTINGS[n][1] == "sglang" for n in names):
+        import sglang_server
+
+        if (why := sglang_server.env_problem()) is not None:
+            return f"{why}: build it with `make sglang-env`, or choose the embedded settings only"
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_async")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_async",
+                        help="the benchmark's scratch directory (its runs/<setting> are replaced on every run)")
     parser.add_argument("--warmup", default=None, help="an existing warmed-up HF directory (e.g. runs/demo/warmup/hf)")
     parser.add_argument("--steps", type=int, default=10, help="rollout steps per setting (the first is not timed)")
     parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--dry-run", action="store_true", help="check the inputs and print the plan; run nothing")
     args = parser.parse_args(argv)
     names = [n for n in args.settings.split(",") if n]
-    unknown = sorted(set(names) - set(SETTINGS))
-    if unknown or args.steps < 3:
-        parser.error(f"unknown settings {unknown} (choose from {list(SETTINGS)})" if unknown
-                     else "--steps must be >= 3")
+    problem = input_problem(args, names)
+    if problem:
+        print(f"async_rollout.py: {problem}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(f"plan: {len(names)} settings x {args.steps} rollout steps ({', '.join(names)}); warm-up "
+              f"{args.warmup or args.work / 'warmup (built first)'}; scratch {args.work}")
+        return 0
     import sglang_server
-
 
     args.work.mkdir(parents=True, exist_ok=True)
     assets, init_dir = warmup_model(args.work, args.warmup)

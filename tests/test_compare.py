@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from real_megatron.repro.compare import build_parser, plan_runs
+from real_megatron.repro.compare import MEASURED, build_parser, plan_runs
 from real_megatron.repro.compare import main as compare_main
 from real_megatron.repro.summary import run_result, summarize, summary_markdown
 
@@ -119,8 +119,8 @@ def test_plan_is_seed_major_and_a_tau_equal_to_reals_reuses_the_real_run(tmp_pat
     assert [(s.label, s.seed) for s in specs] == [("real", 1), ("dapo", 1), ("real_tau0.1", 1),
                                                   ("real", 2), ("dapo", 2), ("real_tau0.1", 2)]
     tau = next(s for s in specs if s.label == "real_tau0.1")
-    assert tau.loss == "real" and tau.overrides == ("loss.hparams.tau=0.1", "eval.samples=4")
-    assert specs[0].overrides == () and not (tmp_path / "cmp").exists()
+    assert tau.loss == "real" and tau.overrides == (*MEASURED, "loss.hparams.tau=0.1", "eval.samples=4")
+    assert specs[0].overrides == MEASURED and not (tmp_path / "cmp").exists()
 
 
 def test_a_variant_is_a_loss_under_its_own_label_set_apart_by_its_sets(tmp_path):
@@ -130,8 +130,8 @@ def test_a_variant_is_a_loss_under_its_own_label_set_apart_by_its_sets(tmp_path)
                                       "--set", "real_s1_trunc:loss.hparams.behaviour_correction=truncate"])
     specs, _ = plan_runs(args)
     assert [(s.label, s.loss, s.overrides) for s in specs] == [
-        ("real", "real", ()), ("real_s1", "real", ("train.max_staleness=1",)),
-        ("real_s1_trunc", "real", ("train.max_staleness=1", "loss.hparams.behaviour_correction=truncate"))]
+        ("real", "real", MEASURED), ("real_s1", "real", (*MEASURED, "train.max_staleness=1")),
+        ("real_s1_trunc", "real", (*MEASURED, "train.max_staleness=1", "loss.hparams.behaviour_correction=truncate"))]
     assert specs[1].run_dir(tmp_path) == tmp_path / "runs" / "real_s1" / "seed1"
 
 
@@ -149,9 +149,9 @@ def test_stress_plan_sweeps_cells_and_shares_the_plain_cell_with_the_plain_compa
                           for lb in ("real", "grpo", "real_tau1")]
     assert len(specs) == 2 * 4 * 3 and not out.exists()
     by = {(s.cell, s.label, s.seed): s for s in specs}
-    assert by[("u8_lr3e-4", "grpo", 1)].overrides == ("train.mini_batch_prompts=2", "optim.lr=0.0003")
+    assert by[("u8_lr3e-4", "grpo", 1)].overrides == (*MEASURED, "train.mini_batch_prompts=2", "optim.lr=0.0003")
     assert by[("u8_lr3e-4", "grpo", 1)].run_dir(out) == out / "runs" / "u8_lr3e-4" / "grpo" / "seed1"
-    assert by[(None, "real_tau1", 2)].overrides == ("train.mini_batch_prompts=4", "optim.lr=0.0001",
+    assert by[(None, "real_tau1", 2)].overrides == (*MEASURED, "train.mini_batch_prompts=4", "optim.lr=0.0001",
                                                    "loss.hparams.tau=1.0")
     assert by[(None, "real", 1)].run_dir(out) == out / "runs" / "real" / "seed1"  # the plain comparison's run
     assert plan.final["samples"] == 20 and plan.final["problems"] == 0 and plan.final["temperature"] == 1.0

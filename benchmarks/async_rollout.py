@@ -1,6 +1,6 @@
 """Rollout steps per hour with generation overlapped with training (train.max_staleness), on a real SGLang server.
 
-    python benchmarks/async_rollout.py [--work runs/bench_async] [--steps 12] [--settings s0,s1,...]
+    python benchmarks/async_rollout.py [--work runs/bench_async] [--steps 10] [--settings s0,s1,...]
 
 The demo's chain-task RL (``real_megatron/repro/recipe.py``: 16 prompts x 8 rollouts of up to 96 tokens,
 four updates per rollout batch) from the demo's warm-up (built under ``--work`` unless ``--warmup DIR``
@@ -8,7 +8,8 @@ names an existing one), run for ``--steps`` rollout steps in each setting, one f
 
 * ``pinned``: the SGLang server on core 0 (``taskset``, one OpenMP thread), the trainer on core 1 (one
   thread) — generation and training on separate resources, as peers deploy them (rollout GPUs beside
-  training GPUs); S = 0 (the synchronous loop) vs S = 1 (one-step-off) vs S = 2;
+  training GPUs); S = 0 (the synchronous loop) vs S = 1 (one-step-off) vs S = 2, and S = 1 with partial rollouts
+  (``rollout.partial``: weights pushed during generation, the requests in flight paused and continued);
 * ``shared``: server and trainer on both cores (each two threads), S = 0 vs S = 1;
 * ``embedded``: the embedded transformers engine (in the trainer at S = 0, in its own process at S = 1),
   both cores shared.
@@ -21,7 +22,8 @@ fractions over the same window: the trainer's (its wait for rollouts: the genera
 distributed``), as for a server on other machines.
 
 The last line printed is one JSON object: ``steps_per_hour`` (by setting), ``speedup_s1`` (S = 1 / S = 0,
-pinned), ``speedup_s1_shared``, ``speedup_s1_embedded``, ``trainer_idle`` and ``engine_idle`` (by setting).
+pinned), ``speedup_s2``, ``speedup_s1_partial``, ``speedup_s1_shared``, ``speedup_s1_embedded``,
+``trainer_idle`` and ``engine_idle`` (by setting).
 """
 from __future__ import annotations
 
@@ -37,10 +39,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the real-SGLang server launcher the tests use (tests/sglang_server.py)
 
-SETTINGS = {  # name -> (placement, engine, staleness)
-    "pinned_s0": ("pinned", "sglang", 0), "pinned_s1": ("pinned", "sglang", 1), "pinned_s2": ("pinned", "sglang", 2),
-    "shared_s0": ("shared", "sglang", 0), "shared_s1": ("shared", "sglang", 1),
-    "embedded_s0": ("shared", "embedded", 0), "embedded_s1": ("shared", "embedded", 1),
+SETTINGS = {  # name -> (placement, engine, staleness, partial)
+    "pinned_s0": ("pinned", "sglang", 0, False), "pinned_s1": ("pinned", "sglang", 1, False),
+    "pinned_s2": ("pinned", "sglang", 2, False), "pinned_s1_partial": ("pinned", "sglang", 1, True),
+    "shared_s0": ("shared", "sglang", 0, False), "shared_s1": ("shared", "sglang", 1, False),
+    "embedded_s0": ("shared", "embedded", 0, False), "embedded_s1": ("shared", "embedded", 1, False),
 }
 
 
@@ -87,7 +90,7 @@ class RowClock:
 def run_setting(name: str, args, assets, init_dir: Path, server_url: str | None, port: int) -> dict:
     from real_megatron.repro import recipe
 
-    placement, engine, staleness = SETTINGS[name]
+    placement, engine, staleness, partial = SETTINGS[name]
     run_dir = args.work / "runs" / name
     if run_dir.exists():
         import shutil
@@ -98,7 +101,8 @@ def run_setting(name: str, args, assets, init_dir: Path, server_url: str | None,
                   "logging.wandb_mode=disabled", "logging.progress_bar=false"]
     if engine == "sglang":
         overrides += ["rollout.engine=sglang", f"rollout.sglang_urls=[{server_url}]",
-                      "rollout.sglang_weight_sync=distributed", f"rollout.sglang_master_port={port}"]
+                      "rollout.sglang_weight_sync=distributed", f"rollout.sglang_master_port={port}",
+                      f"rollout.partial={str(partial).lower()}"]
     threads = "1" if placement == "pinned" else "2"
     env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "real_megatron", "train", *overrides]
@@ -130,20 +134,47 @@ def run_setting(name: str, args, assets, init_dir: Path, server_url: str | None,
     return result
 
 
+def input_problem(args, names: list[str]) -> str | None:
+    """What is wrong with the arguments or the machine, in one line with the fix; None when all is well."""
+    import shutil
+
+    unknown = sorted(set(names) - set(SETTINGS))
+    if unknown or not names:
+        return f"--settings: unknown {unknown} (choose from {', '.join(SETTINGS)})"
+    if args.steps < 3:
+        return f"--steps {args.steps}: at least 3 (the first is not timed, and a rate needs two more)"
+    if args.warmup and not (Path(args.warmup) / "config.json").is_file():
+        return (f"--warmup {args.warmup}: not a HF model directory (no config.json); give a warm-up's hf/ "
+                "directory, or leave --warmup out to build one")
+    if any(SETTINGS[n][0] == "pinned" for n in names) and shutil.which("taskset") is None:
+        return "the pinned settings need `taskset` (util-linux); install it or choose --settings shared_s0,..."
+    if any(SETTINGS[n][1] == "sglang" for n in names):
+        import sglang_server
+
+        if (why := sglang_server.env_problem()) is not None:
+            return f"{why}: build it with `make sglang-env`, or choose the embedded settings only"
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_async")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_async",
+                        help="the benchmark's scratch directory (its runs/<setting> are replaced on every run)")
     parser.add_argument("--warmup", default=None, help="an existing warmed-up HF directory (e.g. runs/demo/warmup/hf)")
-    parser.add_argument("--steps", type=int, default=12, help="rollout steps per setting (the first is not timed)")
+    parser.add_argument("--steps", type=int, default=10, help="rollout steps per setting (the first is not timed)")
     parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--dry-run", action="store_true", help="check the inputs and print the plan; run nothing")
     args = parser.parse_args(argv)
     names = [n for n in args.settings.split(",") if n]
-    unknown = sorted(set(names) - set(SETTINGS))
-    if unknown or args.steps < 3:
-        parser.error(f"unknown settings {unknown} (choose from {list(SETTINGS)})" if unknown
-                     else "--steps must be >= 3")
+    problem = input_problem(args, names)
+    if problem:
+        print(f"async_rollout.py: {problem}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(f"plan: {len(names)} settings x {args.steps} rollout steps ({', '.join(names)}); warm-up "
+              f"{args.warmup or args.work / 'warmup (built first)'}; scratch {args.work}")
+        return 0
     import sglang_server
-
 
     args.work.mkdir(parents=True, exist_ok=True)
     assets, init_dir = warmup_model(args.work, args.warmup)
@@ -168,6 +199,7 @@ def main(argv=None) -> int:
 
     summary = {"steps_per_hour": {k: round(v["steps_per_hour"], 1) for k, v in results.items()},
                "speedup_s1": ratio("pinned_s1", "pinned_s0"), "speedup_s2": ratio("pinned_s2", "pinned_s0"),
+               "speedup_s1_partial": ratio("pinned_s1_partial", "pinned_s0"),
                "speedup_s1_shared": ratio("shared_s1", "shared_s0"),
                "speedup_s1_embedded": ratio("embedded_s1", "embedded_s0"),
                "trainer_idle": {k: round(v["trainer_idle"], 3) for k, v in results.items()},

@@ -6,6 +6,7 @@ raises ``ConfigError`` naming the field and the fix, before anything expensive s
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -83,6 +84,22 @@ def load_initial_weights(cfg: RunConfig, chunks) -> str:
     return cfg.model.hf_dir
 
 
+def warn_if_cores_oversubscribed(device: torch.device) -> None:
+    """The embedded engine generating beside training on the CPU: its process and this node's trainer ranks
+    each run ``torch.get_num_threads()`` threads; more threads than cores made S = 1 slower than S = 0
+    (measured on 2 cores: 0.56×, docs/results.md), so say so once, with the fix."""
+    if device.type != "cpu":
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) + 1  # the trainer ranks here and the engine
+    threads = torch.get_num_threads()
+    if processes * threads > cores:
+        logging.getLogger("real_megatron").warning(
+            "train.max_staleness >= 1 with the embedded engine on the CPU: %d processes x %d threads on %d cores; "
+            "generation and training will slow each other down (measured: slower than max_staleness=0). Set "
+            "OMP_NUM_THREADS=%d, or train.max_staleness=0", processes, threads, cores, max(1, cores // processes))
+
+
 def make_engine(rollout: RolloutConfig, hf_dir, tokenizer, *, dtype: str, load_weights: bool = False,
                 background: bool = False):
     """The rollout engine ``rollout.engine`` names, for the model in ``hf_dir`` (rank 0 only).
@@ -108,6 +125,7 @@ def make_engine(rollout: RolloutConfig, hf_dir, tokenizer, *, dtype: str, load_w
         if background:
             from real_megatron.rollout.engine_process import EngineProcess
 
+            warn_if_cores_oversubscribed(compute_device())
             return EngineProcess(factory, name="embedded rollout engine")
         return factory()
     from real_megatron.rollout.sglang_engine import SGLangEngine

@@ -135,6 +135,7 @@ class LoggingConfig:
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "real-megatron"
     progress_bar: bool = True
+    update_size: bool = False  # log diag/update_rel_norm = ‖Δθ‖/‖θ‖ per optimizer step (a parameter copy per step)
 
 
 @dataclass

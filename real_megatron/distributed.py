@@ -28,11 +28,12 @@ def compute_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def world_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
-    """All-reduce a CPU tensor in place over all ranks (through the GPU when the backend is NCCL)."""
-    if _multi_process():
+def world_reduce(tensor: torch.Tensor, op, group=None) -> torch.Tensor:
+    """All-reduce a CPU tensor in place over all ranks, or over ``group``'s (through the GPU when the
+    backend is NCCL)."""
+    if _multi_process() and (group is None or dist.get_world_size(group) > 1):
         buf = tensor.to(compute_device())
-        dist.all_reduce(buf, op=op)
+        dist.all_reduce(buf, op=op, group=group)
         tensor.copy_(buf.cpu())
     return tensor
 

@@ -186,7 +186,8 @@ def build_parts(cfg: RunConfig, loss, *, job: str = "train", sampler_batch: int 
     micro = {"max_tokens_per_micro_batch": cfg.train.max_tokens_per_micro_batch,
              "max_rollouts_per_micro_batch": cfg.train.micro_batch_rollouts or None, "pad_id": pad_id_of(tokenizer),
              "fused_output": cfg.model.fused_output}  # the reference model's forward too
-    policy = MegatronPolicy(chunks, optimizer, loss=loss, temperature=cfg.rollout.temperature, **micro)
+    policy = MegatronPolicy(chunks, optimizer, loss=loss, temperature=cfg.rollout.temperature,
+                            log_update_size=cfg.logging.update_size, **micro)
     ref_policy, ref_model_mb = _reference_policy(cfg, hf, loss, rank, micro)
     layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "cp": cfg.parallel.cp,
               "dp": world_size // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp), "world_size": world_size,

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from real_megatron.repro.compare import build_parser, plan_runs
+from real_megatron.repro.compare import MEASURED, build_parser, plan_runs
 from real_megatron.repro.compare import main as compare_main
 from real_megatron.repro.summary import run_result, summarize, summary_markdown
 
@@ -119,8 +119,8 @@ def test_plan_is_seed_major_and_a_tau_equal_to_reals_reuses_the_real_run(tmp_pat
     assert [(s.label, s.seed) for s in specs] == [("real", 1), ("dapo", 1), ("real_tau0.1", 1),
                                                   ("real", 2), ("dapo", 2), ("real_tau0.1", 2)]
     tau = next(s for s in specs if s.label == "real_tau0.1")
-    assert tau.loss == "real" and tau.overrides == ("loss.hparams.tau=0.1", "eval.samples=4")
-    assert specs[0].overrides == () and not (tmp_path / "cmp").exists()
+    assert tau.loss == "real" and tau.overrides == (*MEASURED, "loss.hparams.tau=0.1", "eval.samples=4")
+    assert specs[0].overrides == MEASURED and not (tmp_path / "cmp").exists()
 
 
 def test_a_variant_is_a_loss_under_its_own_label_set_apart_by_its_sets(tmp_path):
@@ -130,8 +130,8 @@ def test_a_variant_is_a_loss_under_its_own_label_set_apart_by_its_sets(tmp_path)
                                       "--set", "real_s1_trunc:loss.hparams.behaviour_correction=truncate"])
     specs, _ = plan_runs(args)
     assert [(s.label, s.loss, s.overrides) for s in specs] == [
-        ("real", "real", ()), ("real_s1", "real", ("train.max_staleness=1",)),
-        ("real_s1_trunc", "real", ("train.max_staleness=1", "loss.hparams.behaviour_correction=truncate"))]
+        ("real", "real", MEASURED), ("real_s1", "real", (*MEASURED, "train.max_staleness=1")),
+        ("real_s1_trunc", "real", (*MEASURED, "train.max_staleness=1", "loss.hparams.behaviour_correction=truncate"))]
     assert specs[1].run_dir(tmp_path) == tmp_path / "runs" / "real_s1" / "seed1"
 
 
@@ -149,9 +149,9 @@ def test_stress_plan_sweeps_cells_and_shares_the_plain_cell_with_the_plain_compa
                           for lb in ("real", "grpo", "real_tau1")]
     assert len(specs) == 2 * 4 * 3 and not out.exists()
     by = {(s.cell, s.label, s.seed): s for s in specs}
-    assert by[("u8_lr3e-4", "grpo", 1)].overrides == ("train.mini_batch_prompts=2", "optim.lr=0.0003")
+    assert by[("u8_lr3e-4", "grpo", 1)].overrides == (*MEASURED, "train.mini_batch_prompts=2", "optim.lr=0.0003")
     assert by[("u8_lr3e-4", "grpo", 1)].run_dir(out) == out / "runs" / "u8_lr3e-4" / "grpo" / "seed1"
-    assert by[(None, "real_tau1", 2)].overrides == ("train.mini_batch_prompts=4", "optim.lr=0.0001",
+    assert by[(None, "real_tau1", 2)].overrides == (*MEASURED, "train.mini_batch_prompts=4", "optim.lr=0.0001",
                                                    "loss.hparams.tau=1.0")
     assert by[(None, "real", 1)].run_dir(out) == out / "runs" / "real" / "seed1"  # the plain comparison's run
     assert plan.final["samples"] == 20 and plan.final["problems"] == 0 and plan.final["temperature"] == 1.0
@@ -179,34 +179,26 @@ def test_run_locks_let_a_second_process_skip_a_held_run(tmp_path):
         assert again is True
 
 
-def test_update_size_is_measured_around_each_optimizer_step():
-    """The stand-in for the trainer's own metric: ‖θ_after − θ_before‖ / ‖θ_before‖ over the trainable
-    parameters, added to the step's result (whose diag/ keys the trainer logs); left alone when present."""
-    import types
-
+def test_update_size_counts_trainable_parameters_once():
+    """‖θ_after − θ_before‖ / ‖θ_before‖ over the trainable parameters, each counted once (a chunk may list
+    a tied one twice), frozen ones left out. (Under TP/PP/DP: tests/test_megatron_parallel.py.)"""
     import torch
 
-    from real_megatron.repro.compare import _measure_update_sizes
+    from real_megatron.megatron.update_size import relative_update, snapshot, trainable_parameters
 
     chunk = torch.nn.Linear(3, 4)
     with torch.no_grad():
         chunk.weight.fill_(1.0)  # ‖θ‖² = 12 + 4 (bias 1)
         chunk.bias.fill_(1.0)
-    frozen = torch.nn.Parameter(torch.full((5,), 100.0), requires_grad=False)
-    chunk.register_parameter("frozen", frozen)  # not trainable: not counted
-
-    def train_step(samples):
-        with torch.no_grad():
-            chunk.weight[0, 0] += 0.4
-            chunk.bias[0] -= 0.3
-        return {"loss": 1.0, **samples}
-
-    policy = types.SimpleNamespace(train_step=train_step)
-    assert _measure_update_sizes(policy, [chunk]) is True
-    result = policy.train_step({})
-    assert result["diag/update_rel_norm"] == pytest.approx(0.5 / 4.0)  # sqrt(0.16 + 0.09) / sqrt(16)
-    assert policy.train_step({"diag/update_rel_norm": 7.0})["diag/update_rel_norm"] == 7.0
-    assert _measure_update_sizes(types.SimpleNamespace(), [chunk]) is False
+    chunk.register_parameter("frozen", torch.nn.Parameter(torch.full((5,), 100.0), requires_grad=False))
+    params = trainable_parameters([chunk, chunk])  # the same chunk twice: counted once
+    assert len(params) == 2
+    before = snapshot(params)
+    with torch.no_grad():
+        chunk.weight[0, 0] += 0.4
+        chunk.bias[0] -= 0.3
+    assert relative_update(params, before) == pytest.approx(0.5 / 4.0)  # sqrt(0.16 + 0.09) / sqrt(16)
+    assert relative_update(params, snapshot(params)) == 0.0
 
 
 def _compare_process(argv: list[str]) -> tuple[int, str, str]:

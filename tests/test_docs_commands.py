@@ -235,6 +235,9 @@ RUNNERS: dict[str, Runner] = {
     "--set real_s1_trunc:loss.hparams.behaviour_correction=truncate --variant real_s2=real "
     "--set real_s2:train.max_staleness=2":
         Runner(extra="--dry-run", expect="[compare] dry run: 12 runs", why="hours of CPU: the plan, nothing written"),
+    ".venv/bin/python benchmarks/async_rollout.py":
+        Runner(extra="--dry-run", where="repo", expect="plan: 8 settings",
+               why="~12 min of both cores with a real SGLang server: the inputs checked, the plan printed"),
     # --- docs/testing.md
     ".venv/bin/ruff check .": Runner(where="repo"),
     '.venv/bin/python -m pytest -q -m "not slow"': Runner(extra="--collect-only", where="repo"),

@@ -2,9 +2,9 @@
 
 For a fixed mini-batch (5 groups of sizes 3, 4, 2, 5, 2, different prompt and response lengths, one
 all-correct group) and fixed initial weights, the loss, every parameter's gradient (gathered to
-full shape) and the weight change of one optimizer step must match the *unpacked* reference: each
-rollout run through the model alone and the loss library's ``policy_loss`` over all of them (no
-planner, no packing, no hook). Tolerance: 1e-5 of each tensor's largest entry (float32).
+full shape), the weight change of one optimizer step and its logged size must match the *unpacked*
+reference: each rollout run through the model alone and the loss library's ``policy_loss`` over all of
+them (no planner, no packing, no hook). Tolerance: 1e-5 of each tensor's largest entry (float32).
 
 The optimizer in the worker uses Adam with eps = 1 and lr = 10: with a small eps, Adam's first step
 is ≈ lr·sign(g), which turns float32 round-off in near-zero gradient entries into whole-lr
@@ -68,11 +68,20 @@ def assert_close_tensors(result: dict, reference: dict, key: str) -> None:
         assert err <= RTOL, f"{key}[{name}]: max error {err:.2e} of its largest entry (> {RTOL})"
 
 
+def assert_update_size(result: dict, reference: dict) -> None:
+    """The step's logged size (``logging.update_size``: each rank's shards, reduced over the model-parallel
+    group) equals the single-process run's and ‖Δθ‖/‖θ‖ of the gathered full weights."""
+    logged, ref = result["metrics"]["diag/update_rel_norm"], reference["metrics"]["diag/update_rel_norm"]
+    full = torch.sqrt(sum(d.double().pow(2).sum() for d in result["deltas"].values())).item() / result["initial_norm"]
+    assert ref > 0 and abs(logged - ref) <= RTOL * ref and abs(logged - full) <= RTOL * full, (logged, ref, full)
+
+
 def assert_matches(result: dict, reference: dict) -> None:
     ref_loss, loss = reference["metrics"]["loss"], result["metrics"]["loss"]
     assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), (loss, ref_loss)
     assert_close_tensors(result, reference, "grads")
     assert_close_tensors(result, reference, "deltas")
+    assert_update_size(result, reference)
     assert result["metrics"]["skipped"] == 0.0
 
 
@@ -135,6 +144,7 @@ def test_distributed_optimizer_under_data_parallel_2(workdir, reference):
     ref_norm, norm = reference["metrics"]["grad_norm"], result["metrics"]["grad_norm"]
     assert abs(norm - ref_norm) <= 1e-4 * ref_norm, (norm, ref_norm)
     assert_close_tensors(result, reference, "deltas")
+    assert_update_size(result, reference)
     assert result["metrics"]["skipped"] == 0.0
 
 

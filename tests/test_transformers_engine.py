@@ -135,3 +135,28 @@ def test_the_engine_factory_uses_rollout_embedded_batch_size(tmp_path):
     cfg = load_config(None, ["rollout.embedded_batch_size=5"])
     tokenizer = types.SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD)
     assert run_make_engine(cfg.rollout, tmp_path, tokenizer, dtype=cfg.model.dtype).batch_size == 5
+
+
+def test_background_engine_on_shared_cores_warns_with_the_fix(monkeypatch, caplog):
+    """Generation beside training on the CPU with more threads than cores (measured: S = 1 slower than S = 0):
+    one warning naming the thread count to set; none when the threads fit or on a GPU."""
+    import logging
+    import os
+
+    from real_megatron.components import warn_if_cores_oversubscribed
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    caplog.set_level(logging.WARNING, logger="real_megatron")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    warn_if_cores_oversubscribed(torch.device("cpu"))
+    assert len(caplog.records) == 1 and "2 processes x 2 threads on 2 cores" in caplog.text
+    assert "OMP_NUM_THREADS=1" in caplog.text
+    caplog.clear()
+    warn_if_cores_oversubscribed(torch.device("cuda", 0))  # a GPU trains: the cores only feed it
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    warn_if_cores_oversubscribed(torch.device("cpu"))  # one thread each on two cores: fits
+    assert not caplog.records
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two trainer ranks and the engine: 3 threads on 2 cores
+    warn_if_cores_oversubscribed(torch.device("cpu"))
+    assert "3 processes x 1 threads on 2 cores" in caplog.text

@@ -41,6 +41,7 @@ from real_megatron.megatron.batch import Plan, Sample, build_micro_batch, plan_m
 from real_megatron.megatron.diag_capture import grad_factor, reduce_diagnostics
 from real_megatron.megatron.hook import LossContext, forward_step, logprob_step
 from real_megatron.megatron.model import model_hf_config, unwrap
+from real_megatron.megatron.update_size import UPDATE_SIZE_KEY, relative_update, snapshot, trainable_parameters
 
 log = logging.getLogger("real_megatron")
 
@@ -101,13 +102,16 @@ class MegatronPolicy:
     ``loss``: the loss object of the run (``losses.build_loss``, or ``losses.SFTLoss``); None for a
     forward-only policy (the frozen reference model), which only computes log-probs. ``fused_output``:
     log-probs from the output layer's input without the logits (``fused_output.py``), else through
-    Megatron's output layer; every forward (training, old log-probs, the exact mode's extra pass) uses it."""
+    Megatron's output layer; every forward (training, old log-probs, the exact mode's extra pass) uses it.
+    ``log_update_size``: each optimizer step's ``diag/update_rel_norm`` (``update_size.py``; it holds a copy
+    of the rank's parameters during the step)."""
 
     def __init__(self, chunks, optimizer, *, loss: PolicyLoss | None, temperature: float = 1.0,
                  max_tokens_per_micro_batch: int = 16384, max_rollouts_per_micro_batch: int | None = None,
                  force_exact: bool = False, pad_id: int = 0, skip_zero_gradient: bool = True,
-                 skip_fresh_exact_forward: bool = True, fused_output: bool = True):
+                 skip_fresh_exact_forward: bool = True, fused_output: bool = True, log_update_size: bool = False):
         self.chunks = chunks
+        self.log_update_size = log_update_size  # diag/update_rel_norm per step (update_size.py; a parameter copy)
         self.optimizer = optimizer
         self.loss = loss
         # plain cross-entropy (SFT) is at temperature 1: the rollout temperature belongs to the RL objective
@@ -371,8 +375,15 @@ class MegatronPolicy:
                 chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
             log.warning("non-finite loss or gradients: optimizer step skipped, weights unchanged")
-            return {"grad_norm": float("nan"), "skipped": 1.0}
+            skipped = {"grad_norm": float("nan"), "skipped": 1.0}
+            return {**skipped, UPDATE_SIZE_KEY: 0.0} if self.log_update_size else skipped
+        params = trainable_parameters(self.chunks) if self.log_update_size else []
+        before = snapshot(params)
         ok, grad_norm, _ = self.optimizer.step()
         self.version += int(bool(ok))
-        return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "skipped": 0.0 if ok else 1.0}
+        metrics = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                   "skipped": 0.0 if ok else 1.0}
+        if self.log_update_size:
+            metrics[UPDATE_SIZE_KEY] = relative_update(params, before)
+        return metrics
 

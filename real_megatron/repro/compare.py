@@ -60,6 +60,10 @@ class CompareError(ValueError):
     """A bad argument: reported with exit code 2 before anything starts."""
 
 
+# what every run logs beyond the recipe: each optimizer step's size (the stress table's ‖Δθ‖/‖θ‖ column)
+MEASURED = ("logging.update_size=true",)
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One RL run: ``label`` names it in the tables (a loss name or ``real_tau<τ>``); ``cell`` the stress
@@ -228,7 +232,7 @@ def plan_runs(args) -> tuple[list[RunSpec], Plan]:
             cell_overrides = tuple(cell.overrides(base.train.rollout_batch_prompts)) if cell is not None else ()
             where = None if cell is None else cell_of[cell.name]
             for label, (loss, own) in labels.items():
-                spec = RunSpec(label, loss, seed, cell_overrides + tuple(own) + tuple(common)
+                spec = RunSpec(label, loss, seed, MEASURED + cell_overrides + tuple(own) + tuple(common)
                                + tuple(per_label.get(label, ())), where)
                 name = f"run {label} (seed {seed}{'' if cell is None else ', cell ' + cell.name})"
                 configs[(label, seed, where)] = build(
@@ -259,35 +263,6 @@ def _rss_gib() -> float:
         return float("nan")
 
 
-def _measure_update_sizes(policy, chunks) -> bool:
-    """Log ``diag/update_rel_norm`` = ‖θ_after − θ_before‖ / ‖θ_before‖ of every optimizer step (all trainable
-    parameters, one process) by wrapping the run's ``policy.train_step``: the trainer copies ``diag/`` keys
-    of the step's result into its metric row. A stand-in until the trainer logs it itself (then it does
-    nothing); returns whether it is active."""
-    import torch
-
-    from real_megatron.repro.stress import UPDATE_SIZE_KEY
-
-    if policy is None or chunks is None or not callable(getattr(policy, "train_step", None)):
-        return False
-    params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
-    inner = policy.train_step
-
-    def train_step(samples):
-        before = [p.detach().clone() for p in params]
-        result = inner(samples)
-        if isinstance(result, dict) and UPDATE_SIZE_KEY not in result:
-            with torch.no_grad():
-                delta = sum(float((p.detach().double() - b.double()).pow(2).sum())
-                            for p, b in zip(params, before, strict=True))
-                norm = sum(float(b.double().pow(2).sum()) for b in before)
-            result[UPDATE_SIZE_KEY] = math.sqrt(delta / norm) if norm > 0 else 0.0
-        return result
-
-    policy.train_step = train_step
-    return True
-
-
 def _run_training(cfg) -> int:
     import torch.distributed as dist
 
@@ -298,7 +273,6 @@ def _run_training(cfg) -> int:
 
     try:
         trainer = Trainer(build_parts(cfg, build_loss(cfg.loss.name, cfg.loss.hparams)))
-        _measure_update_sizes(trainer.parts.policy, trainer.parts.chunks)
         return trainer.run()
     except NothingToDo:  # trained to the end before it was marked done (stopped after training)
         return 0

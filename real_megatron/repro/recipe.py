@@ -138,8 +138,9 @@ def run_warmup(run_dir: Path, assets: ChainAssets, *, steps: int = WARMUP_STEPS,
 
 def check_saved_config(run_dir: Path, cfg) -> None:
     """A run directory written with other settings (its ``config.yaml``) must not be resumed or counted as this
-    run: ValueError listing the first differences. Nothing to check when the directory has no config yet. A
-    setting the saved config predates counts as its default (the rule ``run_dir.with_defaults`` states)."""
+    run: ValueError listing the first differences (``logging.*`` aside). Nothing to check when the directory has
+    no config yet. A setting the saved config predates counts as its default (the rule ``run_dir.with_defaults``
+    states)."""
     import yaml
 
     from real_megatron.config import RunConfig, config_to_dict
@@ -150,7 +151,8 @@ def check_saved_config(run_dir: Path, cfg) -> None:
         return
     saved = flat(with_defaults(yaml.safe_load(saved_path.read_text()) or {}, config_to_dict(RunConfig())))
     now = flat(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False)))
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    # logging.* (wandb, progress bar, which diagnostics are logged) changes no number a run produces
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and not k.startswith("logging."))
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:5])
         raise ValueError(f"{run_dir} was run with other settings ({shown}{', ...' if len(diff) > 5 else ''}); "

@@ -14,10 +14,10 @@ final and best held-out pass@1 and the paired difference to REAL of the same cel
 the first and last rollout step and its maximum; the clipped fraction (``loss/clip_fraction``: GRPO, DAPO,
 GSPO); the ratio spread (share of response tokens with π_θ/π_old outside [0.95, 1.05) and outside
 [0.8, 1.2), ``diag/ratio_bin_*``); gradient domination (``diag/grad_top1pct_share_{neg,pos}``: the top 1 %
-of tokens' share of |∂L/∂log π|); the update size ‖Δθ‖/‖θ‖ per optimizer step (``diag/update_rel_norm``) and
-the total drift ‖θ_T − θ_0‖/‖θ_0‖ from the warm-up (``weight_drift.json``); and where the training reward
-reaches 0 and stays there (every group all-wrong: no mixed group, so REAL and the other group-relative
-losses get no gradient and nothing trains the policy back).
+of tokens' share of |∂L/∂log π|); the update size ‖Δθ‖/‖θ‖ per optimizer step (``diag/update_rel_norm``,
+logged by ``logging.update_size``) and the total drift ‖θ_T − θ_0‖/‖θ_0‖ from the warm-up
+(``weight_drift.json``); and where the training reward reaches 0 and stays there (every group all-wrong: no
+mixed group, so REAL and the other group-relative losses get no gradient and nothing trains the policy back).
 """
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from real_megatron.megatron.update_size import UPDATE_SIZE_KEY
+
 STRESS_CELLS = "u4_lr1e-4,u8_lr1e-4,u4_lr3e-4,u8_lr3e-4"
 STRESS_TAU = "1.0"  # the control: REAL at τ = 1
 SWEPT_KEYS = ("optim.lr", "train.mini_batch_prompts", "train.max_staleness")
-UPDATE_SIZE_KEY = "diag/update_rel_norm"
 _CELL = re.compile(r"^u(\d+)_lr([0-9.]+(?:e-?\d+)?)(?:_s(\d+))?$")
 
 

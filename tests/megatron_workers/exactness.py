@@ -1,5 +1,6 @@
 """One layout of the exactness tests: loss and full gradients for the fixed mini-batch, then one
-optimizer step and the full weights after it. Run alone (`python exactness.py …`) or under torchrun.
+optimizer step (with its logged size, ``diag/update_rel_norm``) and the full weights after it. Run alone
+(`python exactness.py …`) or under torchrun.
 
 ``--unpacked``: the reference, without the planner or packed rows — every rollout through the model
 alone (plain causal attention, positions 0…L−1), the loss library's ``policy_loss`` over all of them.
@@ -58,7 +59,8 @@ def main() -> None:
                            temperature=0.7, max_tokens_per_micro_batch=args.budget,
                            max_rollouts_per_micro_batch=args.cap,
                            force_exact=args.force_exact, skip_zero_gradient=not args.no_skip,
-                           skip_fresh_exact_forward=not args.no_fresh_skip, fused_output=fused)
+                           skip_fresh_exact_forward=not args.no_fresh_skip, fused_output=fused,
+                           log_update_size=True)
     samples = fixed_samples()
     if args.ref_seed is not None:
         from real_megatron.megatron.reference import build_reference_policy
@@ -83,7 +85,8 @@ def main() -> None:
     initial = fixed_full_state_dict(hf)
     deltas = {k: weights[k] - initial[k] for k in weights}
     if torch.distributed.get_rank() == 0:
-        torch.save({"metrics": metrics, "grads": grads, "deltas": deltas}, args.out)
+        initial_norm = torch.sqrt(sum(t.double().pow(2).sum() for t in initial.values())).item()
+        torch.save({"metrics": metrics, "grads": grads, "deltas": deltas, "initial_norm": initial_norm}, args.out)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

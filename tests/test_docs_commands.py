@@ -228,8 +228,8 @@ RUNNERS: dict[str, Runner] = {
     # --- docs/results.md: hours of CPU each; the plan is every run's config built and validated
     ".venv/bin/real-megatron compare --out runs/compare":
         Runner(extra="--dry-run", expect="[compare] dry run: 18 runs", why="hours of CPU: the plan, nothing written"),
-    ".venv/bin/real-megatron compare --preset stress --losses real,grpo,dapo --out runs/compare":
-        Runner(extra="--dry-run", expect="[compare] dry run: 48 runs", why="hours of CPU: the plan, nothing written"),
+    ".venv/bin/real-megatron compare --preset stress --out runs/compare":
+        Runner(extra="--dry-run", expect="[compare] dry run: 84 runs", why="hours of CPU: the plan, nothing written"),
     ".venv/bin/real-megatron compare --losses real --out runs/compare --variant real_s1=real "
     "--set real_s1:train.max_staleness=1 --variant real_s1_trunc=real --set real_s1_trunc:train.max_staleness=1 "
     "--set real_s1_trunc:loss.hparams.behaviour_correction=truncate --variant real_s2=real "

@@ -112,6 +112,7 @@ class MegatronPolicy:
                  skip_fresh_exact_forward: bool = True, fused_output: bool = True, log_update_size: bool = False):
         self.chunks = chunks
         self.log_update_size = log_update_size  # diag/update_rel_norm per step (update_size.py; a parameter copy)
+        self._sized_params = trainable_parameters(chunks) if log_update_size else []  # listed once, not per step
         self.optimizer = optimizer
         self.loss = loss
         # plain cross-entropy (SFT) is at temperature 1: the rollout temperature belongs to the RL objective
@@ -377,13 +378,12 @@ class MegatronPolicy:
             log.warning("non-finite loss or gradients: optimizer step skipped, weights unchanged")
             skipped = {"grad_norm": float("nan"), "skipped": 1.0}
             return {**skipped, UPDATE_SIZE_KEY: 0.0} if self.log_update_size else skipped
-        params = trainable_parameters(self.chunks) if self.log_update_size else []
-        before = snapshot(params)
+        before = snapshot(self._sized_params)
         ok, grad_norm, _ = self.optimizer.step()
         self.version += int(bool(ok))
         metrics = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "skipped": 0.0 if ok else 1.0}
         if self.log_update_size:
-            metrics[UPDATE_SIZE_KEY] = relative_update(params, before)
+            metrics[UPDATE_SIZE_KEY] = relative_update(self._sized_params, before)
         return metrics
 

@@ -48,14 +48,16 @@ def relative_update(params: list[torch.Tensor], before: list[torch.Tensor]) -> f
 
     parallel = ps.model_parallel_is_initialized()  # else one process holds the whole model
     tp_group = ps.get_tensor_model_parallel_group() if parallel else None
-    sums = torch.zeros(2, dtype=torch.float64)
+    # summed where the parameters live, copied to the CPU once (not one device sync per parameter)
+    sums = torch.zeros(2, dtype=torch.float64, device=params[0].device if params else "cpu")
     with torch.no_grad():
         for p, b in zip(params, before, strict=True):
             if parallel and not (param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p, tp_group)):
                 continue  # counted on the rank that owns it
             old = b.double()
-            sums[0] += (p.detach().double() - old).pow(2).sum().cpu()
-            sums[1] += old.pow(2).sum().cpu()
+            sums[0] += (p.detach().double() - old).pow(2).sum()
+            sums[1] += old.pow(2).sum()
+    sums = sums.cpu()
     if parallel:
         world_reduce(sums, torch.distributed.ReduceOp.SUM, group=ps.get_model_parallel_group())
     delta_sq, norm_sq = float(sums[0]), float(sums[1])

@@ -172,6 +172,21 @@ def test_distributed_push_checks_liveness_without_health_and_reports_refusals_at
         with pytest.raises(SGLangError, match="update_weights_from_distributed"):
             eng.update_weights(bad)
         assert time.monotonic() - t0 < 10  # the group's timeout is 20 s
+        # a second engine in this process forms a group of its own while the first still holds one
+        # (a fixed group name made torch refuse it, and the servers then hung waiting for the group)
+        second = make_engine(url, weight_sync="distributed")
+        try:
+            second.init_weights_update_group("127.0.0.1", free_port(), backend="gloo", timeout_s=20)
+            assert second.sender.group_name != eng.sender.group_name
+            with pytest.raises(SGLangError, match="already formed"):
+                second.init_weights_update_group("127.0.0.1", free_port(), backend="gloo", timeout_s=20)
+            sent = buckets(3.0)
+            second.update_weights(sent)
+            assert torch.allclose(torch.tensor(standin_state(url)["weights"]["model.norm.weight"]), sent[0][1][1])
+        finally:
+            second.close()
+            eng.close()
+        assert second.sender.group is None and eng.sender.group is None
 
 
 def test_liveness_check_falls_back_to_the_old_info_path_once(start_standin):

@@ -116,9 +116,10 @@ class SGLangEngine(RolloutEngine):
     # ------------------------------------------------------------------ weights
 
     def init_weights_update_group(self, master_address: str, master_port: int, *,
-                                  group_name: str = "weight_update_group", backend: str = "nccl",
+                                  group_name: str | None = None, backend: str = "nccl",
                                   timeout_s: float = 300.0) -> None:
-        """Separate engines: form the group {trainer rank 0} ∪ {every server's workers} (rank 0 only)."""
+        """Separate engines: form the group {trainer rank 0} ∪ {every server's workers} (rank 0 only).
+        ``group_name``: default a name unique to this group (see ``sglang_weights.fresh_group_name``)."""
         if self.weight_sync != "distributed":
             raise SGLangError("init_weights_update_group is for weight_sync='distributed'")
         self.sender.init_group(master_address, master_port, group_name=group_name, backend=backend,

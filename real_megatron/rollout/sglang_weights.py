@@ -25,7 +25,9 @@ from __future__ import annotations
 import base64
 import datetime
 import io
+import itertools
 import logging
+import os
 import threading
 from collections.abc import Iterable, Sequence
 
@@ -160,6 +162,15 @@ def _concurrently(remote, local, poll_s: float = 0.02) -> None:
         raise remote_errors[0]
 
 
+_groups_formed = itertools.count()
+
+
+def fresh_group_name() -> str:
+    """A weight-update group name no other group of this process (or of an earlier trainer on the
+    same host, whose pid differs) has used."""
+    return f"real_megatron_weights_{os.getpid()}_{next(_groups_formed)}"
+
+
 class DistributedSender:
     """Separate engines: broadcasts in one group {trainer rank 0} ∪ {every server's TP workers}."""
 
@@ -170,10 +181,18 @@ class DistributedSender:
         self.group = None
         self.group_name = None
 
-    def init_group(self, master_address: str, master_port: int, *, group_name: str = "weight_update_group",
+    def init_group(self, master_address: str, master_port: int, *, group_name: str | None = None,
                    backend: str = "nccl", timeout_s: float = 300.0) -> None:
         """Form the group (call on the trainer's rank 0 only). Each server's request blocks until its
-        workers have joined, so the requests run in threads while this process joins as rank 0."""
+        workers have joined, so the requests run in threads while this process joins as rank 0.
+
+        ``group_name``: default :func:`fresh_group_name`. Both torch (in this process) and each
+        server keep a group's name until it is destroyed, so a fixed name breaks the next group
+        formed after one that was never closed: a second engine in this process, or a restarted
+        trainer against servers that still hold the crashed one's group."""
+        if self.group is not None:
+            raise SGLangError(f"the weight-update group {self.group_name!r} is already formed; close() it first")
+        group_name = group_name or fresh_group_name()
         world = 1 + sum(self.tp_sizes)
         offsets = [1 + sum(self.tp_sizes[:k]) for k in range(len(self.servers))]
 
@@ -188,11 +207,14 @@ class DistributedSender:
                                                    master_port=master_port, rank=0, world_size=world,
                                                    group_name=group_name, timeout_s=timeout_s)
 
+        self.group_name = group_name
         try:
             _concurrently(remote, local)
-        except SGLangError as err:
-            raise SGLangError(f"init_weights_update_group failed: {err}") from err
-        self.group_name = group_name
+        except BaseException as err:
+            self._leave_locally()  # if this side joined before a server refused
+            if isinstance(err, SGLangError):
+                raise SGLangError(f"init_weights_update_group failed: {err}") from err
+            raise
 
     def send(self, bucket: Bucket, version: str) -> None:
         if self.group is None:
@@ -222,6 +244,10 @@ class DistributedSender:
                     server.call("destroy_weights_update_group", {"group_name": self.group_name}, timeout_s=30)
                 except SGLangError:
                     log.debug("destroy_weights_update_group on %s failed", server.name, exc_info=True)
+            self._leave_locally()
+
+    def _leave_locally(self) -> None:
+        if self.group is not None:
             try:
                 import torch.distributed as dist
 

@@ -35,7 +35,7 @@ test: $(STAMP)
 	tools/install_slurm.sh
 	$(VENV)/bin/ruff check .
 	tests/sglang_env/build.sh || echo "SGLang test environment NOT built (see above): the real-SGLang tests will fail"
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # requirements.lock pins every package exactly (setup.py keeps the direct requirements); after a
 # change to setup.py, rebuild it from a fresh venv.

@@ -167,7 +167,7 @@ RUNNERS: dict[str, Runner] = {
         ".venv/bin/real-megatron train --config examples/configs/tiny_cpu.yaml loss.name=grpo run_dir=runs/grpo",)),
     ".venv/bin/real-megatron compare --losses real,grpo,dapo,gspo,real_bce,real_no_anchor --seeds 3 --out runs/compare":
         Runner(extra="--losses real,grpo --seeds 1 --steps 1 --warmup-steps 2 --set eval.max_prompts=2 "
-                     "--warmup-set eval.max_prompts=2", expect="summary"),
+                     "--warmup-set eval.max_prompts=2 --final-samples 2 --final-problems 3", expect="summary"),
     '.venv/bin/pip install -e ".[gpu]"': Runner(how="gpu-only", why="installs the GPU extra from a package index; "
                                                 "checked that setup.py declares it (Transformer Engine, SGLang)"),
     ".venv/bin/python tools/prepare_data.py ../shared/data/dapo-math-17k.parquet data/dapo-math-17k.parquet "

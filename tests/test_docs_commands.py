@@ -230,8 +230,8 @@ RUNNERS: dict[str, Runner] = {
         Runner(extra="--dry-run", expect="[compare] dry run: 18 runs", why="hours of CPU: the plan, nothing written"),
     ".venv/bin/real-megatron compare --preset stress --out runs/compare":
         Runner(extra="--dry-run", expect="[compare] dry run: 84 runs", why="hours of CPU: the plan, nothing written"),
-    ".venv/bin/real-megatron compare --preset stress --cells u8_lr3e-4_s1 --out runs/compare":
-        Runner(extra="--dry-run", expect="[compare] dry run: 21 runs", why="hours of CPU: the plan, nothing written"),
+    ".venv/bin/real-megatron compare --preset stress --cells u4_lr3e-4_s1,u8_lr3e-4_s1 --out runs/compare":
+        Runner(extra="--dry-run", expect="[compare] dry run: 42 runs", why="hours of CPU: the plan, nothing written"),
     ".venv/bin/real-megatron compare --losses real --out runs/compare --variant real_s1=real "
     "--set real_s1:train.max_staleness=1 --variant real_s1_trunc=real --set real_s1_trunc:train.max_staleness=1 "
     "--set real_s1_trunc:loss.hparams.behaviour_correction=truncate --variant real_s2=real "

@@ -254,7 +254,7 @@ class DistributedSender:
                 dist.destroy_process_group(self.group)
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 log.debug("destroying the weight-update group failed", exc_info=True)
-            self.group = None
+        self.group = self.group_name = None  # the name means something only while the group exists
 
 
 # ----------------------------------------------------------------------------- the session around it
